@@ -1,0 +1,25 @@
+"""visprune: adaptive visual-token pruning and merging for multimodal LLMs."""
+
+from visprune.errors import InputError, UnknownMethodError, UnsupportedModelError, VisPruneError
+from visprune.methods import MethodSpec, Reduction, TokenLayout, get_method, list_methods
+
+__version__ = "0.1.0"
+
+
+def methods() -> list[MethodSpec]:
+    """Every registered method with its description, placement, adaptivity and default options."""
+    return list_methods()
+
+
+__all__ = [
+    "InputError",
+    "MethodSpec",
+    "Reduction",
+    "TokenLayout",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "VisPruneError",
+    "__version__",
+    "get_method",
+    "methods",
+]

@@ -1,0 +1,146 @@
+"""Types shared by every reduction method: the per-image result, the layout of an LLM sequence,
+and the description a method registers with.
+
+Methods are pure tensor code: nothing in this package imports transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class Placement(str, Enum):
+    """Where a method acts."""
+
+    ENCODER = "encoder"  # on the vision tower's output, before the projector
+    LLM = "llm"  # inside the language model, on a decoder layer's input
+    BOTH = "encoder+llm"  # an encoder stage (another registered method) followed by an LLM stage
+
+
+@dataclass
+class Reduction:
+    """What a method produced for ONE image.
+
+    Attributes:
+        features: [K, C] the tokens handed on (merged where the method merges), in output order.
+        sources: [K] long; for each output token the index of the original token it stands at,
+            or -1 for a token that stands for no single original token (PruMerge's extra summary
+            token). Output order is spatial unless a method's option says otherwise.
+        assignment: [N] long or None; for each original token the output slot it went into
+            (kept or merged into), -1 when it was dropped without a trace. None when the method
+            does not track it.
+    """
+
+    features: Tensor
+    sources: Tensor
+    assignment: Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of output tokens K (what reaches the projector / LLM for this image)."""
+        return int(self.features.shape[0])
+
+    @property
+    def kept(self) -> Tensor:
+        """Indices of the original tokens that survive as tokens of their own, ascending."""
+        return self.sources[self.sources >= 0].sort().values
+
+
+def select_tokens(features: Tensor, indices: Tensor) -> list[Reduction]:
+    """Keep `indices` [B, K] of `features` [B, N, C] per image, in ascending (spatial) order.
+
+    The common path for fixed-budget selection methods: one sort and one gather for the batch.
+    """
+    order = indices.sort(dim=1).values
+    b, k = order.shape
+    gathered = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    slots = torch.arange(k, device=features.device).expand(b, k)
+    assignment = torch.full((b, features.shape[1]), -1, dtype=torch.long, device=features.device)
+    assignment.scatter_(1, order, slots)
+    return [
+        Reduction(features=f, sources=s, assignment=a)
+        for f, s, a in zip(gathered.unbind(0), order.unbind(0), assignment.unbind(0), strict=True)
+    ]
+
+
+@dataclass
+class TokenLayout:
+    """Which positions of a padded LLM sequence [B, S] are what, for the in-LLM stages.
+
+    attention_mask: True for real tokens, False for padding.
+    visual: True for image tokens.
+    query: True for the text tokens after the last image token (the question). Never dropped.
+    system: True for text tokens before the first image token (system prompt, chat template).
+    """
+
+    attention_mask: Tensor
+    visual: Tensor
+    query: Tensor
+    system: Tensor
+
+    def __post_init__(self) -> None:
+        from visprune.methods.checks import check_layout
+
+        check_layout(self)
+
+    @property
+    def last_index(self) -> Tensor:
+        """[B] position of the last real token of each sequence (padding on either side)."""
+        s = self.attention_mask.shape[1]
+        pos = torch.arange(s, device=self.attention_mask.device).expand_as(self.attention_mask)
+        return torch.where(self.attention_mask, pos, -1).amax(dim=1)
+
+    def subset(self, keep: Tensor) -> TokenLayout:
+        """The layout of the sequence after keeping `keep` [B, S'] positions (gathered per row)."""
+        take = lambda t: t.gather(1, keep)  # noqa: E731
+        return TokenLayout(take(self.attention_mask), take(self.visual), take(self.query), take(self.system))
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """A signal a method needs from the model, computed by the adapter and passed as a keyword.
+
+    kind:
+        "cls_attn"  -> [B, N] CLS-query attention probabilities over the N patch keys at `layers[0]`
+                       (softmax over CLS + patches, CLS column dropped), heads combined by `heads`.
+        "cls_attn_layers" -> [B, len(layers), N], the same for several layers.
+        "keys"      -> [B, N, D] patch keys (CLS dropped) at `layers[0]`; heads="mean" averages the
+                       per-head keys (D = C / H), heads="single" keeps the full width (D = C).
+        "q", "k"    -> LLM layer queries [B, H, S, d] / keys [B, H_kv, S, d] with RoPE applied.
+        "hidden"    -> LLM layer input hidden states [B, S, C].
+    layers: encoder layer indices (negative counts from the end: -1 is the last encoder layer, whose
+        INPUT is LLaVA's hidden_states[-2]; -2 is the layer that PRODUCES hidden_states[-2]).
+    heads: "single" treats the full projection as one head; "mean"/"sum" combine per-head rows.
+    """
+
+    kind: str
+    layers: tuple[int, ...] = ()
+    heads: str = "mean"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: the function, what it needs and where it acts."""
+
+    name: str
+    fn: Callable[..., Any]
+    description: str
+    placement: Placement
+    adaptive: bool
+    defaults: dict[str, Any]
+    signals: Callable[[dict[str, Any]], dict[str, SignalRequest]]
+    layers: Callable[[dict[str, Any]], tuple[int, ...]] | None = None
+    encoder_stage: str | None = None
+    param_docs: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def options(self, **overrides: Any) -> dict[str, Any]:
+        """Defaults merged with `overrides`; unknown option names raise InputError."""
+        from visprune.methods.registry import resolve_options
+
+        return resolve_options(self, overrides)

@@ -1,0 +1,97 @@
+"""Input validation shared by the methods. Every failure raises InputError saying what was wrong
+and what to pass instead; nothing is silently coerced."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from visprune.errors import InputError
+
+if TYPE_CHECKING:
+    from visprune.methods.base import TokenLayout
+
+
+def check_features(features: Any) -> tuple[int, int, int]:
+    """Visual features must be a floating tensor [B, N, C] with B, N, C >= 1. Returns (B, N, C)."""
+    if not isinstance(features, Tensor):
+        raise InputError(f"features must be a torch.Tensor of shape [B, N, C], got {type(features).__name__}")
+    if features.dim() != 3:
+        raise InputError(
+            f"features must have shape [B, N, C] (batch, tokens, channels), got shape {tuple(features.shape)}; "
+            "add a batch dimension with features.unsqueeze(0) for a single image"
+        )
+    if not features.is_floating_point():
+        raise InputError(f"features must be floating point (fp32/fp16/bf16), got {features.dtype}")
+    b, n, c = features.shape
+    if min(b, n, c) < 1:
+        raise InputError(f"features has an empty dimension: shape {tuple(features.shape)}")
+    return b, n, c
+
+
+def check_grid(grid: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    """The (height, width) token grid; inferred as square when None. Must satisfy h * w == N."""
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise InputError(f"cannot infer a square grid for N={n} tokens; pass grid=(height, width)")
+        return side, side
+    if len(grid) != 2 or not all(isinstance(g, int) and g >= 1 for g in grid):
+        raise InputError(f"grid must be a pair of positive ints (height, width), got {grid!r}")
+    h, w = grid
+    if h * w != n:
+        raise InputError(f"grid {h}x{w} = {h * w} tokens does not match N={n} features")
+    return h, w
+
+
+def check_budget(budget: Any, n: int, name: str = "budget") -> int:
+    """A token budget must be an int in [1, N]."""
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise InputError(f"{name} must be an int number of tokens, got {budget!r}")
+    if not 1 <= budget <= n:
+        raise InputError(f"{name}={budget} is out of range: it must be between 1 and N={n}")
+    return budget
+
+
+def check_ratio(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """A fraction in (0, 1] ([0, 1] with allow_zero)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{name} must be a number in (0, 1], got {value!r}")
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value <= 1):
+        bounds = "[0, 1]" if allow_zero else "(0, 1]"
+        raise InputError(f"{name}={value} is out of range: it must be in {bounds}")
+    return float(value)
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """One of a fixed set of strings."""
+    if value not in choices:
+        raise InputError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_tensor(t: Any, name: str, shape: tuple[int | None, ...], *, finite: bool = True) -> Tensor:
+    """`t` must be a tensor of the given shape (None matches any size) and, for floats, finite."""
+    if not isinstance(t, Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    expect = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape, strict=True)):
+        raise InputError(f"{name} must have shape {expect}, got {tuple(t.shape)}")
+    if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise InputError(f"{name} contains NaN or inf values; check the model's dtype/overflow upstream")
+    return t
+
+
+def check_layout(layout: TokenLayout) -> None:
+    """All layout masks must be bool tensors of one shape [B, S]."""
+    masks = {n: getattr(layout, n) for n in ("attention_mask", "visual", "query", "system")}
+    ref = layout.attention_mask
+    for n, m in masks.items():
+        if not isinstance(m, Tensor) or m.dtype != torch.bool or m.dim() != 2:
+            raise InputError(f"TokenLayout.{n} must be a bool tensor [B, S]")
+        if m.shape != ref.shape:
+            raise InputError(f"TokenLayout.{n} has shape {tuple(m.shape)}, expected {tuple(ref.shape)}")

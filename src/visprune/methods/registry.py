@@ -1,0 +1,125 @@
+"""The method registry: names -> MethodSpec, with defaults read from each function's signature and
+option documentation read from its docstring's "Options:" section (one source of truth)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
+
+from visprune.errors import InputError, UnknownMethodError, closest
+from visprune.methods.base import MethodSpec, Placement, SignalRequest
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+# Keyword arguments that carry tensors or structure, never user options.
+RESERVED = frozenset({"features", "grid", "cls_attn", "cls_attn_layers", "keys", "q", "k", "hidden", "layout", "stage"})
+
+
+def _no_signals(_: dict[str, Any]) -> dict[str, SignalRequest]:
+    return {}
+
+
+def parse_option_docs(doc: str | None) -> dict[str, str]:
+    """Read `name: text` entries (with indented continuation lines) from a docstring's Options: block."""
+    if not doc:
+        return {}
+    lines = inspect.cleandoc(doc).splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Options:")
+    except StopIteration:
+        return {}
+    docs: dict[str, str] = {}
+    current = None
+    for line in lines[start + 1 :]:
+        if line and not line.startswith(" "):
+            break
+        m = re.match(r"^ {4}(\w+)(?: \([^)]*\))?: (.*)$", line)
+        if m:
+            current = m.group(1)
+            docs[current] = m.group(2).strip()
+        elif current and line.strip():
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def register(
+    name: str,
+    *,
+    description: str,
+    placement: Placement,
+    adaptive: bool,
+    signals: Callable[[dict[str, Any]], dict[str, SignalRequest]] = _no_signals,
+    layers: Callable[[dict[str, Any]], tuple[int, ...]] | None = None,
+    encoder_stage: str | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator that registers a method function under `name`.
+
+    The function's keyword-only parameters with defaults (minus RESERVED tensor arguments) are the
+    method's options; an encoder_stage's options are merged in for two-stage methods.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"method {name!r} is registered twice")
+        params = inspect.signature(fn).parameters.values()
+        defaults = {
+            p.name: p.default
+            for p in params
+            if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and p.name not in RESERVED
+        }
+        docs = parse_option_docs(fn.__doc__)
+        missing = sorted(set(defaults) - set(docs))
+        if missing:
+            raise RuntimeError(f"method {name!r}: options {missing} are not documented under 'Options:'")
+        if encoder_stage is not None:
+            first = get_method(encoder_stage)
+            clash = set(first.defaults) & set(defaults)
+            if clash:
+                raise RuntimeError(f"method {name!r}: options {sorted(clash)} clash with {encoder_stage!r}")
+            defaults = {**first.defaults, **defaults}
+            docs = {**first.param_docs, **docs}
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            fn=fn,
+            description=description,
+            placement=placement,
+            adaptive=adaptive,
+            defaults=defaults,
+            signals=signals,
+            layers=layers,
+            encoder_stage=encoder_stage,
+            param_docs=docs,
+        )
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method called `name`; an unknown name raises with the closest names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}.{closest(name, _REGISTRY)} Known methods: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def list_methods() -> list[MethodSpec]:
+    """Every registered method, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def resolve_options(spec: MethodSpec, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The spec's defaults updated with `overrides`; an option the method does not take raises."""
+    unknown = [k for k in overrides if k not in spec.defaults]
+    if unknown:
+        hints = "".join(closest(k, spec.defaults) for k in unknown)
+        valid = ", ".join(spec.defaults) or "none"
+        raise InputError(
+            f"method {spec.name!r} does not take option(s) {', '.join(map(repr, unknown))}.{hints} "
+            f"Its options are: {valid}."
+        )
+    return {**spec.defaults, **overrides}
