@@ -35,6 +35,44 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as err:
+        raise visprune.InputError(f"--tokens-per-layer must be comma-separated integers, got {text!r}") from err
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    """Print analytic FLOPs / memory / roofline for a config next to the dense (unreduced) run."""
+    import json
+
+    from visprune import flops
+
+    per_layer = _int_list(args.tokens_per_layer) if args.tokens_per_layer else None
+    common = {
+        "text_tokens": args.text_tokens,
+        "new_tokens": args.new_tokens,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "images": args.images,
+        "causal": not args.no_causal,
+        "lm_head_all_tokens": args.lm_head_all_tokens,
+        "count_unused_vision_layers": args.all_vision_layers,
+        "gpu": args.gpu,
+        "peak_tflops": args.peak_tflops,
+        "bandwidth_gbs": args.bandwidth_gbs,
+    }
+    est = flops.estimate(args.config, args.visual_tokens, llm_tokens_per_layer=per_layer, **common)
+    dense = flops.estimate(args.config, None, **common)
+    if args.json:
+        out, ref = est.to_dict(), dense.to_dict()
+        ratio = {k: (v / ref["flops"][k] if ref["flops"][k] else 1.0) for k, v in out["flops"].items()}
+        print(json.dumps({"estimate": out, "dense": ref, "ratio_vs_dense": ratio}, indent=2))
+    else:
+        print(flops.format_comparison(est, dense))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="visprune", description=visprune.__doc__)
@@ -43,6 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the reduction methods, their placement and options")
     p.add_argument("-v", "--verbose", action="store_true", help="one block per method with every option's doc")
     p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("flops", help="analytic FLOPs / memory / roofline of a model config, reduced vs dense")
+    p.add_argument("--config", default="llava-1.5-7b", help="bundled name (llava-1.5-7b, llava-1.5-13b) or config path")
+    p.add_argument("--visual-tokens", type=int, default=None, help="visual tokens per sequence (default: dense)")
+    p.add_argument("--text-tokens", type=int, default=50, help="text tokens per sequence in the prompt")
+    p.add_argument("--new-tokens", type=int, default=0, help="tokens generated (max_new_tokens)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per call")
+    p.add_argument("--images", type=int, default=1, help="images per sequence")
+    p.add_argument("--tokens-per-layer", default=None, help="comma-separated tokens (visual+text) at each LLM layer")
+    p.add_argument("--dtype", default="float16", help="weight / activation / cache dtype")
+    p.add_argument("--gpu", default=None, help="roofline preset: h100-sxm or h200")
+    p.add_argument("--peak-tflops", type=float, default=None, help="roofline peak compute (overrides --gpu)")
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="roofline memory bandwidth (overrides --gpu)")
+    p.add_argument("--no-causal", action="store_true", help="count full S^2 attention instead of S(S+1)/2")
+    p.add_argument("--lm-head-all-tokens", action="store_true", help="run the lm_head on every prefill token")
+    p.add_argument(
+        "--all-vision-layers", action="store_true", help="count vision layers after vision_feature_layer (HF runs them)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_flops)
     return parser
 
 

@@ -40,10 +40,13 @@ def cls_attention(q_cls: Tensor, keys: Tensor, num_heads: int, heads: str = "mea
     return probs.sum(dim=1) if heads == "sum" else probs.mean(dim=1)
 
 
-def patch_keys(keys: Tensor, num_heads: int, heads: str = "mean") -> Tensor:
-    """Patch keys without the CLS key: [B, N, C] ("single") or head-averaged [B, N, C/H] ("mean")."""
+def patch_keys(keys: Tensor, num_heads: int, heads: str = "mean", has_cls: bool = True) -> Tensor:
+    """Patch keys without the CLS key: [B, N, C] ("single") or head-averaged [B, N, C/H] ("mean").
+
+    keys: [B, 1 + N, C] with the CLS key first, or [B, N, C] when has_cls is False.
+    """
     check_choice(heads, "heads", ("single", "mean"))
-    k = keys[:, 1:]
+    k = keys[:, 1:] if has_cls else keys
     if heads == "single":
         return k
     return _split_heads(k, num_heads).mean(dim=1)

@@ -1,0 +1,210 @@
+"""In-LLM token pruning at prefill, with forward pre-hooks on the decoder layers.
+
+At each stage layer the pre-hook scores the current sequence with the method's function, gathers the
+kept hidden states (kept tokens keep their original RoPE positions), and from there on hands every
+later layer the shorter sequence's attention mask and position embeddings. Layers are never re-run.
+Decode steps reuse the shorter caches: layers after a stage get a mask over that stage's kept tokens
+plus the generated ones. Per-sample kept counts may differ; shorter rows are left-padded with masked
+slots. Nothing reads `cache_position` and no attention weights are materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visprune.methods.base import MethodSpec, TokenLayout
+from visprune.models.decoder import layer_qk
+
+
+@dataclass
+class _Group:
+    """The sequence as the layers from one stage on see it."""
+
+    start_layer: int
+    index: Tensor  # [B, S_g] positions in the prefill sequence (the one entering layer 0)
+    valid: Tensor  # [B, S_g] bool: real kept token (False: padding slot)
+    prefill_mask: Any
+    position_embeddings: tuple[Tensor, Tensor]
+    position_ids: Tensor | None
+
+
+@dataclass
+class PrunerState:
+    """Per-call state: reset by `begin` before each prefill."""
+
+    layout: TokenLayout | None = None
+    phase: str = "off"  # off | prefill | decode
+    groups: list[_Group] = field(default_factory=list)
+    tokens_per_layer: list[list[int]] = field(default_factory=list)
+
+
+def format_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
+    """A [B, 1, q, kv] bool 'may attend' mask in the form the attention implementation expects."""
+    if impl.startswith("flash"):
+        return allowed[:, 0, -1].long()  # 2-D key padding mask; the kernel applies causality itself
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    return allowed
+
+
+class DecoderPruner:
+    """Applies one LLM-side method's stages to a decoder's layers for prefill + decode."""
+
+    def __init__(self, spec: MethodSpec, options: dict[str, Any], num_layers: int, attn_impl: str):
+        self.spec = spec
+        self.options = {k: v for k, v in options.items() if k in _own_options(spec)}
+        self.stage_layers = tuple(spec.layers(options))
+        self.requests = spec.signals(options)
+        self.num_layers = num_layers
+        self.attn_impl = attn_impl
+        self.state = PrunerState()
+
+    def begin(self, layout: TokenLayout) -> None:
+        """Arm the pruner for the next prefill over a sequence with this layout."""
+        self.state = PrunerState(layout=layout, phase="armed")
+
+    def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.state.phase == "armed":
+            self.state.phase = "prefill"
+        elif self.state.phase == "prefill":
+            self.state.phase = "decode"
+
+    def model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.state.phase == "prefill":
+            real = self.state.layout.attention_mask.sum(1).tolist() if self.state.layout is not None else []
+            per_layer = []
+            for layer in range(self.num_layers):
+                group = self._group_for(layer)
+                per_layer.append(real if group is None else group.valid.sum(1).tolist())
+            self.state.tokens_per_layer = [list(x) for x in zip(*per_layer, strict=True)]
+
+    def _group_for(self, layer: int) -> _Group | None:
+        found = None
+        for g in self.state.groups:
+            if g.start_layer <= layer:
+                found = g
+        return found
+
+    def layer_pre_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        st = self.state
+        if st.phase == "prefill":
+            if layer_idx in self.stage_layers:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden = self._prune(layer_idx, module, hidden, kwargs)
+                args, kwargs = _set_hidden(args, kwargs, hidden)
+            group = self._group_for(layer_idx)
+            if group is not None:
+                kwargs["attention_mask"] = group.prefill_mask
+                kwargs["position_embeddings"] = group.position_embeddings
+                if group.position_ids is not None:
+                    kwargs["position_ids"] = group.position_ids
+        elif st.phase == "decode":
+            group = self._group_for(layer_idx)
+            if group is not None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                cache = kwargs.get("past_key_values")
+                past = cache.get_seq_length(layer_idx) if cache is not None else group.valid.shape[1]
+                kwargs["attention_mask"] = self._decode_mask(group, past, hidden.shape[1], hidden.dtype)
+        return args, kwargs
+
+    def _decode_mask(self, group: _Group, past: int, q_len: int, dtype: torch.dtype) -> Tensor | None:
+        b, s_g = group.valid.shape
+        generated = past + q_len - s_g
+        if bool(group.valid.all()) and self.attn_impl != "eager":
+            return None
+        keys = torch.cat([group.valid, group.valid.new_ones(b, generated)], dim=1)  # [B, kv]
+        kv = keys.shape[1]
+        causal = torch.ones(q_len, kv, dtype=torch.bool, device=keys.device).tril(kv - q_len)
+        allowed = keys[:, None, None, :] & causal[None, None]
+        return format_mask(allowed, self.attn_impl, dtype)
+
+    def _prune(self, layer_idx: int, module: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+        st = self.state
+        layout = st.layout
+        prev = st.groups[-1] if st.groups else None
+        pos_emb = kwargs["position_embeddings"] if prev is None else prev.position_embeddings
+        b, s, _ = hidden.shape
+        signals: dict[str, Tensor] = {}
+        if "q" in self.requests or "k" in self.requests:
+            q, k = layer_qk(module, hidden, tuple(t.expand(b, -1, -1) for t in pos_emb))
+            if "q" in self.requests:
+                signals["q"] = q
+            if "k" in self.requests:
+                signals["k"] = k
+        if "hidden" in self.requests:
+            signals["hidden"] = hidden
+        stage = self.stage_layers.index(layer_idx)
+        keep = self.spec.fn(layout=layout, stage=stage, **signals, **self.options)
+        keep = keep & layout.attention_mask
+
+        counts = keep.sum(1)
+        width = int(counts.max())  # the one host sync: the new sequence length
+        slot = width - counts.unsqueeze(1) + keep.long().cumsum(1) - 1
+        slot = torch.where(keep, slot, width)  # dropped tokens go to a discarded extra column
+        index = torch.zeros(b, width + 1, dtype=torch.long, device=hidden.device)
+        index.scatter_(1, slot, torch.arange(s, device=hidden.device).expand(b, s))
+        index = index[:, :width]
+        valid = torch.arange(width, device=hidden.device).unsqueeze(0) >= (width - counts).unsqueeze(1)
+        index = torch.where(valid, index, 0)
+
+        cos, sin = (t.expand(b, -1, -1) for t in pos_emb)
+        gather3 = lambda t: t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+        position_ids = kwargs.get("position_ids") if prev is None else prev.position_ids
+        new_pos_ids = None
+        if isinstance(position_ids, Tensor):
+            new_pos_ids = position_ids.expand(b, -1).gather(1, index)
+        base_index = index if prev is None else prev.index.gather(1, index)
+
+        causal = torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()
+        allowed = (valid[:, None, None, :] & causal[None, None]) | torch.eye(
+            width, dtype=torch.bool, device=hidden.device
+        )[None, None]
+        if bool(valid.all()) and self.attn_impl != "eager":
+            mask = None
+        else:
+            mask = format_mask(allowed, self.attn_impl, hidden.dtype)
+
+        sub = layout.subset(index)
+        st.layout = TokenLayout(
+            attention_mask=sub.attention_mask & valid, visual=sub.visual & valid, query=sub.query & valid,
+            system=sub.system & valid,
+        )
+        st.groups.append(
+            _Group(
+                start_layer=layer_idx,
+                index=base_index,
+                valid=valid,
+                prefill_mask=mask,
+                position_embeddings=(gather3(cos), gather3(sin)),
+                position_ids=new_pos_ids,
+            )
+        )
+        return gather3(hidden)
+
+    @property
+    def final_index(self) -> tuple[Tensor, Tensor] | None:
+        """(index, valid) of the last stage's sequence into the prefill sequence, or None if none ran."""
+        if not self.state.groups:
+            return None
+        g = self.state.groups[-1]
+        return g.index, g.valid
+
+
+def _own_options(spec: MethodSpec) -> set[str]:
+    """The options the LLM stage function itself takes (a two-stage method also carries its encoder's)."""
+    import inspect
+
+    return {p.name for p in inspect.signature(spec.fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
+def _set_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    kwargs["hidden_states"] = hidden
+    return args, kwargs

@@ -1,0 +1,113 @@
+"""Fixed-budget selection by CLS attention: FasterVLM and VTC-CLS.
+
+Both keep the top-`budget` patch tokens ranked by the attention the vision tower's CLS query pays to
+them, in spatial (ascending index) order, and drop the rest. They differ only in the score:
+FasterVLM reads one layer, VTC-CLS sums several.
+
+Ties in the score are broken towards the lower token index (a stable descending sort), so the
+selection is the same on every device.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from visprune.errors import InputError
+from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
+from visprune.methods.checks import check_budget, check_features, check_grid, check_tensor
+from visprune.methods.registry import register
+
+
+def check_signal(t: object, name: str, shape: tuple[int | None, ...], features: Tensor) -> Tensor:
+    """A signal tensor of `shape`, finite, on the features' device."""
+    t = check_tensor(t, name, shape)
+    if not t.is_floating_point():
+        raise InputError(f"{name} must be a floating point tensor, got {t.dtype}")
+    if t.device != features.device:
+        raise InputError(f"{name} is on {t.device} but features are on {features.device}; move them to one device")
+    return t
+
+
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices [B, k] of the k largest entries of each row of `scores` [B, N] (float32 ranking).
+
+    Ties go to the lower index (stable descending sort), which makes the result device-independent.
+    """
+    return scores.float().sort(dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def _check_grid_if_given(grid: tuple[int, int] | None, n: int) -> None:
+    if grid is not None:
+        check_grid(grid, n)
+
+
+@register(
+    "fastervlm",
+    description="FasterVLM: keep the top-K patch tokens by head-averaged CLS attention of layer -2 (fixed K).",
+    placement=Placement.ENCODER,
+    adaptive=False,
+    signals=lambda o: {"cls_attn": SignalRequest("cls_attn", (-2,), "mean")},
+)
+def fastervlm(
+    features: Tensor,
+    *,
+    cls_attn: Tensor,
+    grid: tuple[int, int] | None = None,
+    budget: int = 64,
+) -> list[Reduction]:
+    """FasterVLM (Zhang et al., arXiv 2412.01818): top-`budget` tokens by [CLS] attention.
+
+    features [B, N, C]; cls_attn [B, N], the head-averaged CLS->patch attention probabilities of
+    encoder layer -2 (the layer whose output LLaVA uses), CLS column dropped. Keeps exactly `budget`
+    tokens per image, in spatial order; `assignment` marks the dropped ones with -1. The grid is not
+    needed and only validated when given. Same as the official code except that the kept tokens are
+    emitted in spatial order with ties broken by lower index (the official code uses torch.topk).
+
+    Options:
+        budget: number of tokens kept per image (default 64), 1 <= budget <= N.
+    """
+    b, n, _ = check_features(features)
+    _check_grid_if_given(grid, n)
+    k = check_budget(budget, n)
+    scores = check_signal(cls_attn, "cls_attn", (b, n), features)
+    return select_tokens(features, top_indices(scores, k))
+
+
+@register(
+    "vtc-cls",
+    description="VTC-CLS: keep the top-K patch tokens by CLS attention summed over encoder layers start_layer..-2.",
+    placement=Placement.ENCODER,
+    adaptive=False,
+    signals=lambda o: {"cls_attn_layers": SignalRequest("cls_attn_layers", tuple(range(o["start_layer"], -1)), "mean")},
+)
+def vtc_cls(
+    features: Tensor,
+    *,
+    cls_attn_layers: Tensor,
+    grid: tuple[int, int] | None = None,
+    budget: int = 64,
+    start_layer: int = -5,
+) -> list[Reduction]:
+    """VTC-CLS (Wang et al., arXiv 2412.05819): top-`budget` tokens by a multi-layer [CLS] score.
+
+    features [B, N, C]; cls_attn_layers [B, L, N], head-averaged CLS->patch attention rows of the
+    encoder layers start_layer, ..., -2 (L = -1 - start_layer rows). The score of a token is the sum
+    of its rows (the paper's layer ensemble); the top-`budget` tokens are kept in spatial order, ties
+    to the lower index. The official code takes the first ensembled layer as a command-line argument
+    (attentions[start_layer:-1], i.e. up to layer -2) and publishes no default; visprune's default
+    -5 ensembles the last four layers before the output layer (19..22 of CLIP ViT-L/14's 24), a
+    choice to be tuned rather than a published value.
+
+    Options:
+        budget: number of tokens kept per image (default 64), 1 <= budget <= N.
+        start_layer: first encoder layer of the ensemble as a negative index (default -5: layers
+            -5..-2); must be <= -2. -2 alone equals fastervlm.
+    """
+    b, n, _ = check_features(features)
+    _check_grid_if_given(grid, n)
+    k = check_budget(budget, n)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or start_layer > -2:
+        raise InputError(f"start_layer must be a negative int <= -2 (e.g. -5 for layers -5..-2), got {start_layer!r}")
+    layers = -1 - start_layer
+    scores = check_signal(cls_attn_layers, "cls_attn_layers", (b, layers, n), features)
+    return select_tokens(features, top_indices(scores.float().sum(dim=1), k))

@@ -1,0 +1,106 @@
+"""Stage 1 of the two-stage image-text pruning of Yu, Chen & Xu (arXiv 2409.01162), batched.
+
+Per image: sort the CLS-attention scores descending, cut the curve at its knee (see
+`visprune.methods.knee_point.knee_count`), clamp the count to [k_min, k_max] and keep the top-k*
+tokens in spatial order. No merging. k* varies per image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visprune.errors import InputError
+from visprune.methods.base import Placement, Reduction, SignalRequest
+from visprune.methods.checks import check_choice, check_features, check_grid, check_tensor
+from visprune.methods.knee_point import DETECTORS, knee_count
+from visprune.methods.registry import register
+
+ATTENTIONS = ("single", "mean")
+
+
+def _check_int(value: Any, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+@register(
+    "knee",
+    description="Stage 1 of Yu, Chen & Xu: keep the CLS-attention tokens above the knee of the sorted "
+    "score curve, per image (adaptive, no merging)",
+    placement=Placement.ENCODER,
+    adaptive=True,
+    signals=lambda o: {"cls_attn": SignalRequest("cls_attn", (-1,), heads=o["attention"])},
+)
+def knee(
+    features: Tensor,
+    *,
+    cls_attn: Tensor,
+    grid: tuple[int, int] | None = None,
+    detector: str = "kneedle",
+    smooth: int = 1,
+    k_min: int = 16,
+    k_max: int | None = None,
+    attention: str = "single",
+) -> list[Reduction]:
+    """Keep the tokens above the knee of the sorted CLS-attention curve (Yu, Chen & Xu, stage 1).
+
+    features [B, N, C] are the patch features (CLS dropped); cls_attn [B, N] the CLS-query attention
+    probabilities over the patches of the last encoder layer (as PruMerge's score); grid is accepted
+    for uniformity and only validated. Per image the scores are sorted descending, k* = the knee
+    count of that curve, clamped to [k_min, k_max], and the top-k* tokens are kept unchanged in
+    ascending (spatial) order. Assignment: kept tokens map to their slot, the others to -1.
+
+    Only the paper's abstract is public; this is the reading of METHODS.md. Ties in the scores are
+    broken towards the lower index.
+
+    Options:
+        detector: how the knee is found (see knee_point.knee_count): "kneedle" (default, the point of
+            the min-max normalised curve farthest below its chord), "max-gap" (largest drop between
+            consecutive sorted scores) or "max-curvature" (largest discrete second difference).
+        smooth: moving-average window applied to the sorted curve before the detector; 1 (default)
+            means no smoothing.
+        k_min: the fewest tokens kept per image, default 16 (an image with fewer than k_min tokens
+            keeps all of them).
+        k_max: the most tokens kept per image, default None (= N, no upper clamp). Must be >= k_min.
+        attention: which CLS attention the adapter computes: "single" (default, PruMerge's official
+            full-width one-head attention) or "mean" (head-averaged).
+    """
+    b, n, c = check_features(features)
+    if grid is not None:
+        check_grid(grid, n)
+    check_tensor(cls_attn, "cls_attn", (b, n))
+    if not cls_attn.is_floating_point():
+        raise InputError(f"cls_attn must be a floating point tensor, got {cls_attn.dtype}")
+    if cls_attn.device != features.device:
+        raise InputError(f"features ({features.device}) and cls_attn ({cls_attn.device}) must be on the same device")
+    check_choice(detector, "detector", DETECTORS)
+    check_choice(attention, "attention", ATTENTIONS)
+    _check_int(smooth, "smooth", 1)
+    _check_int(k_min, "k_min", 1)
+    if k_max is not None:
+        _check_int(k_max, "k_max", 1)
+        if k_max < k_min:
+            raise InputError(f"k_max={k_max} must be >= k_min={k_min} (or None for no upper clamp)")
+
+    dev = features.device
+    a = cls_attn.float()
+    rows = torch.arange(n, device=dev).expand(b, n)
+    ordered, by_score = a.sort(dim=1, descending=True, stable=True)
+    lo = min(k_min, n)
+    hi = n if k_max is None else min(k_max, n)
+    kstar = knee_count(ordered, detector=detector, smooth=smooth).clamp(min=lo, max=hi)
+    rank = torch.empty_like(by_score).scatter_(1, by_score, rows)
+    keep = rank < kstar.unsqueeze(1)
+    perm = torch.where(keep, rows, rows + n).argsort(dim=1)  # kept first, ascending
+    slot_of = torch.empty_like(perm).scatter_(1, perm, rows)
+    assign = torch.where(keep, slot_of, -1)
+    sizes = kstar.tolist()  # the one host sync
+    sel = perm[:, : max(sizes)]
+    gathered = features.gather(1, sel.unsqueeze(-1).expand(-1, -1, c))
+    return [
+        Reduction(features=gathered[i, :s], sources=sel[i, :s], assignment=assign[i]) for i, s in enumerate(sizes)
+    ]

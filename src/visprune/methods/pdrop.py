@@ -1,0 +1,91 @@
+"""PyramidDrop (Xing et al., arXiv 2410.17247): drop image tokens in stages as the LLM gets deeper.
+
+At each layer of `layers` the image tokens still present are ranked by the head-averaged attention
+they receive from the last instruction token, computed with THAT layer's q/k on its input, and the
+top ones stay, so that after stage s a fraction keep_ratios[s] of the original image tokens is left.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from itertools import pairwise
+
+from torch import Tensor
+
+from visprune.errors import InputError
+from visprune.methods.base import Placement, SignalRequest, TokenLayout
+from visprune.methods.llm_attention import (
+    assemble_keep,
+    check_layers,
+    check_qk,
+    check_ratios,
+    check_stage,
+    last_token_rows,
+    mean_received_attention,
+    ratio_count,
+    top_count_mask,
+)
+from visprune.methods.registry import register
+
+
+def _signals(o: dict) -> dict[str, SignalRequest]:
+    layers = tuple(o["layers"])
+    return {"q": SignalRequest("q", layers=layers), "k": SignalRequest("k", layers=layers)}
+
+
+def stage_fraction(keep_ratios: tuple[float, ...], stage: int) -> Fraction:
+    """The fraction of the image tokens PRESENT at `stage` that it keeps: r_s / r_{s-1} (r_{-1} = 1)."""
+    frac = [Fraction(r).limit_denominator(1_000_000) for r in keep_ratios]
+    return frac[stage] / (frac[stage - 1] if stage else 1)
+
+
+@register(
+    "pdrop",
+    description="PyramidDrop: multi-stage drop of image tokens by last-instruction-token attention "
+    "(layers 8/16/24 keeping 50%/25%/12.5%)",
+    placement=Placement.LLM,
+    adaptive=False,
+    signals=_signals,
+    layers=lambda o: tuple(o["layers"]),
+)
+def pdrop(
+    *,
+    q: Tensor | None = None,
+    k: Tensor | None = None,
+    hidden: Tensor | None = None,
+    layout: TokenLayout,
+    stage: int = 0,
+    layers: tuple = (8, 16, 24),
+    keep_ratios: tuple = (0.5, 0.25, 0.125),
+) -> Tensor:
+    """Keep mask [B, S] (True = keep) over the sequence entering decoder layer `layers[stage]`.
+
+    Called at the forward pre-hook of each decoder layer in `layers`, with stage = its index there,
+    on the sequence as pruned by the earlier stages. Expects q [B, H, S, d] and k [B, H_kv, S, d] of
+    the SAME layer layers[stage], RoPE applied, computed from the hook's input hidden states
+    (input_layernorm -> q_proj/k_proj -> RoPE, as PyramidDrop's official code; only the last real
+    token's query row is needed). hidden is not used.
+    Score of image token j = head mean of softmax(q_last k^T / sqrt(d))[j], q_last = last real token
+    (the last instruction token). Stage s keeps floor(n_s * keep_ratios[s] / keep_ratios[s-1])
+    (keep_ratios[-1] := 1) of the n_s image tokens present, at least 1: the cumulative fractions of
+    the ORIGINAL count are reached stage by stage (exactly for counts divisible by the ratios'
+    denominators, e.g. 576 -> 288 -> 144 -> 72; otherwise within rounding, as the official code,
+    which also floors per stage). Real non-visual tokens are kept; padding positions come back False.
+
+    Options:
+        layers: decoder layers whose input is pruned, strictly increasing (>= 1).
+        keep_ratios: cumulative fractions of the original image tokens left after each stage,
+            non-increasing, in (0, 1], one per layer.
+    """
+    check_layers(layers, "layers", 1)
+    ratios = check_ratios(keep_ratios, "keep_ratios")
+    if len(ratios) != len(layers):
+        raise InputError(f"keep_ratios has {len(ratios)} entries but layers has {len(layers)}; give one per layer")
+    if any(a < b for a, b in pairwise(ratios)):
+        raise InputError(f"keep_ratios must be non-increasing (cumulative fractions), got {keep_ratios!r}")
+    check_stage(stage, len(layers), "pdrop")
+    check_qk(q, k, layout)
+    visual = layout.visual & layout.attention_mask
+    scores = mean_received_attention(q, k, visual, layout.attention_mask, rows=last_token_rows(layout))
+    counts = ratio_count(visual.sum(dim=1), stage_fraction(ratios, stage))
+    return assemble_keep(layout, top_count_mask(scores, visual, counts))

@@ -1,0 +1,112 @@
+"""SparseVLM (Zhang et al., arXiv 2410.04417): text-guided, multi-stage visual token sparsification.
+
+Raters are the question tokens most related to the image: with R = softmax over text tokens of
+V T^T (V = visual hidden states, T = question hidden states), a question token is a rater when its
+mean relation over the visual tokens exceeds the mean over all question tokens. Visual tokens are
+scored by the head-averaged attention the raters give them and the top keep_counts[s] stay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from visprune.errors import InputError
+from visprune.methods.base import Placement, SignalRequest, TokenLayout
+from visprune.methods.llm_attention import (
+    assemble_keep,
+    check_hidden,
+    check_int,
+    check_layers,
+    check_qk,
+    check_stage,
+    mean_received_attention,
+    query_or_last,
+    rows_from_mask,
+    top_count_mask,
+)
+from visprune.methods.registry import register
+
+
+def _signals(o: dict) -> dict[str, SignalRequest]:
+    layers = tuple(o["layers"])
+    return {
+        "q": SignalRequest("q", layers=layers),
+        "k": SignalRequest("k", layers=layers),
+        "hidden": SignalRequest("hidden", layers=layers),
+    }
+
+
+def raters(hidden: Tensor, layout: TokenLayout) -> Tensor:
+    """[B, S] bool: the rater text tokens of each sample (see the module docstring).
+
+    Text tokens are the query tokens (the last real token when a sample has none). When no token
+    exceeds the mean (all relations equal) every text token rates; without visual tokens likewise.
+    """
+    text = query_or_last(layout)
+    visual = layout.visual & layout.attention_mask
+    idx, valid = rows_from_mask(text)  # [B, R]
+    h = hidden.float()
+    t = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, R, C]
+    logits = (h @ t.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))  # [B, S, R]
+    logits = logits.masked_fill(~valid.any(dim=1).view(-1, 1, 1), 0.0)
+    rel = logits.softmax(dim=-1)
+    n_vis = visual.sum(dim=1, keepdim=True).clamp(min=1)
+    score = (rel * visual.unsqueeze(-1)).sum(dim=1) / n_vis  # [B, R] mean relation over visual tokens
+    n_text = valid.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = torch.where(valid, score, 0.0).sum(dim=1, keepdim=True) / n_text
+    chosen = valid & (score > mean)
+    chosen = torch.where(chosen.any(dim=1, keepdim=True), chosen, valid)
+    return torch.zeros_like(text).scatter_(1, idx, chosen)  # idx is a permutation prefix: no clashes
+
+
+@register(
+    "sparsevlm",
+    description="SparseVLM: text raters' attention prunes image tokens at LLM layers 2/6/15 (keep 300/200/110)",
+    placement=Placement.LLM,
+    adaptive=False,
+    signals=_signals,
+    layers=lambda o: tuple(layer + 1 for layer in o["layers"]),
+)
+def sparsevlm(
+    *,
+    q: Tensor | None = None,
+    k: Tensor | None = None,
+    hidden: Tensor | None = None,
+    layout: TokenLayout,
+    stage: int = 0,
+    layers: tuple = (2, 6, 15),
+    keep_counts: tuple = (300, 200, 110),
+) -> Tensor:
+    """Keep mask [B, S] (True = keep) over the sequence entering decoder layer `layers[stage] + 1`.
+
+    As in the paper and its official code, `layers` are the layers whose attention scores the
+    tokens; the pruning takes effect from the NEXT layer on. So the function is called at the forward
+    pre-hook of decoder layer layers[stage] + 1 (the registered `layers` are (3, 7, 16) by default),
+    with stage = the index in `layers`, on the sequence as pruned by the earlier stages, and expects
+    q [B, H, S, d], k [B, H_kv, S, d] (RoPE applied) and hidden [B, S, C] of layer layers[stage]
+    (the PREVIOUS layer relative to the hook): its self-attention queries/keys and its INPUT hidden
+    states (the same tensor its q/k are projected from, before input_layernorm). Only the text rows
+    of q are used.
+    Stage s keeps min(keep_counts[s], n_b) of the n_b image tokens present in sample b (the counts
+    are clamped to what is there; a sample with fewer keeps all). Real non-visual tokens are kept;
+    padding positions come back False.
+
+    Options:
+        layers: decoder layers whose attention scores the image tokens, strictly increasing; pruning
+            applies from layer + 1 on.
+        keep_counts: image tokens kept after each stage, one per layer (ints >= 1), clamped per
+            sample to the image tokens present.
+    """
+    check_layers(layers, "layers", 0)
+    if not isinstance(keep_counts, tuple) or len(keep_counts) != len(layers):
+        raise InputError(f"keep_counts must be a tuple with one count per layer ({len(layers)}), got {keep_counts!r}")
+    for i, c in enumerate(keep_counts):
+        check_int(c, f"keep_counts[{i}]", 1)
+    check_stage(stage, len(layers), "sparsevlm")
+    check_qk(q, k, layout)
+    check_hidden(hidden, layout)
+    visual = layout.visual & layout.attention_mask
+    scores = mean_received_attention(q, k, raters(hidden, layout), layout.attention_mask)
+    counts = visual.sum(dim=1).clamp(max=keep_counts[stage])
+    return assemble_keep(layout, top_count_mask(scores, visual, counts))

@@ -1,0 +1,133 @@
+"""The text-relevance stage of `knee+text` (Seed 2, stage 2; Yu, Chen, Xu, arXiv 2409.01162).
+
+Inside the LLM, at decoder layer K, every earlier token j gets a relevance to the question: the
+attention the query (question) tokens give it, averaged over heads and over the query rows. The
+visual tokens (and, with prune_text, the system-prompt tokens) whose relevance falls below the knee
+of their sorted relevance curve are dropped. Stage 1 is the encoder method `knee`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visprune.errors import InputError
+from visprune.methods.base import Placement, SignalRequest, TokenLayout
+from visprune.methods.checks import check_choice, check_ratio
+from visprune.methods.knee_point import DETECTORS, knee_count
+from visprune.methods.llm_attention import (
+    assemble_keep,
+    check_int,
+    check_qk,
+    check_stage,
+    mean_received_attention,
+    query_or_last,
+    ratio_count,
+    top_count_mask,
+)
+from visprune.methods.registry import register
+
+
+def _signals(o: dict) -> dict[str, SignalRequest]:
+    score = (o["text_layer"],)
+    return {"q": SignalRequest("q", layers=score), "k": SignalRequest("k", layers=score)}
+
+
+def text_relevance(q: Tensor, k: Tensor, layout: TokenLayout) -> Tensor:
+    """[B, S] float32: head- and query-row-averaged attention from the query tokens to every token.
+
+    Query rows are the layout's query tokens (a sample without any uses its last real token).
+    """
+    return mean_received_attention(q, k, query_or_last(layout), layout.attention_mask)
+
+
+def _group_keep(relevance: Tensor, group: Tensor, keep_ratio: float | None, detector: str, smooth: int) -> Tensor:
+    """Keep the top of `group` [B, S]: above the knee of its sorted relevance, or a fixed ratio."""
+    n = group.sum(dim=1)
+    if keep_ratio is not None:
+        counts = ratio_count(n, keep_ratio)
+    else:
+        ordered = torch.where(group, relevance, float("-inf")).sort(dim=1, descending=True).values
+        # Fill past each row's valid length with its smallest valid value (flat tail: no effect on the
+        # knee, safe under smoothing); rows without members are all zeros and keep nothing below.
+        last = ordered.gather(1, (n - 1).clamp(min=0).unsqueeze(1))
+        inside = torch.arange(ordered.shape[1], device=n.device).unsqueeze(0) < n.unsqueeze(1)
+        ordered = torch.where(inside, ordered, torch.where(n.unsqueeze(1) > 0, last, 0.0))
+        counts = torch.minimum(knee_count(ordered, detector, smooth, valid=n.clamp(min=1)), n)
+    return top_count_mask(relevance, group, counts)
+
+
+@register(
+    "knee+text",
+    description="Two-stage image-text pruning: CLS-attention knee before the LLM (`knee`), then drop the "
+    "image tokens below the knee of their question-relevance curve at LLM layer K",
+    placement=Placement.BOTH,
+    adaptive=True,
+    signals=_signals,
+    layers=lambda o: (o["text_layer"],),
+    encoder_stage="knee",
+)
+def text_stage(
+    *,
+    q: Tensor | None = None,
+    k: Tensor | None = None,
+    hidden: Tensor | None = None,
+    layout: TokenLayout,
+    stage: int = 0,
+    text_layer: int = 2,
+    text_keep_ratio: float | None = None,
+    text_detector: str = "kneedle",
+    text_smooth: int = 1,
+    prune_text: bool = False,
+    **encoder_options: Any,
+) -> Tensor:
+    """Keep mask [B, S] (True = keep) over the sequence entering decoder layer `text_layer`.
+
+    The LLM stage of `knee+text`. Called once, at the forward pre-hook of decoder layer
+    `text_layer` (K), on the sequence the encoder stage `knee` already shortened. Expects
+    q [B, H, S, d] and k [B, H_kv, S, d] of the SAME layer K, RoPE applied, computed from the hook's
+    input hidden states (input_layernorm -> q_proj/k_proj -> RoPE); only the query-token rows of q
+    are used. hidden is not used. The spec's `signals` list only these LLM signals; the encoder
+    stage's come from get_method(spec.encoder_stage).signals(options).
+    Relevance of token j = mean over heads and over the query tokens (the question; a sample with
+    none uses its last real token) of softmax(q_i k^T / sqrt(d))[j] under the causal mask. Among
+    the image tokens of each sample, those ranked at or above the knee of the descending relevance
+    curve (`knee_point.knee_count` with the sample's own count) are kept, at least 1 per sample
+    with image tokens. With prune_text, the system tokens (text before the first image) are cut
+    the same way on their OWN curve (their scale differs from the image tokens'), except the first
+    real token (BOS, the attention sink), which is always kept. Query tokens and other text are
+    never dropped; padding positions come back False. The knee makes the kept count adaptive per
+    sample. Options of the encoder stage may be passed along (the merged option dict) and are
+    ignored here.
+
+    Options:
+        text_layer: decoder layer K whose input is pruned, scored with layer K's own q/k.
+        text_keep_ratio: None for the knee; a fraction in (0, 1] keeps that fixed share of the image
+            (and, with prune_text, system) tokens instead.
+        text_detector: knee detector on the sorted relevance curve: 'kneedle', 'max-gap' or
+            'max-curvature' (see visprune.methods.knee_point).
+        text_smooth: moving-average window applied to the sorted relevance curve first (1 = none).
+        prune_text: also drop system-prompt tokens below their own knee (the first real token stays).
+    """
+    check_int(text_layer, "text_layer", 0)
+    if text_keep_ratio is not None:
+        check_ratio(text_keep_ratio, "text_keep_ratio")
+    check_choice(text_detector, "text_detector", DETECTORS)
+    check_int(text_smooth, "text_smooth", 1)
+    if not isinstance(prune_text, bool):
+        raise InputError(f"prune_text must be True or False, got {prune_text!r}")
+    check_stage(stage, 1, "knee+text")
+    check_qk(q, k, layout)
+    mask = layout.attention_mask
+    relevance = text_relevance(q, k, layout)
+    visual = layout.visual & mask
+    keep = assemble_keep(layout, _group_keep(relevance, visual, text_keep_ratio, text_detector, text_smooth))
+    if prune_text:
+        s = mask.shape[1]
+        first = torch.arange(s, device=mask.device).unsqueeze(0) == mask.long().argmax(dim=1, keepdim=True)
+        system = layout.system & mask & ~visual & ~layout.query & ~first
+        kept_system = _group_keep(relevance, system, text_keep_ratio, text_detector, text_smooth)
+        keep = keep & (~system | kept_system)
+    return keep

@@ -1,0 +1,156 @@
+"""PyramidDrop keep masks against a per-sample Python reference, the stage chain, invariants, spec."""
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from visprune.errors import InputError
+from visprune.methods import Placement, get_method
+from visprune.methods.base import TokenLayout
+from visprune.methods.pdrop import pdrop
+
+def make_layout(specs, side="left", extra=0):
+    """specs: per sample (n_system, n_visual, n_query); padded on `side` to max length + extra."""
+    s = max(a + b + c for a, b, c in specs) + extra
+    masks = {n: torch.zeros(len(specs), s, dtype=torch.bool) for n in ("attention_mask", "visual", "query", "system")}
+    for i, (a, b, c) in enumerate(specs):
+        o = s - (a + b + c) if side == "left" else 0
+        masks["attention_mask"][i, o : o + a + b + c] = True
+        masks["system"][i, o : o + a] = True
+        masks["visual"][i, o + a : o + a + b] = True
+        masks["query"][i, o + a + b : o + a + b + c] = True
+    return TokenLayout(**masks)
+
+
+def ref_row(q, k, mask, b, r):
+    """[H, S] float64 attention of query row r of sample b: plain loops over heads, causal + padding."""
+    h, s, d = q.shape[1], q.shape[2], q.shape[3]
+    rep = h // k.shape[1]
+    out = torch.zeros(h, s, dtype=torch.float64)
+    keys = [j for j in range(s) if mask[b, j] and j <= r]
+    for head in range(h):
+        logits = torch.stack([q[b, head, r].double() @ k[b, head // rep, j].double() for j in keys]) / math.sqrt(d)
+        out[head, keys] = logits.softmax(0)
+    return out
+
+
+def qk(lay, h_kv=2, rep=2, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, s = lay.attention_mask.shape
+    return torch.randn(b, h_kv * rep, s, d, generator=g) * 1.5, torch.randn(b, h_kv, s, d, generator=g) * 1.5
+
+
+def alone(t, i, o):
+    """Sample i of a left-padded batch tensor, its padding (first o positions) removed."""
+    return t[i : i + 1, ..., o:, :] if t.dim() == 4 else t[i : i + 1, o:]
+
+
+def sample_layout(lay, i, o):
+    return TokenLayout(*(getattr(lay, n)[i : i + 1, o:] for n in ("attention_mask", "visual", "query", "system")))
+
+
+specs_st = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10), st.integers(0, 4)), min_size=1, max_size=3).filter(
+    lambda sp: all(a + b + c > 0 for a, b, c in sp)
+)
+
+
+def ref_pdrop(q, k, lay, ratios, stage):
+    b, s = lay.attention_mask.shape
+    frac = Fraction(ratios[stage]).limit_denominator(10**6)
+    if stage:
+        frac /= Fraction(ratios[stage - 1]).limit_denominator(10**6)
+    keep = torch.zeros(b, s, dtype=torch.bool)
+    for i in range(b):
+        real = [j for j in range(s) if lay.attention_mask[i, j]]
+        att = ref_row(q, k, lay.attention_mask, i, real[-1]).mean(0)
+        vis = [j for j in real if lay.visual[i, j]]
+        count = min(len(vis), max(1, math.floor(len(vis) * frac))) if vis else 0
+        top = set(sorted(vis, key=lambda j: (-float(att[j]), j))[:count])
+        for j in real:
+            keep[i, j] = (not lay.visual[i, j]) or j in top
+    return keep
+
+
+@given(
+    specs=specs_st,
+    side=st.sampled_from(["left", "right"]),
+    stage=st.integers(0, 2),
+    rep=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(specs, side, stage, rep, seed):
+    lay = make_layout(specs, side, 1)
+    q, k = qk(lay, rep=rep, seed=seed)
+    ratios = (0.5, 0.25, 0.125)
+    got = pdrop(q=q, k=k, layout=lay, stage=stage)
+    assert torch.equal(got, ref_pdrop(q, k, lay, ratios, stage))
+    assert not (got & ~lay.attention_mask).any()
+    assert torch.equal(got & ~lay.visual, lay.attention_mask & ~lay.visual)
+    assert torch.equal(got, pdrop(q=q, k=k, layout=lay, stage=stage))
+
+
+@given(specs=specs_st, seed=st.integers(0, 2**16))
+def test_batch_equals_each_sample_alone(specs, seed):
+    lay = make_layout(specs, "left", 2)
+    q, k = qk(lay, seed=seed)
+    got = pdrop(q=q, k=k, layout=lay, stage=1)
+    s = lay.attention_mask.shape[1]
+    for i, (a, b, c) in enumerate(specs):
+        o = s - (a + b + c)
+        one = pdrop(q=alone(q, i, o), k=alone(k, i, o), layout=sample_layout(lay, i, o), stage=1)
+        assert torch.equal(got[i, o:], one[0])
+
+
+def test_stage_chain_reaches_cumulative_fractions_of_the_original():
+    lay = make_layout([(3, 576, 5)])
+    q, k = qk(lay, rep=1, d=4, seed=3)
+    counts = []
+    for stage in range(3):
+        keep = pdrop(q=q, k=k, layout=lay, stage=stage)
+        counts.append(int((keep & lay.visual).sum()))
+        idx = keep[0].nonzero().flatten()
+        lay = TokenLayout(*(getattr(lay, n)[:, idx] for n in ("attention_mask", "visual", "query", "system")))
+        q, k = q[:, :, idx], k[:, :, idx]
+    assert counts == [288, 144, 72]
+    assert int(lay.attention_mask.sum()) == 3 + 72 + 5
+
+
+def test_custom_ratios_and_counts():
+    lay = make_layout([(1, 30, 2), (0, 7, 1)], "left")
+    q, k = qk(lay)
+    keep = pdrop(q=q, k=k, layout=lay, stage=1, layers=(4, 9), keep_ratios=(0.6, 0.3))
+    assert (keep & lay.visual).sum(1).tolist() == [15, 3]  # 30 * 1/2, floor(7 * 1/2)
+
+
+def test_spec():
+    spec = get_method("pdrop")
+    o = spec.options()
+    assert o == {"layers": (8, 16, 24), "keep_ratios": (0.5, 0.25, 0.125)}
+    assert spec.placement is Placement.LLM and not spec.adaptive
+    assert spec.layers(o) == (8, 16, 24)
+    sig = spec.signals(o)
+    assert set(sig) == {"q", "k"} and sig["q"].layers == (8, 16, 24) and sig["k"].layers == (8, 16, 24)
+    assert spec.layers(spec.options(layers=(3, 5), keep_ratios=(0.5, 0.2))) == (3, 5)
+
+
+def test_errors():
+    lay = make_layout([(1, 4, 2)])
+    q, k = qk(lay)
+    with pytest.raises(InputError, match="one per layer"):
+        pdrop(q=q, k=k, layout=lay, keep_ratios=(0.5, 0.25))
+    with pytest.raises(InputError, match="non-increasing"):
+        pdrop(q=q, k=k, layout=lay, keep_ratios=(0.25, 0.5, 0.1))
+    with pytest.raises(InputError, match="increasing"):
+        pdrop(q=q, k=k, layout=lay, layers=(8, 8, 24))
+    with pytest.raises(InputError, match="keep_ratios"):
+        pdrop(q=q, k=k, layout=lay, keep_ratios=[0.5, 0.25, 0.125])
+    with pytest.raises(InputError, match=r"keep_ratios\[2\]"):
+        pdrop(q=q, k=k, layout=lay, keep_ratios=(0.5, 0.25, 0.0))
+    with pytest.raises(InputError, match="stage"):
+        pdrop(q=q, k=k, layout=lay, stage=3)
+    with pytest.raises(InputError, match="stage"):
+        pdrop(q=q, k=k, layout=lay, stage=True)
