@@ -249,12 +249,13 @@ def test_bad_input_errors(kwargs: dict, message: str) -> None:
 
 
 def test_unknown_config_name() -> None:
-    with pytest.raises(InputError, match="Did you mean: 'llava-1.5-7b'"):
+    with pytest.raises(InputError, match=r"Did you mean: 'llava-1\.5-7b'"):
         flops.estimate("llava-1.5-7", 64, 50)
 
 
 def test_cli_table(capsys) -> None:
-    assert main(["flops", "--config", "llava-1.5-7b", "--visual-tokens", "64", "--new-tokens", "8", "--gpu", "h100-sxm"]) == 0
+    argv = ["flops", "--config", "llava-1.5-7b", "--visual-tokens", "64", "--new-tokens", "8", "--gpu", "h100-sxm"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     for word in ("llm_prefill", "dense GFLOPs", "kv cache at the end", "roofline lower bound on h100-sxm", "decode"):
         assert word in out

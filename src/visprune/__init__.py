@@ -2,6 +2,7 @@
 
 from visprune.errors import InputError, UnknownMethodError, UnsupportedModelError, VisPruneError
 from visprune.methods import MethodSpec, Reduction, TokenLayout, get_method, list_methods
+from visprune.patch import Handle, Stats, apply, remove
 
 __version__ = "0.1.0"
 
@@ -12,6 +13,10 @@ def methods() -> list[MethodSpec]:
 
 
 __all__ = [
+    "Handle",
+    "Stats",
+    "apply",
+    "remove",
     "InputError",
     "MethodSpec",
     "Reduction",

@@ -428,7 +428,9 @@ def _check_int(name: str, value: Any, minimum: int = 0) -> int:
 def _resolve_gpu(gpu: str | GPU | None, peak_tflops: float | None, bandwidth_gbs: float | None) -> GPU | None:
     if isinstance(gpu, str):
         if gpu not in GPU_PRESETS:
-            raise InputError(f"unknown gpu preset {gpu!r}; presets: {', '.join(GPU_PRESETS)}.{closest(gpu, GPU_PRESETS)}")
+            raise InputError(
+                f"unknown gpu preset {gpu!r}; presets: {', '.join(GPU_PRESETS)}.{closest(gpu, GPU_PRESETS)}"
+            )
         gpu = GPU_PRESETS[gpu]
     if peak_tflops is None and bandwidth_gbs is None:
         return gpu
@@ -460,7 +462,7 @@ def _tokens_per_layer(
             )
         for i, c in enumerate(counts):
             _check_int(f"tokens per layer [{i}]", c, 1)
-            if c > dense + text_tokens:
+            if dims.vision is not None and c > dense + text_tokens:
                 raise InputError(
                     f"tokens per layer [{i}] = {c} exceeds the dense visual count {dense} + {text_tokens} text tokens"
                 )
@@ -649,7 +651,7 @@ def format_comparison(est: FlopsEstimate, dense: FlopsEstimate) -> str:
         "",
         f"{'component':<12}{'GFLOPs':>12}{'share':>8}{'dense GFLOPs':>15}{'share':>8}{'ratio':>8}",
     ]
-    rows = list(est.components().items()) + [("prefill", est.prefill), ("total", est.total)]
+    rows = [*est.components().items(), ("prefill", est.prefill), ("total", est.total)]
     dense_c = {**dense.components(), "prefill": dense.prefill, "total": dense.total}
     for name, f in rows:
         d = dense_c[name]

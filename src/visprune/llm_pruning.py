@@ -40,6 +40,7 @@ class PrunerState:
     phase: str = "off"  # off | prefill | decode
     groups: list[_Group] = field(default_factory=list)
     tokens_per_layer: list[list[int]] = field(default_factory=list)
+    real_tokens: list[int] = field(default_factory=list)
 
 
 def format_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
@@ -67,7 +68,7 @@ class DecoderPruner:
 
     def begin(self, layout: TokenLayout) -> None:
         """Arm the pruner for the next prefill over a sequence with this layout."""
-        self.state = PrunerState(layout=layout, phase="armed")
+        self.state = PrunerState(layout=layout, phase="armed", real_tokens=layout.attention_mask.sum(1).tolist())
 
     def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.state.phase == "armed":
@@ -77,11 +78,10 @@ class DecoderPruner:
 
     def model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.state.phase == "prefill":
-            real = self.state.layout.attention_mask.sum(1).tolist() if self.state.layout is not None else []
             per_layer = []
             for layer in range(self.num_layers):
                 group = self._group_for(layer)
-                per_layer.append(real if group is None else group.valid.sum(1).tolist())
+                per_layer.append(self.state.real_tokens if group is None else group.valid.sum(1).tolist())
             self.state.tokens_per_layer = [list(x) for x in zip(*per_layer, strict=True)]
 
     def _group_for(self, layer: int) -> _Group | None:

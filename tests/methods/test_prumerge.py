@@ -147,7 +147,7 @@ def test_outlier_counts_match_numpy_percentile():
     q1, q3 = np.percentile(flat, [25, 75])
     total = int((flat > q3 + 1.5 * (q3 - q1)).sum())
     assert outlier_counts(a, "batch").tolist() == [total] * 4
-    assert 0 < total and len(set(expect.tolist())) > 1  # the data exercises both paths
+    assert total > 0 and len(set(expect.tolist())) > 1  # the data exercises both paths
 
 
 @pytest.mark.parametrize("name", ["prumerge", "prumerge+"])

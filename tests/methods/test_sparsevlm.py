@@ -12,6 +12,7 @@ from visprune.methods import Placement, get_method
 from visprune.methods.base import TokenLayout
 from visprune.methods.sparsevlm import raters, sparsevlm
 
+
 def make_layout(specs, side="left", extra=0):
     """specs: per sample (n_system, n_visual, n_query); padded on `side` to max length + extra."""
     s = max(a + b + c for a, b, c in specs) + extra

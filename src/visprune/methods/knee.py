@@ -101,6 +101,4 @@ def knee(
     sizes = kstar.tolist()  # the one host sync
     sel = perm[:, : max(sizes)]
     gathered = features.gather(1, sel.unsqueeze(-1).expand(-1, -1, c))
-    return [
-        Reduction(features=gathered[i, :s], sources=sel[i, :s], assignment=assign[i]) for i, s in enumerate(sizes)
-    ]
+    return [Reduction(features=gathered[i, :s], sources=sel[i, :s], assignment=assign[i]) for i, s in enumerate(sizes)]

@@ -85,7 +85,7 @@ def _axis_cells(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Te
     position of each cell's positions [ceil(i n_in / n_out), ceil((i + 1) n_in / n_out)), lower one
     for an even count, [n_out]."""
     i = torch.arange(n_out, device=device)
-    lo = (i * n_in) // n_out
+    lo = (i * n_in + n_out - 1) // n_out
     hi = ((i + 1) * n_in + n_out - 1) // n_out
     return torch.arange(n_in, device=device) * n_out // n_in, (lo + hi - 1) // 2
 

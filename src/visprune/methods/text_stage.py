@@ -18,7 +18,6 @@ from visprune.methods.base import Placement, SignalRequest, TokenLayout
 from visprune.methods.checks import check_choice, check_ratio
 from visprune.methods.knee_point import DETECTORS, knee_count
 from visprune.methods.llm_attention import (
-    assemble_keep,
     check_int,
     check_qk,
     check_stage,
@@ -56,6 +55,9 @@ def _group_keep(relevance: Tensor, group: Tensor, keep_ratio: float | None, dete
         inside = torch.arange(ordered.shape[1], device=n.device).unsqueeze(0) < n.unsqueeze(1)
         ordered = torch.where(inside, ordered, torch.where(n.unsqueeze(1) > 0, last, 0.0))
         counts = torch.minimum(knee_count(ordered, detector, smooth, valid=n.clamp(min=1)), n)
+        # A curve of 1 or 2 points has no interior knee: keep its top point, as every detector does on
+        # an unpadded curve (knee_count's max-curvature would keep 2 of a padded 2-point row).
+        counts = torch.where(n <= 2, n.clamp(max=1), counts)
     return top_count_mask(relevance, group, counts)
 
 
@@ -92,7 +94,8 @@ def text_stage(
     are used. hidden is not used. The spec's `signals` list only these LLM signals; the encoder
     stage's come from get_method(spec.encoder_stage).signals(options).
     Relevance of token j = mean over heads and over the query tokens (the question; a sample with
-    none uses its last real token) of softmax(q_i k^T / sqrt(d))[j] under the causal mask. Among
+    none uses its last real token instead, which is then protected like a query token) of
+    softmax(q_i k^T / sqrt(d))[j] under the causal mask. Among
     the image tokens of each sample, those ranked at or above the knee of the descending relevance
     curve (`knee_point.knee_count` with the sample's own count) are kept, at least 1 per sample
     with image tokens. With prune_text, the system tokens (text before the first image) are cut
@@ -121,13 +124,14 @@ def text_stage(
     check_stage(stage, 1, "knee+text")
     check_qk(q, k, layout)
     mask = layout.attention_mask
-    relevance = text_relevance(q, k, layout)
-    visual = layout.visual & mask
-    keep = assemble_keep(layout, _group_keep(relevance, visual, text_keep_ratio, text_detector, text_smooth))
+    rows = query_or_last(layout)  # the query rows; never dropped (also when it is the fallback)
+    relevance = mean_received_attention(q, k, rows, mask)
+    visual = layout.visual & mask & ~rows
+    keep = mask & ~(visual & ~_group_keep(relevance, visual, text_keep_ratio, text_detector, text_smooth))
     if prune_text:
         s = mask.shape[1]
         first = torch.arange(s, device=mask.device).unsqueeze(0) == mask.long().argmax(dim=1, keepdim=True)
-        system = layout.system & mask & ~visual & ~layout.query & ~first
+        system = layout.system & mask & ~layout.visual & ~rows & ~first
         kept_system = _group_keep(relevance, system, text_keep_ratio, text_detector, text_smooth)
         keep = keep & (~system | kept_system)
     return keep

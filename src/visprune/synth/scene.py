@@ -188,7 +188,7 @@ def _make_background(rng: np.random.Generator) -> Background:
 
 def _jitter(rng: np.random.Generator, rgb: RGB) -> RGB:
     delta = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
-    return tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(rgb, delta))  # type: ignore[return-value]
+    return tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(rgb, delta, strict=True))  # type: ignore[return-value]
 
 
 def _luminance(rgb: RGB) -> float:

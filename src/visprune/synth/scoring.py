@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import re
 
-NUMBER_WORDS: dict[str, str] = {
-    word: str(i)
-    for i, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
-        " seventeen eighteen nineteen twenty".split()
-    )
-}
+_NUMBERS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+    " seventeen eighteen nineteen twenty"
+)
+NUMBER_WORDS: dict[str, str] = {word: str(i) for i, word in enumerate(_NUMBERS.split(" "))}
 SYNONYMS: dict[str, str] = {"centre": "center", "middle": "center", "colour": "color", "grey": "gray"}
 ARTICLES = frozenset({"a", "an", "the"})
 

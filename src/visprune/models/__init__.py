@@ -1,0 +1,29 @@
+"""Model adapters: one per supported model family. `adapter_for(model)` picks the right one."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from visprune.errors import UnsupportedModelError
+from visprune.models.base import Adapter, ImageTokens, Reducer
+from visprune.models.llava import LlavaAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+
+
+def supported_model_classes() -> list[str]:
+    return [name for a in ADAPTERS for name in a.model_classes]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for `model`'s class; an unsupported class raises with the list of supported ones."""
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_classes:
+            return adapter(model)
+    raise UnsupportedModelError(
+        f"visprune does not support {name}. Supported model classes: {', '.join(supported_model_classes())}"
+    )
+
+
+__all__ = ["ADAPTERS", "Adapter", "ImageTokens", "Reducer", "adapter_for", "supported_model_classes"]

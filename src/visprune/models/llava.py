@@ -1,0 +1,85 @@
+"""Adapter for LlavaForConditionalGeneration (LLaVA-1.5 and every checkpoint of that class)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from visprune.errors import UnsupportedModelError
+from visprune.methods.base import Reduction, SignalRequest
+from visprune.models import vision
+from visprune.models.base import Adapter, ImageTokens, Reducer
+
+
+def dense_reduction(features: Tensor) -> list[Reduction]:
+    """The identity: every token kept, in order (the 'none' method)."""
+    n = features.shape[1]
+    idx = torch.arange(n, device=features.device)
+    return [Reduction(features=f, sources=idx, assignment=idx) for f in features.unbind(0)]
+
+
+class LlavaAdapter(Adapter):
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        cfg = self.model.config.vision_config
+        side = cfg.image_size // cfg.patch_size
+        return side, side
+
+    def check_encoder_method(self, requests: dict[str, SignalRequest]) -> None:
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise UnsupportedModelError(
+                f"encoder-side methods need vision_feature_select_strategy='default' (CLS dropped, a full patch grid); "
+                f"this model uses {strategy!r}. Use an LLM-side method (e.g. 'fastv') instead"
+            )
+        if any(r.kind.startswith("cls") for r in requests.values()) and not vision.has_cls_token(self.vision_tower):
+            raise UnsupportedModelError(
+                f"this method needs the CLS token's attention, but the vision tower {type(self.vision_tower).__name__} "
+                "has no CLS token; choose one that needs no CLS signal ('pool', 'random', 'tome' or an LLM-side method)"
+            )
+
+    def encode(self, pixel_values: Tensor, requests: dict[str, SignalRequest]) -> vision.VisionOutput:
+        cfg = self.model.config
+        return vision.encode(
+            self.vision_tower, pixel_values, cfg.vision_feature_layer, cfg.vision_feature_select_strategy, requests
+        )
+
+    def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_sizes: Tensor | None) -> ImageTokens:
+        requests = getattr(reducer, "requests", {}) if reducer is not None else {}
+        out = self.encode(pixel_values, requests)
+        n = out.features.shape[1]
+        if reducer is None:
+            reductions = dense_reduction(out.features)
+        else:
+            grid = self.grid if self.grid[0] * self.grid[1] == n else _square(n)
+            reductions = reducer(out.features, grid, out.signals)
+        counts = [r.count for r in reductions]
+        projected = self.projector(torch.cat([r.features for r in reductions]).unsqueeze(0)).squeeze(0)
+        return ImageTokens(
+            features=list(projected.split(counts)),
+            tokens_in=[n] * len(reductions),
+            reductions=[[r] for r in reductions],
+        )
+
+
+def _square(n: int) -> tuple[int, int]:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise UnsupportedModelError(f"cannot infer the patch grid of {n} visual tokens; the tower's grid is not square")
+    return side, side

@@ -1,0 +1,348 @@
+"""apply / remove: the one place that touches a model instance.
+
+`apply` wraps the instance's `generate` and `forward` (instance attributes, no class is modified) so
+that images are encoded, reduced and spliced with their per-image token counts, and registers forward
+pre-hooks on the decoder layers for LLM-side stages. `remove` restores the instance exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visprune.errors import InputError
+from visprune.llm_pruning import DecoderPruner
+from visprune.methods import MethodSpec, Placement, Reduction, get_method
+from visprune.models import Adapter, adapter_for
+from visprune.models.splice import IGNORE_INDEX, Spliced, image_runs, splice
+
+_ATTR = "_visprune_handle"
+DENSE = "none"
+
+
+@dataclass
+class Stats:
+    """What the last patched call did.
+
+    visual_tokens_in: per image, the tokens the dense model would feed the LLM.
+    visual_tokens_out: per image, the visual tokens that reached the LLM (after the encoder stage).
+    tokens_per_layer: per sample, the real tokens each decoder layer processed at prefill.
+    position_map: [B, S] for each of the caller's input positions, its index in the returned
+        `forward` logits (-1 for image placeholders, dropped tokens and padding).
+    reductions: per image, the Reduction(s) behind its tokens (one per crop).
+    timings: seconds of host wall-clock for 'vision' (tower + signals) and 'reduce'; with
+        apply(..., sync_timings=True) CUDA is synchronised around them so they are device times.
+    """
+
+    visual_tokens_in: list[int] = field(default_factory=list)
+    visual_tokens_out: list[int] = field(default_factory=list)
+    tokens_per_layer: list[list[int]] = field(default_factory=list)
+    position_map: Tensor | None = None
+    reductions: list[list[Reduction]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Reducer:
+    """An encoder-side method bound to its options: features [n, N, C] -> one Reduction per image."""
+
+    def __init__(self, spec: MethodSpec, options: dict[str, Any], sync: bool, stats: Stats):
+        self.spec = spec
+        self.options = options
+        self.requests = spec.signals(options)
+        self.sync = sync
+        self.stats = stats
+
+    def __call__(self, features: Tensor, grid: tuple[int, int], signals: dict[str, Tensor]) -> list[Reduction]:
+        _sync(features, self.sync)
+        t0 = time.perf_counter()
+        out = self.spec.fn(features, grid=grid, **signals, **self.options)
+        _sync(features, self.sync)
+        self.stats.timings["reduce"] = self.stats.timings.get("reduce", 0.0) + time.perf_counter() - t0
+        return out
+
+
+def _sync(t: Tensor, enabled: bool) -> None:
+    if enabled and t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+@dataclass
+class Handle:
+    """Returned by `apply`: the active method(s), their options and the last call's `stats`."""
+
+    model: nn.Module
+    methods: tuple[str, ...]
+    options: dict[str, dict[str, Any]]
+    stats: Stats
+    adapter: Adapter = field(repr=False)
+    encoder: MethodSpec | None = field(repr=False, default=None)
+    encoder_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    pruner: DecoderPruner | None = field(repr=False, default=None)
+    sync_timings: bool = False
+    _hooks: list[Any] = field(default_factory=list, repr=False)
+    _saved: dict[str, Any] = field(default_factory=dict, repr=False)
+    _in_generate: bool = field(default=False, repr=False)
+
+    def remove(self) -> None:
+        """Undo `apply` (same as visprune.remove(model))."""
+        remove(self.model)
+
+
+def _resolve(method: str | Sequence[str], options: dict[str, Any]) -> tuple[list[tuple[MethodSpec, dict]], bool]:
+    """[(spec, resolved options)] for the requested method(s); validates placement and option names."""
+    names = [method] if isinstance(method, str) else list(method)
+    if not names:
+        raise InputError("no method given; pass a method name from visprune.methods() or 'none'")
+    if names == [DENSE]:
+        if options:
+            raise InputError(f"method 'none' takes no options, got {sorted(options)}")
+        return [], True
+    specs = [get_method(n) for n in names]
+    if len(names) == 1:
+        return [(specs[0], specs[0].options(**options))], False
+    unknown = set(options) - set(names)
+    if unknown:
+        raise InputError(
+            f"with several methods, pass options per method as dicts keyed by method name "
+            f"(e.g. {names[0]}={{...}}); got {sorted(unknown)}"
+        )
+    resolved = []
+    for spec in specs:
+        given = options.get(spec.name, {})
+        if not isinstance(given, dict):
+            raise InputError(f"options for {spec.name!r} must be a dict, got {type(given).__name__}")
+        resolved.append((spec, spec.options(**given)))
+    enc = [s for s, _ in resolved if s.placement in (Placement.ENCODER, Placement.BOTH)]
+    llm = [s for s, _ in resolved if s.placement in (Placement.LLM, Placement.BOTH)]
+    if len(enc) > 1 or len(llm) > 1:
+        raise InputError(
+            "compose at most one encoder-side method and one LLM-side method, e.g. ['visionzip', 'fastv']; "
+            f"got {names}"
+        )
+    return resolved, False
+
+
+def apply(model: nn.Module, method: str | Sequence[str] = "prumerge+", *, sync_timings: bool = False,
+          **options: Any) -> Handle:
+    """Patch `model` in place to feed its LLM fewer visual tokens with `method`; returns a Handle.
+
+    method: a name from visprune.methods(), 'none' (dense, same code path), or a list composing one
+    encoder-side and one LLM-side method, e.g. ['visionzip', 'fastv'] with options per method
+    (`visionzip={'budget': 128}`). Single-method options are plain keywords (`budget=64`).
+    The model keeps its attention implementation; `generate` and `forward` keep their signatures.
+    """
+    adapter = adapter_for(model)
+    if getattr(model, _ATTR, None) is not None:
+        current = getattr(model, _ATTR).methods
+        raise InputError(
+            f"this model is already patched with {list(current)}; call visprune.remove(model) before applying again"
+        )
+    resolved, _dense = _resolve(method, options)
+    stats = Stats()
+    encoder = llm = None
+    enc_opts: dict[str, Any] = {}
+    for spec, opts in resolved:
+        if spec.placement is Placement.ENCODER:
+            encoder, enc_opts = spec, opts
+        elif spec.placement is Placement.LLM:
+            llm, llm_opts = spec, opts
+        else:
+            encoder, enc_opts = get_method(spec.encoder_stage), {
+                k: v for k, v in opts.items() if k in get_method(spec.encoder_stage).defaults
+            }
+            llm, llm_opts = spec, opts
+    if encoder is not None:
+        adapter.check_encoder_method(encoder.signals(enc_opts))
+    pruner = None
+    if llm is not None:
+        impl = adapter.attn_implementation
+        if impl not in ("sdpa", "eager") and not impl.startswith("flash"):
+            raise InputError(f"LLM-side methods support sdpa, eager and flash attention; this model uses {impl!r}")
+        n_layers = len(adapter.decoder_layers)
+        layers = llm.layers(llm_opts)
+        if min(layers) < 1 or max(layers) >= n_layers:
+            raise InputError(
+                f"{llm.name}: pruning layers {list(layers)} must lie in [1, {n_layers - 1}] for this {n_layers}-layer LLM"
+            )
+        pruner = DecoderPruner(llm, llm_opts, n_layers, impl)
+
+    handle = Handle(
+        model=model,
+        methods=tuple([DENSE] if not resolved else [s.name for s, _ in resolved]),
+        options={s.name: o for s, o in resolved},
+        stats=stats,
+        adapter=adapter,
+        encoder=encoder,
+        encoder_options=enc_opts,
+        pruner=pruner,
+        sync_timings=sync_timings,
+    )
+    handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
+    original_generate, original_forward = model.generate, model.forward
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        return _generate(handle, original_generate, *args, **kwargs)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return _forward(handle, original_forward, *args, **kwargs)
+
+    model.generate = generate
+    model.forward = forward
+    if pruner is not None:
+        lm = adapter.language_model
+        handle._hooks.append(lm.register_forward_pre_hook(pruner.model_pre_hook, with_kwargs=True))
+        handle._hooks.append(lm.register_forward_hook(pruner.model_post_hook, with_kwargs=True))
+        first = min(pruner.stage_layers)
+        for idx, layer in enumerate(adapter.decoder_layers):
+            if idx >= first:
+                hook = _bind_layer_hook(pruner, idx)
+                handle._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    setattr(model, _ATTR, handle)
+    return handle
+
+
+def _bind_layer_hook(pruner: DecoderPruner, idx: int) -> Any:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return pruner.layer_pre_hook(idx, module, args, kwargs)
+
+    return hook
+
+
+def remove(model: nn.Module) -> None:
+    """Restore `model` exactly as it was before `apply` (methods, hooks, attributes)."""
+    handle: Handle | None = getattr(model, _ATTR, None)
+    if handle is None:
+        raise InputError("this model is not patched by visprune (nothing to remove)")
+    for h in handle._hooks:
+        h.remove()
+    for name in ("generate", "forward"):
+        if name in handle._saved:
+            setattr(model, name, handle._saved[name])
+        else:
+            model.__dict__.pop(name, None)
+    delattr(model, _ATTR)
+
+
+def _prepare(handle: Handle, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None,
+             image_sizes: Tensor | None, labels: Tensor | None) -> Spliced:
+    """Encode + reduce + splice, record stats, arm the LLM-side pruner."""
+    adapter = handle.adapter
+    stats = Stats()
+    handle.stats = stats
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    runs = image_runs(input_ids, attention_mask, adapter.image_token_id)
+    features: list[Tensor] = []
+    if pixel_values is not None:
+        reducer = None
+        if handle.encoder is not None:
+            reducer = Reducer(handle.encoder, handle.encoder_options, handle.sync_timings, stats)
+        _sync(pixel_values, handle.sync_timings)
+        t0 = time.perf_counter()
+        tokens = adapter.image_tokens(pixel_values, reducer, image_sizes)
+        _sync(pixel_values, handle.sync_timings)
+        stats.timings["vision"] = time.perf_counter() - t0 - stats.timings.get("reduce", 0.0)
+        features = tokens.features
+        stats.visual_tokens_in = tokens.tokens_in
+        stats.visual_tokens_out = [f.shape[0] for f in features]
+        stats.reductions = tokens.reductions
+        _check_placeholders(runs, tokens.tokens_in)
+    embeds = adapter.embed(input_ids)
+    batch = splice(input_ids, attention_mask, embeds, adapter.image_token_id, features, runs, labels)
+    stats.position_map = batch.position_map
+    real = batch.attention_mask.sum(1).tolist()
+    n_layers = len(adapter.decoder_layers)
+    stats.tokens_per_layer = [[r] * n_layers for r in real]
+    if handle.pruner is not None:
+        handle.pruner.begin(batch.layout)
+    return batch
+
+
+def _check_placeholders(runs: list[list[tuple[int, int]]], tokens_in: list[int]) -> None:
+    lengths = [length for sample in runs for _, length in sample]
+    if lengths != tokens_in:
+        raise InputError(
+            f"image placeholder runs of lengths {lengths} do not match the {tokens_in} visual tokens the model produces "
+            "per image; build the inputs with the model's own processor"
+        )
+
+
+def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
+    input_ids = kwargs.pop("input_ids", None)
+    if args:
+        if input_ids is not None:
+            raise InputError("pass input_ids either positionally or by keyword, not both")
+        input_ids, args = args[0], args[1:]
+    if args:
+        raise InputError("pass generate's arguments other than input_ids by keyword")
+    pixel_values = kwargs.pop("pixel_values", None)
+    if input_ids is None or "inputs_embeds" in kwargs:
+        raise InputError("the patched generate needs input_ids from the processor (inputs_embeds is not supported)")
+    attention_mask = kwargs.pop("attention_mask", None)
+    image_sizes = kwargs.pop("image_sizes", None)
+    batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_sizes, None)
+    handle._in_generate = True
+    try:
+        out = original(
+            input_ids=batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs
+        )
+    finally:
+        handle._in_generate = False
+    _finish_stats(handle)
+    sequences = out if isinstance(out, Tensor) else out.sequences
+    restored = torch.cat([input_ids, sequences[:, batch.input_ids.shape[1] :]], dim=1)
+    if isinstance(out, Tensor):
+        return restored
+    out.sequences = restored
+    return out
+
+
+def _finish_stats(handle: Handle) -> None:
+    pruner = handle.pruner
+    if pruner is not None and pruner.state.tokens_per_layer:
+        handle.stats.tokens_per_layer = pruner.state.tokens_per_layer
+
+
+def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
+    if handle._in_generate:
+        return original(*args, **kwargs)
+    input_ids = kwargs.pop("input_ids", None)
+    if args:
+        input_ids, args = args[0], args[1:]
+    past = kwargs.get("past_key_values")
+    continuing = past is not None and past.get_seq_length() > 0
+    if input_ids is None or args or continuing or "inputs_embeds" in kwargs:
+        if handle.pruner is not None and not continuing:
+            handle.pruner.state.phase = "off"
+        return original(*args, input_ids=input_ids, **kwargs) if input_ids is not None else original(*args, **kwargs)
+    pixel_values = kwargs.pop("pixel_values", None)
+    attention_mask = kwargs.pop("attention_mask", None)
+    image_sizes = kwargs.pop("image_sizes", None)
+    labels = kwargs.pop("labels", None)
+    if kwargs.get("position_ids") is not None:
+        raise InputError("the patched forward builds its own position_ids; do not pass them")
+    batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_sizes, labels)
+    out = original(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
+    _finish_stats(handle)
+    final = handle.pruner.final_index if handle.pruner is not None else None
+    seq_labels = batch.labels
+    position_map = batch.position_map
+    if final is not None:
+        index, valid = final
+        if seq_labels is not None:
+            seq_labels = torch.where(valid, seq_labels.gather(1, index), IGNORE_INDEX)
+        width = batch.attention_mask.shape[1]
+        inverse = batch.attention_mask.new_full((index.shape[0], width + 1), -1)
+        slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
+        inverse.scatter_(1, torch.where(valid, index, width), torch.where(valid, slots, -1))
+        position_map = torch.where(position_map >= 0, inverse.gather(1, position_map.clamp(min=0)), -1)
+    handle.stats.position_map = position_map
+    if seq_labels is not None:
+        vocab = handle.model.config.text_config.vocab_size
+        out.loss = handle.model.loss_function(logits=out.logits, labels=seq_labels, vocab_size=vocab)
+    return out

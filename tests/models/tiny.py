@@ -1,0 +1,79 @@
+"""Tiny random-weight LLaVA models built from configs (no downloads), and inputs shaped like the
+processor's: left-padded prompts with one run of image placeholders per image."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 100
+PAD = 0
+VOCAB = 128
+
+
+def tiny_llava_config(attn: str = "sdpa", image_size: int = 112, patch: int = 14, layers: int = 4) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=image_size, patch_size=patch, projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+        bos_token_id=1, eos_token_id=2,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    cfg._attn_implementation = attn
+    cfg.text_config._attn_implementation = attn
+    cfg.vision_config._attn_implementation = attn
+    return cfg
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0, **kw) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(attn, **kw)).eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def make_inputs(model, prompt_lengths: list[int], images_per_prompt: list[int] | None = None, seed: int = 0) -> dict:
+    """Left-padded batch: each prompt = system text, its images' placeholder runs, question text."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config.vision_config
+    n_tokens = (cfg.image_size // cfg.patch_size) ** 2
+    images_per_prompt = images_per_prompt or [1] * len(prompt_lengths)
+    rows = []
+    for length, n_img in zip(prompt_lengths, images_per_prompt, strict=True):
+        system = torch.randint(3, 90, (3,), generator=g).tolist()
+        row = list(system)
+        for _ in range(n_img):
+            row += [IMAGE_TOKEN] * n_tokens + torch.randint(3, 90, (1,), generator=g).tolist()
+        row += torch.randint(3, 90, (length,), generator=g).tolist()
+        rows.append(row)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    n_images = sum(images_per_prompt)
+    pixels = torch.randn(n_images, 3, cfg.image_size, cfg.image_size, generator=g)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if n_images:
+        out["pixel_values"] = pixels
+    return out
+
+
+def select(inputs: dict, i: int, images_per_prompt: list[int] | None = None) -> dict:
+    """Sample i alone, with its padding removed, as the processor would give it."""
+    keep = inputs["attention_mask"][i].bool()
+    out = {"input_ids": inputs["input_ids"][i : i + 1, keep], "attention_mask": inputs["attention_mask"][i : i + 1, keep]}
+    if "pixel_values" in inputs:
+        counts = images_per_prompt or [1] * inputs["input_ids"].shape[0]
+        start = sum(counts[:i])
+        if counts[i]:
+            out["pixel_values"] = inputs["pixel_values"][start : start + counts[i]]
+    return out
