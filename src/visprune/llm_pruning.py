@@ -41,6 +41,7 @@ class PrunerState:
     groups: list[_Group] = field(default_factory=list)
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     real_tokens: list[int] = field(default_factory=list)
+    signals: dict[str, Tensor] = field(default_factory=dict)
 
 
 def format_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
@@ -61,7 +62,20 @@ class DecoderPruner:
         self.spec = spec
         self.options = {k: v for k, v in options.items() if k in _own_options(spec)}
         self.stage_layers = tuple(spec.layers(options))
-        self.requests = spec.signals(options)
+        requests = spec.signals(options)
+        # signal_plan[layer] = [(stage, name, kind)]: compute `kind` from that layer's input for `stage`.
+        self.signal_plan: dict[int, list[tuple[int, str, str]]] = {}
+        for stage, stage_layer in enumerate(self.stage_layers):
+            for name, req in requests.items():
+                at = req.layers[stage] if len(req.layers) > 1 else (req.layers[0] if req.layers else stage_layer)
+                prev = self.stage_layers[stage - 1] if stage else 0
+                if not prev <= at <= stage_layer:
+                    raise ValueError(
+                        f"{spec.name}: stage {stage} prunes at layer {stage_layer} but reads {name!r} at layer {at}; "
+                        f"signals must come from layers {prev}..{stage_layer}"
+                    )
+                self.signal_plan.setdefault(at, []).append((stage, name, req.kind))
+        self.first_layer = min(min(self.signal_plan, default=self.stage_layers[0]), self.stage_layers[0])
         self.num_layers = num_layers
         self.attn_impl = attn_impl
         self.state = PrunerState()
@@ -94,9 +108,11 @@ class DecoderPruner:
     def layer_pre_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         st = self.state
         if st.phase == "prefill":
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if layer_idx in self.signal_plan:
+                self._collect(layer_idx, module, hidden, kwargs)
             if layer_idx in self.stage_layers:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                hidden = self._prune(layer_idx, module, hidden, kwargs)
+                hidden = self._prune(layer_idx, hidden, kwargs)
                 args, kwargs = _set_hidden(args, kwargs, hidden)
             group = self._group_for(layer_idx)
             if group is not None:
@@ -124,21 +140,25 @@ class DecoderPruner:
         allowed = keys[:, None, None, :] & causal[None, None]
         return format_mask(allowed, self.attn_impl, dtype)
 
-    def _prune(self, layer_idx: int, module: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+    def _collect(self, layer_idx: int, module: nn.Module, hidden: Tensor, kwargs: dict) -> None:
+        """Compute the signals planned at this layer from its input (q/k with this layer's projections)."""
+        prev = self.state.groups[-1] if self.state.groups else None
+        pos_emb = kwargs["position_embeddings"] if prev is None else prev.position_embeddings
+        kinds = {kind for _, _, kind in self.signal_plan[layer_idx]}
+        q = k = None
+        if kinds & {"q", "k"}:
+            b = hidden.shape[0]
+            q, k = layer_qk(module, hidden, tuple(t.expand(b, -1, -1) for t in pos_emb))
+        for _, name, kind in self.signal_plan[layer_idx]:
+            self.state.signals[name] = {"q": q, "k": k, "hidden": hidden}[kind]
+
+    def _prune(self, layer_idx: int, hidden: Tensor, kwargs: dict) -> Tensor:
         st = self.state
         layout = st.layout
         prev = st.groups[-1] if st.groups else None
         pos_emb = kwargs["position_embeddings"] if prev is None else prev.position_embeddings
         b, s, _ = hidden.shape
-        signals: dict[str, Tensor] = {}
-        if "q" in self.requests or "k" in self.requests:
-            q, k = layer_qk(module, hidden, tuple(t.expand(b, -1, -1) for t in pos_emb))
-            if "q" in self.requests:
-                signals["q"] = q
-            if "k" in self.requests:
-                signals["k"] = k
-        if "hidden" in self.requests:
-            signals["hidden"] = hidden
+        signals, st.signals = st.signals, {}
         stage = self.stage_layers.index(layer_idx)
         keep = self.spec.fn(layout=layout, stage=stage, **signals, **self.options)
         keep = keep & layout.attention_mask

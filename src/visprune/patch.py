@@ -197,7 +197,7 @@ def apply(model: nn.Module, method: str | Sequence[str] = "prumerge+", *, sync_t
         lm = adapter.language_model
         handle._hooks.append(lm.register_forward_pre_hook(pruner.model_pre_hook, with_kwargs=True))
         handle._hooks.append(lm.register_forward_hook(pruner.model_post_hook, with_kwargs=True))
-        first = min(pruner.stage_layers)
+        first = pruner.first_layer
         for idx, layer in enumerate(adapter.decoder_layers):
             if idx >= first:
                 hook = _bind_layer_hook(pruner, idx)

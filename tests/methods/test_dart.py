@@ -72,10 +72,9 @@ def ref_dart(k, hidden, lay, budget, pivots):
         vis = [j for j in real if lay.visual[i, j]]
         text = [j for j in real if lay.query[i, j]]
         norm = {j: float(k[i, :, j].abs().sum()) for j in real}
-        by_norm = lambda toks: sorted(toks, key=lambda j: (-norm[j], j))  # noqa: E731
         target = min(budget, len(vis))
-        img_piv = by_norm(vis)[: min(pivots, target)]
-        piv = img_piv + by_norm(text)[:pivots]
+        img_piv = sorted(vis, key=lambda j, norm=norm: (-norm[j], j))[: min(pivots, target)]
+        piv = img_piv + sorted(text, key=lambda j, norm=norm: (-norm[j], j))[:pivots]
         chosen = list(img_piv)
         remaining = target - len(img_piv)
         for n, p in enumerate(piv):

@@ -148,6 +148,10 @@ def test_outlier_counts_match_numpy_percentile():
     total = int((flat > q3 + 1.5 * (q3 - q1)).sum())
     assert outlier_counts(a, "batch").tolist() == [total] * 4
     assert total > 0 and len(set(expect.tolist())) > 1  # the data exercises both paths
+    # the quartiles read off the sort are torch.quantile's "linear" ones
+    tq = torch.quantile(a, torch.tensor([0.25, 0.75]), dim=1, interpolation="linear")
+    expect_t = (a > (tq[1] + 1.5 * (tq[1] - tq[0])).unsqueeze(1)).sum(1)
+    assert torch.equal(outlier_counts(a), expect_t)
 
 
 @pytest.mark.parametrize("name", ["prumerge", "prumerge+"])

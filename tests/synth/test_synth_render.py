@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from visprune.synth import make_scene, render, render_background
+from visprune.synth.glyphs import _scaled_bitmap_mask, text_extent
+from visprune.synth.scene import FONT_SIZES, TEXTS
 
 SCENES = [make_scene(s) for s in range(40)]
 
@@ -46,3 +48,12 @@ def test_objects_and_text_visible(scene) -> None:
 def test_small_objects_fit_one_or_two_patches() -> None:
     small = [o for scene in SCENES for o in scene.objects if o.size == "small"]
     assert small and all(12 <= o.side <= 24 for o in small)
+
+
+def test_every_text_legible_at_patch_resolution() -> None:
+    assert min(text_extent(text, FONT_SIZES[0])[1] for text in TEXTS) >= 12
+
+
+def test_bitmap_font_fallback_is_large_enough() -> None:
+    mask = _scaled_bitmap_mask("CAT", FONT_SIZES[0])
+    assert mask.mode == "L" and mask.height >= 12 and mask.getbbox() is not None

@@ -67,21 +67,42 @@ def _signals(o: dict[str, Any]) -> dict[str, SignalRequest]:
     }
 
 
+def _quantile_of_descending(desc: Tensor, p: float) -> Tensor:
+    """[R, 1]: the p-quantile of each row of `desc` [R, L] (sorted descending), linear interpolation.
+
+    Same definition as numpy.percentile's default and torch.quantile(interpolation="linear"):
+    position p (L - 1) in ascending order, interpolated between its two neighbours. The positions are
+    Python numbers, so no host synchronisation happens.
+    """
+    last = desc.shape[1] - 1
+    pos = p * last
+    lo = int(pos)
+    hi = min(lo + 1, last)
+    below = desc[:, last - lo : last - lo + 1]  # ascending index lo
+    above = desc[:, last - hi : last - hi + 1]  # ascending index hi
+    return torch.lerp(below, above, pos - lo)
+
+
+def _outlier_counts_sorted(desc: Tensor, fence: str) -> Tensor:
+    if fence == "batch":
+        flat = desc.flatten().sort(descending=True).values.unsqueeze(0)
+        q1, q3 = _quantile_of_descending(flat, 0.25), _quantile_of_descending(flat, 0.75)
+        return (flat > q3 + 1.5 * (q3 - q1)).sum().expand(desc.shape[0])
+    q1, q3 = _quantile_of_descending(desc, 0.25), _quantile_of_descending(desc, 0.75)
+    return (desc > q3 + 1.5 * (q3 - q1)).sum(dim=1)
+
+
 def outlier_counts(scores: Tensor, fence: str = "per-image") -> Tensor:
     """[B] long: how many scores lie strictly above Q3 + 1.5 * (Q3 - Q1).
 
-    scores: [B, N]. Quartiles use linear interpolation (numpy.percentile's default), in float32.
-    fence="per-image" counts per row against that row's quartiles; fence="batch" computes the
-    quartiles over the flattened batch and returns the batch-wide count, repeated for every row.
+    scores: [B, N]. Quartiles use linear interpolation (numpy.percentile's default, the same as
+    torch.quantile's "linear"), in float32. fence="per-image" counts per row against that row's
+    quartiles; fence="batch" computes the quartiles over the flattened batch and returns the
+    batch-wide count, repeated for every row. (The quartiles are read off a sort that the methods
+    need anyway, rather than calling torch.quantile, which sorts again and costs more launches.)
     """
     check_choice(fence, "fence", FENCES)
-    s = scores.float()
-    q = torch.tensor([0.25, 0.75], dtype=s.dtype, device=s.device)
-    if fence == "per-image":
-        q1, q3 = torch.quantile(s, q, dim=1, keepdim=True, interpolation="linear")
-        return (s > q3 + 1.5 * (q3 - q1)).sum(dim=1)
-    q1, q3 = torch.quantile(s.flatten(), q, interpolation="linear")
-    return (s > q3 + 1.5 * (q3 - q1)).sum().expand(s.shape[0])
+    return _outlier_counts_sorted(scores.float().sort(dim=1, descending=True).values, fence)
 
 
 def uniform_stride(count: Tensor, n: int, images: int = 1) -> Tensor:
@@ -143,10 +164,10 @@ def _prumerge(
     rows = idx.expand(b, n)
 
     # Step 2: adaptive count m = floor(N r) >= 1, with r the outlier fraction (per image or over the batch).
-    count = outlier_counts(a, fence)
+    desc, by_score = a.sort(dim=1, descending=True, stable=True)
+    count = _outlier_counts_sorted(desc, fence)
     images = 1 if fence == "per-image" else b  # how many images the count was taken over
     m = (count // images).clamp(min=1)
-    by_score = a.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(by_score).scatter_(1, by_score, rows)  # 0 = highest score
     top = rank < m.unsqueeze(1)
     kept = top

@@ -114,7 +114,8 @@ def visionzip(
         kf = F.normalize(key.float(), dim=-1)
         sim = take(kf, others) @ take(kf, targets).transpose(1, 2)  # [B, M - K, K]
         choice = sim.argmax(dim=2)  # first maximum: ties to the earlier target
-        onehot = F.one_hot(choice, k).float()  # [B, M - K, K]; a matmul keeps the sums deterministic
+        # [B, M - K, K] one-hot; the matmul keeps the sums deterministic on every device
+        onehot = (choice.unsqueeze(-1) == torch.arange(k, device=dev)).float()
         sums = onehot.transpose(1, 2) @ take(features, others).float()  # [B, K, C]
         counts = onehot.sum(dim=1).clamp(min=1).unsqueeze(-1)
         ctx = take(features, targets).float() + sums / counts

@@ -150,18 +150,12 @@ def _position(scene: Scene, rng: np.random.Generator, subtype: str, answer: str 
 
 def relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool | None:
     """Whether `a` is <relation> `b` with a clear gap; None when it is a near-tie (neither clearly)."""
-    ax0, ay0, ax1, ay1 = a.bbox
-    bx0, by0, bx1, by1 = b.bbox
-    before = {"left": ax1 + RELATION_GAP <= bx0, "above": ay1 + RELATION_GAP <= by0}
-    after = {"left": bx1 + RELATION_GAP <= ax0, "above": by1 + RELATION_GAP <= ay0}
-    axis, flip = {
-        "left": ("left", False),
-        "right": ("left", True),
-        "above": ("above", False),
-        "below": ("above", True),
-    }[relation]
-    yes, no = (after[axis], before[axis]) if flip else (before[axis], after[axis])
-    return True if yes else False if no else None
+    axis = 0 if relation in ("left", "right") else 1
+    a_first = a.bbox[axis + 2] + RELATION_GAP <= b.bbox[axis]
+    b_first = b.bbox[axis + 2] + RELATION_GAP <= a.bbox[axis]
+    if not (a_first or b_first):
+        return None
+    return a_first if relation in ("left", "above") else b_first
 
 
 def _relation(scene: Scene, rng: np.random.Generator, subtype: str, answer: str | None) -> Question | None:
