@@ -48,7 +48,11 @@ class Stats:
 
 
 class Reducer:
-    """An encoder-side method bound to its options: features [n, N, C] -> one Reduction per image."""
+    """An encoder-side method bound to its options: features [n, N, C] -> one Reduction per image.
+
+    `budget` is the method's token budget per image (None for adaptive methods); adapters that split an
+    image into crops call the reducer with a per-crop `budget` override.
+    """
 
     def __init__(self, spec: MethodSpec, options: dict[str, Any], sync: bool, stats: Stats):
         self.spec = spec
@@ -57,10 +61,28 @@ class Reducer:
         self.sync = sync
         self.stats = stats
 
-    def __call__(self, features: Tensor, grid: tuple[int, int], signals: dict[str, Tensor]) -> list[Reduction]:
+    @property
+    def budget(self) -> int | None:
+        if self.options.get("budget") is not None:
+            return int(self.options["budget"])
+        if "dominant" in self.options and "contextual" in self.options:
+            return int(self.options["dominant"]) + int(self.options["contextual"])
+        return None
+
+    def _options_for(self, budget: int | None) -> dict[str, Any]:
+        if budget is None or budget == self.budget:
+            return self.options
+        if self.options.get("budget") is None and "dominant" in self.options:
+            dominant = max(1, round(budget * self.options["dominant"] / self.budget))
+            return {**self.options, "dominant": dominant, "contextual": budget - dominant}
+        return {**self.options, "budget": budget}
+
+    def __call__(
+        self, features: Tensor, grid: tuple[int, int], signals: dict[str, Tensor], budget: int | None = None
+    ) -> list[Reduction]:
         _sync(features, self.sync)
         t0 = time.perf_counter()
-        out = self.spec.fn(features, grid=grid, **signals, **self.options)
+        out = self.spec.fn(features, grid=grid, **signals, **self._options_for(budget))
         _sync(features, self.sync)
         self.stats.timings["reduce"] = self.stats.timings.get("reduce", 0.0) + time.perf_counter() - t0
         return out

@@ -77,3 +77,49 @@ def select(inputs: dict, i: int, images_per_prompt: list[int] | None = None) -> 
         if counts[i]:
             out["pixel_values"] = inputs["pixel_values"][start : start + counts[i]]
     return out
+
+
+def tiny_llava_next(attn: str = "sdpa", seed: int = 0):
+    """A tiny LLaVA-NeXT: 56-px crops of 14-px patches (4 x 4 tokens), anyres pinpoints up to 112 x 112."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    base = tiny_llava_config(attn, image_size=56)
+    cfg = LlavaNextConfig(
+        vision_config=base.vision_config, text_config=base.text_config, image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+    )
+    cfg._attn_implementation = attn
+    cfg.text_config._attn_implementation = attn
+    cfg.vision_config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def make_next_inputs(model, image_sizes: list[tuple[int, int]], prompt_lengths: list[int], seed: int = 0) -> dict:
+    """Left-padded LLaVA-NeXT batch, one image per prompt, placeholder runs as long as the dense model's
+    packed features (so the processor's count is reproduced exactly)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    patches = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in image_sizes]
+    side = cfg.vision_config.image_size
+    pixel_values = torch.randn(len(image_sizes), max(patches), 3, side, side, generator=g)
+    sizes = torch.tensor(image_sizes)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output
+    rows = []
+    for f, length in zip(feats, prompt_lengths, strict=True):
+        row = torch.randint(3, 90, (3,), generator=g).tolist() + [IMAGE_TOKEN] * f.shape[0]
+        rows.append(row + torch.randint(3, 90, (length,), generator=g).tolist())
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": sizes}

@@ -111,5 +111,5 @@ def dart(
     for j in range(piv_idx.shape[1]):  # at most 2 * pivots iterations, each batched over samples
         pivot = hn.gather(1, piv_idx[:, j].view(b, 1, 1).expand(b, 1, hn.shape[-1]))  # [B, 1, C]
         sim = (hn @ pivot.transpose(1, 2)).squeeze(-1)  # [B, S]
-        selected = selected | top_count_mask(sim, visual & ~selected, quota[:, j])
+        selected = selected | top_count_mask(-sim, visual & ~selected, quota[:, j])
     return assemble_keep(layout, selected)

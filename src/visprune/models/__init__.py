@@ -7,8 +7,9 @@ from torch import nn
 from visprune.errors import UnsupportedModelError
 from visprune.models.base import Adapter, ImageTokens, Reducer
 from visprune.models.llava import LlavaAdapter
+from visprune.models.llava_next import LlavaNextAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter)
 
 
 def supported_model_classes() -> list[str]:

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from visprune.methods.base import Reduction, SignalRequest
 
-# A reducer turns encoder features [n, N, C] (+ grid, signals) into one Reduction per image/crop.
-Reducer = Callable[[Tensor, tuple[int, int], dict[str, Tensor]], list[Reduction]]
+# A reducer: (features [n, N, C], grid, signals, budget=None) -> one Reduction per image or crop; it has
+# `requests` (the signals it needs) and `budget` (tokens per image, None when adaptive).
+Reducer = Callable[..., list[Reduction]]
 
 
 @dataclass
