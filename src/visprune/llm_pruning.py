@@ -109,11 +109,19 @@ class DecoderPruner:
         st = self.state
         if st.phase == "prefill":
             hidden = args[0] if args else kwargs["hidden_states"]
-            if layer_idx in self.signal_plan:
-                self._collect(layer_idx, module, hidden, kwargs)
-            if layer_idx in self.stage_layers:
+            plan = self.signal_plan.get(layer_idx, [])
+            stage = self.stage_layers.index(layer_idx) if layer_idx in self.stage_layers else None
+            # Signals for this layer's own stage (or earlier) come from the sequence before it prunes;
+            # signals for a LATER stage read at this same layer come from the pruned sequence.
+            before = [p for p in plan if stage is None or p[0] <= stage]
+            after = [p for p in plan if stage is not None and p[0] > stage]
+            if before:
+                self._collect(layer_idx, module, hidden, kwargs, before)
+            if stage is not None:
                 hidden = self._prune(layer_idx, hidden, kwargs)
                 args, kwargs = _set_hidden(args, kwargs, hidden)
+                if after:
+                    self._collect(layer_idx, module, hidden, kwargs, after)
             group = self._group_for(layer_idx)
             if group is not None:
                 kwargs["attention_mask"] = group.prefill_mask
@@ -140,16 +148,18 @@ class DecoderPruner:
         allowed = keys[:, None, None, :] & causal[None, None]
         return format_mask(allowed, self.attn_impl, dtype)
 
-    def _collect(self, layer_idx: int, module: nn.Module, hidden: Tensor, kwargs: dict) -> None:
-        """Compute the signals planned at this layer from its input (q/k with this layer's projections)."""
+    def _collect(
+        self, layer_idx: int, module: nn.Module, hidden: Tensor, kwargs: dict, plan: list[tuple[int, str, str]]
+    ) -> None:
+        """Compute the signals in `plan` from this layer's input (q/k with this layer's projections)."""
         prev = self.state.groups[-1] if self.state.groups else None
         pos_emb = kwargs["position_embeddings"] if prev is None else prev.position_embeddings
-        kinds = {kind for _, _, kind in self.signal_plan[layer_idx]}
+        kinds = {kind for _, _, kind in plan}
         q = k = None
         if kinds & {"q", "k"}:
             b = hidden.shape[0]
             q, k = layer_qk(module, hidden, tuple(t.expand(b, -1, -1) for t in pos_emb))
-        for _, name, kind in self.signal_plan[layer_idx]:
+        for _, name, kind in plan:
             self.state.signals[name] = {"q": q, "k": k, "hidden": hidden}[kind]
 
     def _prune(self, layer_idx: int, hidden: Tensor, kwargs: dict) -> Tensor:

@@ -62,3 +62,10 @@ def test_errors():
         knee_count(torch.ones(3))
     with pytest.raises(InputError, match="smooth"):
         knee_count(torch.ones(1, 3), smooth=0)
+
+
+def test_max_curvature_padded_short_row_matches_unpadded():
+    short = torch.tensor([[1.0, 0.2]])
+    padded = torch.tensor([[1.0, 0.2, -9.0, -9.0]])
+    alone = knee_count(short, "max-curvature")
+    assert knee_count(padded, "max-curvature", valid=torch.tensor([2])).tolist() == alone.tolist() == [1]

@@ -74,4 +74,4 @@ def knee_count(
     if n < 3:
         return valid.clamp(min=1, max=1)
     count = second.argmax(dim=1) + 2  # centre index i = argmax + 1, keep i + 1
-    return torch.minimum(count, valid.clamp(min=1))
+    return torch.where(valid < 3, 1, torch.minimum(count, valid.clamp(min=1)))
