@@ -14,17 +14,17 @@ def methods() -> list[MethodSpec]:
 
 __all__ = [
     "Handle",
-    "Stats",
-    "apply",
-    "remove",
     "InputError",
     "MethodSpec",
     "Reduction",
+    "Stats",
     "TokenLayout",
     "UnknownMethodError",
     "UnsupportedModelError",
     "VisPruneError",
     "__version__",
+    "apply",
     "get_method",
     "methods",
+    "remove",
 ]

@@ -202,7 +202,9 @@ class DecoderPruner:
 
         sub = layout.subset(index)
         st.layout = TokenLayout(
-            attention_mask=sub.attention_mask & valid, visual=sub.visual & valid, query=sub.query & valid,
+            attention_mask=sub.attention_mask & valid,
+            visual=sub.visual & valid,
+            query=sub.query & valid,
             system=sub.system & valid,
         )
         st.groups.append(

@@ -143,14 +143,14 @@ def _resolve(method: str | Sequence[str], options: dict[str, Any]) -> tuple[list
     llm = [s for s, _ in resolved if s.placement in (Placement.LLM, Placement.BOTH)]
     if len(enc) > 1 or len(llm) > 1:
         raise InputError(
-            "compose at most one encoder-side method and one LLM-side method, e.g. ['visionzip', 'fastv']; "
-            f"got {names}"
+            f"compose at most one encoder-side method and one LLM-side method, e.g. ['visionzip', 'fastv']; got {names}"
         )
     return resolved, False
 
 
-def apply(model: nn.Module, method: str | Sequence[str] = "prumerge+", *, sync_timings: bool = False,
-          **options: Any) -> Handle:
+def apply(
+    model: nn.Module, method: str | Sequence[str] = "prumerge+", *, sync_timings: bool = False, **options: Any
+) -> Handle:
     """Patch `model` in place to feed its LLM fewer visual tokens with `method`; returns a Handle.
 
     method: a name from visprune.methods(), 'none' (dense, same code path), or a list composing one
@@ -174,9 +174,10 @@ def apply(model: nn.Module, method: str | Sequence[str] = "prumerge+", *, sync_t
         elif spec.placement is Placement.LLM:
             llm, llm_opts = spec, opts
         else:
-            encoder, enc_opts = get_method(spec.encoder_stage), {
-                k: v for k, v in opts.items() if k in get_method(spec.encoder_stage).defaults
-            }
+            encoder, enc_opts = (
+                get_method(spec.encoder_stage),
+                {k: v for k, v in opts.items() if k in get_method(spec.encoder_stage).defaults},
+            )
             llm, llm_opts = spec, opts
     if encoder is not None:
         adapter.check_encoder_method(encoder.signals(enc_opts))
@@ -189,7 +190,8 @@ def apply(model: nn.Module, method: str | Sequence[str] = "prumerge+", *, sync_t
         layers = llm.layers(llm_opts)
         if min(layers) < 1 or max(layers) >= n_layers:
             raise InputError(
-                f"{llm.name}: pruning layers {list(layers)} must lie in [1, {n_layers - 1}] for this {n_layers}-layer LLM"
+                f"{llm.name}: pruning layers {list(layers)} must lie in [1, {n_layers - 1}] "
+                f"for this {n_layers}-layer LLM"
             )
         pruner = DecoderPruner(llm, llm_opts, n_layers, impl)
 
@@ -250,8 +252,14 @@ def remove(model: nn.Module) -> None:
     delattr(model, _ATTR)
 
 
-def _prepare(handle: Handle, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None,
-             image_sizes: Tensor | None, labels: Tensor | None) -> Spliced:
+def _prepare(
+    handle: Handle,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    pixel_values: Tensor | None,
+    image_sizes: Tensor | None,
+    labels: Tensor | None,
+) -> Spliced:
     """Encode + reduce + splice, record stats, arm the LLM-side pruner."""
     adapter = handle.adapter
     stats = Stats()
@@ -289,8 +297,8 @@ def _check_placeholders(runs: list[list[tuple[int, int]]], tokens_in: list[int])
     lengths = [length for sample in runs for _, length in sample]
     if lengths != tokens_in:
         raise InputError(
-            f"image placeholder runs of lengths {lengths} do not match the {tokens_in} visual tokens the model produces "
-            "per image; build the inputs with the model's own processor"
+            f"image placeholder runs of lengths {lengths} do not match the {tokens_in} visual tokens the model "
+            "produces per image; build the inputs with the model's own processor"
         )
 
 

@@ -33,18 +33,18 @@ def test_random_invariants(b, n, data):
         assert int((r.assignment >= 0).sum()) == k
     again = random_subset(x, budget=k, seed=seed)
     assert all(torch.equal(r.sources, s.sources) for r, s in zip(out, again, strict=True))
-    # row i does not depend on the batch size
-    first = random_subset(x[:1], budget=k, seed=seed)[0]
-    assert torch.equal(first.sources, out[0].sources)
+    # an image's subset depends neither on the batch size nor on its position in the batch
+    for i in range(b):
+        alone = random_subset(x[i : i + 1], budget=k, seed=seed)[0]
+        assert torch.equal(alone.sources, out[i].sources)
 
 
-def test_random_seed_and_rows_differ():
+def test_random_seed_changes_the_subset_and_rows_share_it():
     x = torch.randn(3, 576, 4)
     a = random_subset(x, budget=64, seed=0)
     b = random_subset(x, budget=64, seed=1)
     assert not torch.equal(a[0].sources, b[0].sources)
-    assert not torch.equal(a[0].sources, a[1].sources)
-    assert not torch.equal(a[1].sources, a[2].sources)
+    assert torch.equal(a[0].sources, a[1].sources) and torch.equal(a[1].sources, a[2].sources)
 
 
 def test_random_is_roughly_uniform():

@@ -13,17 +13,33 @@ VOCAB = 128
 
 def tiny_llava_config(attn: str = "sdpa", image_size: int = 112, patch: int = 14, layers: int = 4) -> LlavaConfig:
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=image_size, patch_size=patch, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=32,
     )
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
-        bos_token_id=1, eos_token_id=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
     )
     cfg._attn_implementation = attn
     cfg.text_config._attn_implementation = attn
@@ -57,8 +73,8 @@ def make_inputs(model, prompt_lengths: list[int], images_per_prompt: list[int] |
     ids = torch.full((len(rows), width), PAD)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
     n_images = sum(images_per_prompt)
     pixels = torch.randn(n_images, 3, cfg.image_size, cfg.image_size, generator=g)
     out = {"input_ids": ids, "attention_mask": mask}
@@ -70,7 +86,10 @@ def make_inputs(model, prompt_lengths: list[int], images_per_prompt: list[int] |
 def select(inputs: dict, i: int, images_per_prompt: list[int] | None = None) -> dict:
     """Sample i alone, with its padding removed, as the processor would give it."""
     keep = inputs["attention_mask"][i].bool()
-    out = {"input_ids": inputs["input_ids"][i : i + 1, keep], "attention_mask": inputs["attention_mask"][i : i + 1, keep]}
+    out = {
+        "input_ids": inputs["input_ids"][i : i + 1, keep],
+        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
+    }
     if "pixel_values" in inputs:
         counts = images_per_prompt or [1] * inputs["input_ids"].shape[0]
         start = sum(counts[:i])
@@ -85,8 +104,11 @@ def tiny_llava_next(attn: str = "sdpa", seed: int = 0):
 
     base = tiny_llava_config(attn, image_size=56)
     cfg = LlavaNextConfig(
-        vision_config=base.vision_config, text_config=base.text_config, image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
         image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
     )
     cfg._attn_implementation = attn
@@ -106,7 +128,9 @@ def make_next_inputs(model, image_sizes: list[tuple[int, int]], prompt_lengths: 
 
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    patches = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in image_sizes]
+    patches = [
+        image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in image_sizes
+    ]
     side = cfg.vision_config.image_size
     pixel_values = torch.randn(len(image_sizes), max(patches), 3, side, side, generator=g)
     sizes = torch.tensor(image_sizes)
@@ -120,6 +144,77 @@ def make_next_inputs(model, image_sizes: list[tuple[int, int]], prompt_lengths: 
     ids = torch.full((len(rows), width), PAD)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": sizes}
+
+
+# Options that fit the tiny models (8x8 = 64 visual tokens per image, a 4-layer LLM, a 3-layer tower).
+METHOD_OPTIONS: dict[str, dict] = {
+    "prumerge": {},
+    "prumerge+": {},
+    "knee": {"k_min": 4},
+    "fastervlm": {"budget": 8},
+    "vtc-cls": {"budget": 8, "start_layer": -3},
+    "visionzip": {"dominant": 6, "contextual": 2},
+    "tome": {"budget": 8},
+    "random": {"budget": 8},
+    "pool": {"budget": 16},
+    "fastv": {"layer": 2},
+    "sparsevlm": {"layers": (1, 2), "keep_counts": (24, 10)},
+    "dart": {"layer": 2, "budget": 8},
+    "pdrop": {"layers": (1, 2, 3)},
+    "knee+text": {"k_min": 4, "text_layer": 2},
+}
+# Fixed-budget encoder methods: the exact number of tokens each image must get with METHOD_OPTIONS.
+FIXED_BUDGET = {"fastervlm": 8, "vtc-cls": 8, "visionzip": 8, "tome": 8, "random": 8, "pool": 16}
+COMPOSITION = (["visionzip", "fastv"], {"visionzip": {"dominant": 6, "contextual": 2}, "fastv": {"layer": 2}})
+
+
+def apply_method(model, name, **extra):
+    """visprune.apply with the tiny options; `name` may be the COMPOSITION list."""
+    import visprune
+
+    if isinstance(name, (list, tuple)):
+        return visprune.apply(model, list(name), **{**COMPOSITION[1], **extra})
+    return visprune.apply(model, name, **{**METHOD_OPTIONS[name], **extra})
+
+
+def method_id(name) -> str:
+    return "+".join(name) if isinstance(name, (list, tuple)) else name
+
+
+def greedy(model, inputs: dict, max_new_tokens: int = 5, **kw):
+    """Greedy generate; returns the output object (sequences, logits)."""
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **kw,
+        )
+
+
+def same_weights(model, attn: str) -> LlavaForConditionalGeneration:
+    """A copy of `model` (built by tiny_llava) with another attention implementation."""
+    other = tiny_llava(attn)
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def varied_pixels(model, n: int = 3, seed: int = 1) -> torch.Tensor:
+    """n images of different structure (a smooth ramp, noise, a bright square on black...)."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size
+    ramp = torch.linspace(-2, 2, size)
+    images = [
+        (ramp[None, :, None] + ramp[None, None, :]).expand(3, size, size).clone(),
+        torch.randn(3, size, size, generator=g),
+        torch.full((3, size, size), -1.5),
+    ]
+    images[2][:, size // 4 : size // 2, size // 2 :] = 2.0
+    while len(images) < n:
+        images.append(torch.randn(3, size, size, generator=g) * (len(images) % 3 + 1))
+    return torch.stack(images[:n])

@@ -21,14 +21,14 @@ __all__ = [
     "resolve_options",
     "select_tokens",
 ]
-from visprune.methods import prumerge as _prumerge  # noqa: F401,E402
-from visprune.methods import knee as _knee  # noqa: F401,E402
-from visprune.methods import cls_topk as _cls_topk  # noqa: F401,E402
-from visprune.methods import visionzip as _visionzip  # noqa: F401,E402
-from visprune.methods import tome as _tome  # noqa: F401,E402
-from visprune.methods import simple as _simple  # noqa: F401,E402
-from visprune.methods import fastv as _fastv  # noqa: F401,E402
-from visprune.methods import sparsevlm as _sparsevlm  # noqa: F401,E402
-from visprune.methods import dart as _dart  # noqa: F401,E402
-from visprune.methods import pdrop as _pdrop  # noqa: F401,E402
-from visprune.methods import text_stage as _text_stage  # noqa: F401,E402
+from visprune.methods import cls_topk as _cls_topk  # noqa: F401
+from visprune.methods import dart as _dart  # noqa: F401
+from visprune.methods import fastv as _fastv  # noqa: F401
+from visprune.methods import knee as _knee  # noqa: F401
+from visprune.methods import pdrop as _pdrop  # noqa: F401
+from visprune.methods import prumerge as _prumerge  # noqa: F401
+from visprune.methods import simple as _simple  # noqa: F401
+from visprune.methods import sparsevlm as _sparsevlm  # noqa: F401
+from visprune.methods import text_stage as _text_stage  # noqa: F401
+from visprune.methods import tome as _tome  # noqa: F401
+from visprune.methods import visionzip as _visionzip  # noqa: F401

@@ -33,12 +33,11 @@ def random_subset(
 ) -> list[Reduction]:
     """Keep a uniformly random subset of `budget` tokens per image, in spatial order.
 
-    The subsets come from a CPU torch.Generator seeded with `seed`: it draws a [B, N] block of
-    float64 uniforms and each row keeps the tokens of its `budget` smallest draws (ties, which have
-    probability ~0, go to the lower index). So the result is deterministic, identical on CPU and
-    CUDA, batch rows get different subsets, and row b does not depend on the batch size (image b
-    of a batch gets what image b of any larger batch with the same seed gets). The grid is not
-    needed and only validated when given.
+    The subset comes from a CPU torch.Generator seeded with `seed`: it draws N float64 uniforms and
+    keeps the tokens of the `budget` smallest draws (ties, which have probability ~0, go to the lower
+    index). Every image of a batch gets the SAME subset, so an image's result never depends on its
+    batch-mates or its position in the batch (batched == one by one), and it is deterministic and
+    identical on CPU and CUDA. Vary `seed` for independent draws. The grid is only validated.
 
     Options:
         budget: number of tokens kept per image (default 64), 1 <= budget <= N.
@@ -51,8 +50,8 @@ def random_subset(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"seed must be an int, got {seed!r}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    draws = torch.rand(b, n, generator=gen, dtype=torch.float64)
-    idx = draws.sort(dim=1, stable=True).indices[:, :k]
+    draws = torch.rand(1, n, generator=gen, dtype=torch.float64)
+    idx = draws.sort(dim=1, stable=True).indices[:, :k].expand(b, k)
     return select_tokens(features, idx.to(features.device, non_blocking=True))
 
 

@@ -26,4 +26,3 @@ def layer_qk(layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor
     k = attn.k_proj(x).view(b, s, -1, d).transpose(1, 2)
     cos, sin = (t.unsqueeze(1) for t in position_embeddings)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
@@ -108,7 +108,9 @@ class LlavaNextAdapter(LlavaAdapter):
         """Reduce every crop on its surviving tokens; crops of one sub-grid shape and budget go together."""
         budgets: dict[tuple[int, int], int | None] = {}
         for image_crops in crops:
-            shares = _split_budget(reducer.budget if reducer is not None else None, [c.local.numel() for c in image_crops])
+            shares = _split_budget(
+                reducer.budget if reducer is not None else None, [c.local.numel() for c in image_crops]
+            )
             for c, b in zip(image_crops, shares, strict=True):
                 budgets[(c.image, c.crop)] = b
         groups: dict[tuple, list[_Crop]] = {}
@@ -126,10 +128,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 feats = features[idx].gather(1, local.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
                 kinds = {name: req.kind for name, req in reducer.requests.items()} if reducer is not None else {}
                 sig = {k: _take_tokens(v[idx], local, kinds[k]) for k, v in signals.items()}
-            if reducer is None:
-                reds = dense_reduction(feats)
-            else:
-                reds = reducer(feats, grid, sig, budget=budget)
+            reds = dense_reduction(feats) if reducer is None else reducer(feats, grid, sig, budget=budget)
             for c, r in zip(members, reds, strict=True):
                 result[(c.image, c.crop)] = r
         return [[result[(c.image, c.crop)] for c in image_crops] for image_crops in crops]
