@@ -73,6 +73,39 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the speed benchmark and write JSON, Markdown and a plot to --out."""
+    import json
+    from pathlib import Path
+
+    from visprune.bench import BenchConfig, run_benchmark
+    from visprune.bench.report import markdown, plot
+
+    cfg = BenchConfig(
+        config=args.config,
+        pretrained=args.model,
+        batches=tuple(args.batch),
+        budgets=tuple(args.budgets),
+        methods=tuple(args.methods or ()),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        new_tokens=args.new_tokens,
+        dtype=args.dtype,
+        device=args.device,
+        graph=not args.no_graph,
+        materialize=not args.no_materialize,
+    )
+    results = run_benchmark(cfg, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"bench-{Path(cfg.pretrained or cfg.config).name}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(markdown(results))
+    plot(results, out / f"{stem}.png")
+    print(markdown(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="visprune", description=visprune.__doc__)
@@ -100,6 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_flops)
+    p = sub.add_parser("bench", help="measure prefill / decode speed of every method vs dense and ideal (GPU)")
+    p.add_argument("--config", default="llava-1.5-7b", help="bundled architecture name or a config path")
+    p.add_argument("--model", default=None, help="benchmark a local checkpoint folder instead of a config")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192])
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--no-graph", action="store_true", help="skip the batch-1 CUDA-graph mode")
+    p.add_argument("--no-materialize", action="store_true", help="skip the attention-materialising variants")
+    p.add_argument("--out", default="docs/bench", help="folder for the JSON, Markdown and PNG")
+    p.add_argument("--name", default=None, help="file stem (default bench-<config>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -115,16 +115,17 @@ class Handle:
         remove(self.model)
 
 
-def _resolve(method: str | Sequence[str], options: dict[str, Any]) -> tuple[list[tuple[MethodSpec, dict]], bool]:
+def _resolve(method: str | MethodSpec | Sequence[str | MethodSpec], options: dict[str, Any]) -> tuple[list[tuple[MethodSpec, dict]], bool]:
     """[(spec, resolved options)] for the requested method(s); validates placement and option names."""
-    names = [method] if isinstance(method, str) else list(method)
-    if not names:
+    items = [method] if isinstance(method, (str, MethodSpec)) else list(method)
+    if not items:
         raise InputError("no method given; pass a method name from visprune.methods() or 'none'")
-    if names == [DENSE]:
+    if items == [DENSE]:
         if options:
             raise InputError(f"method 'none' takes no options, got {sorted(options)}")
         return [], True
-    specs = [get_method(n) for n in names]
+    specs = [m if isinstance(m, MethodSpec) else get_method(m) for m in items]
+    names = [s.name for s in specs]
     if len(names) == 1:
         return [(specs[0], specs[0].options(**options))], False
     unknown = set(options) - set(names)
@@ -156,6 +157,7 @@ def apply(
     method: a name from visprune.methods(), 'none' (dense, same code path), or a list composing one
     encoder-side and one LLM-side method, e.g. ['visionzip', 'fastv'] with options per method
     (`visionzip={'budget': 128}`). Single-method options are plain keywords (`budget=64`).
+    A MethodSpec (unregistered, e.g. a method of your own) is accepted wherever a name is.
     The model keeps its attention implementation; `generate` and `forward` keep their signatures.
     """
     adapter = adapter_for(model)

@@ -1,0 +1,320 @@
+"""The benchmark loop: dense, every method x budget, their ideals, decode, memory, graph mode and the
+attention-materialising variants, all in one run on one model."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from tqdm import tqdm
+
+import visprune
+from visprune.bench.model import QUESTION_TOKENS, SYSTEM_TOKENS, build_model, make_inputs
+from visprune.bench.static import stages_from_tokens, static_encoder, static_llm
+from visprune.bench.timing import CallTimer, summarize, time_fn
+from visprune.budgets import ADAPTIVE, options_for_budget
+from visprune.errors import InputError
+from visprune.methods import Placement, get_method
+from visprune.models import adapter_for
+
+# Methods whose published code materialises attention maps: where (vision tower or LLM) it does so.
+MATERIALIZING = {
+    "fastervlm": "vision",
+    "vtc-cls": "vision",
+    "visionzip": "vision",
+    "fastv": "llm",
+    "sparsevlm": "llm",
+    "pdrop": "llm",
+}
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. Defaults follow BENCHMARKS.md."""
+
+    config: str = "llava-1.5-7b"
+    pretrained: str | None = None
+    batches: tuple[int, ...] = (1, 16)
+    budgets: tuple[int, ...] = (64, 128, 192)
+    methods: tuple[str, ...] = ()  # empty: every registered method
+    repeats: int = 20
+    warmup: int = 3
+    new_tokens: int = 64
+    dtype: str = "float16"
+    device: str = "cuda"
+    graph: bool = True
+    materialize: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Case:
+    method: str  # "dense" or a registered name
+    budget: int | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], list[dict[str, Any]]]:
+    """Every (method, budget) to run, and the skipped ones with the reason."""
+    names = cfg.methods or tuple(s.name for s in visprune.methods())
+    out, skipped = [Case("dense", None)], []
+    for name in names:
+        get_method(name)
+        budgets: tuple[int | None, ...] = (None,) if name in ADAPTIVE else cfg.budgets
+        for budget in budgets:
+            try:
+                out.append(Case(name, budget, options_for_budget(name, budget, dense, num_layers)))
+            except InputError as err:
+                skipped.append({"method": name, "budget": budget, "reason": str(err)})
+    return out, skipped
+
+
+def environment(device: torch.device, dtype: str) -> dict[str, Any]:
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "visprune": visprune.__version__,
+        "python": platform.python_version(),
+        "dtype": dtype,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+class Bench:
+    """One model, one batch size: measures cases."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], cfg: BenchConfig):
+        self.model, self.inputs, self.cfg = model, inputs, cfg
+        self.device = inputs["input_ids"].device
+        self.batch = inputs["input_ids"].shape[0]
+        self.text_tokens = SYSTEM_TOKENS + QUESTION_TOKENS
+        self.attn = model.config.text_config._attn_implementation or "sdpa"
+
+    def _time(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        with torch.inference_mode():
+            return time_fn(fn, self.cfg.repeats, self.cfg.warmup, self.device)
+
+    def _prefill(self) -> Any:
+        return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+
+    def _decode(self) -> dict[str, Any]:
+        """Per-step decode latency over `new_tokens` greedy tokens, and the peak memory of the generate."""
+        n = self.cfg.new_tokens
+        lm = self.model.model.language_model
+        with torch.inference_mode():
+            self.model.generate(**self.inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            timer = CallTimer(lm, self.device)
+            try:
+                self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            finally:
+                timer.remove()
+        steps = timer.durations_ms()[1:]
+        out = {"decode": summarize(steps) if steps else None}
+        out["decode_tokens_per_s"] = self.batch * 1e3 / statistics.median(steps) if steps else None
+        if self.device.type == "cuda":
+            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return out
+
+    def run_case(self, case: Case) -> dict[str, Any]:
+        res: dict[str, Any] = {"method": case.method, "budget": case.budget, "options": _jsonable(case.options)}
+        if case.method == "dense":
+            res["prefill"] = self._time(self._prefill)
+            res["visual_tokens"] = float(self.inputs["input_ids"].eq(self.model.config.image_token_id).sum(1)[0])
+            res.update(self._decode())
+            return res
+        handle = visprune.apply(self.model, case.method, **case.options)
+        try:
+            res["prefill"] = self._time(self._prefill)
+            stats = handle.stats
+            res["visual_tokens"] = statistics.mean(stats.visual_tokens_out)
+            res["tokens_per_layer"] = stats.tokens_per_layer[0]
+            res["mean_llm_tokens"] = statistics.mean(stats.tokens_per_layer[0])
+            if handle.encoder is not None:
+                res.update(self._encoder_parts(handle))
+            res.update(self._decode())
+            visual_out, tokens = list(stats.visual_tokens_out), [list(t) for t in stats.tokens_per_layer]
+        finally:
+            visprune.remove(self.model)
+        res["ideal"] = self._ideal(visual_out, tokens)
+        res["efficiency"] = res["ideal"]["median_ms"] / res["prefill"]["median_ms"]
+        return res
+
+    def _encoder_parts(self, handle: visprune.Handle) -> dict[str, Any]:
+        adapter, spec, opts = handle.adapter, handle.encoder, handle.encoder_options
+        requests = spec.signals(opts)
+        pixels = self.inputs["pixel_values"]
+        with torch.inference_mode():
+            out = adapter.encode(pixels, requests)
+        return {
+            "vision": self._time(lambda: adapter.encode(pixels, requests)),
+            "reduce": self._time(lambda: spec.fn(out.features, grid=adapter.grid, **out.signals, **opts)),
+        }
+
+    def _ideal(self, visual_out: list[int], tokens: list[list[int]]) -> dict[str, Any]:
+        """The same pipeline fed the same token counts with first-K selection (no scoring work)."""
+        methods: list[Any] = [static_encoder(visual_out)]
+        text = [t[0] - v for t, v in zip(tokens, visual_out, strict=True)]
+        stages = stages_from_tokens(tokens, text)
+        if stages:
+            methods.append(static_llm(stages))
+        visprune.apply(self.model, methods)
+        try:
+            return self._time(self._prefill)
+        finally:
+            visprune.remove(self.model)
+
+    def materialized(self, case: Case) -> dict[str, Any]:
+        """The method computed the way its published code does: eager attention with the maps."""
+        where = MATERIALIZING[case.method]
+        res: dict[str, Any] = {"method": case.method, "budget": case.budget, "where": where}
+        pixels = self.inputs["pixel_values"]
+        tower = self.model.model.vision_tower
+        if where == "vision":
+            handle = visprune.apply(self.model, case.method, **case.options)
+            try:
+                requests = handle.encoder.signals(handle.encoder_options)
+                res["sdpa_path"] = self._time(lambda: handle.adapter.encode(pixels, requests))
+            finally:
+                visprune.remove(self.model)
+            tower.set_attn_implementation("eager")
+            try:
+                res["materializing"] = self._time(
+                    lambda: tower(pixels, output_attentions=True, output_hidden_states=True)
+                )
+            finally:
+                tower.set_attn_implementation(self.attn)
+        else:
+            self.model.set_attn_implementation("eager")
+            try:
+                visprune.apply(self.model, case.method, **case.options)
+                try:
+                    res["materializing"] = self._time(self._prefill)
+                finally:
+                    visprune.remove(self.model)
+            finally:
+                self.model.set_attn_implementation(self.attn)
+            visprune.apply(self.model, case.method, **case.options)
+            try:
+                res["sdpa_path"] = self._time(self._prefill)
+            finally:
+                visprune.remove(self.model)
+        res["ratio"] = res["materializing"]["median_ms"] / res["sdpa_path"]["median_ms"]
+        return res
+
+    def graph_mode(self, case_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Batch-1 prefill with launch overhead removed: the vision tower and the LLM at each measured
+        token count replayed as CUDA graphs; the reduction itself timed plainly (it syncs the host)."""
+        lm = self.model.model.language_model
+        hidden = self.model.config.text_config.hidden_size
+        pixels = self.inputs["pixel_values"]
+        adapter = adapter_for(self.model)
+        llm_cache: dict[int, dict[str, Any]] = {}
+        out = []
+        for r in case_results:
+            if "tokens_per_layer" in r and len(set(r["tokens_per_layer"])) > 1:
+                out.append({"method": r["method"], "budget": r["budget"], "skipped": "LLM-side stage (host sync)"})
+                continue
+            seq = round(self.text_tokens + r["visual_tokens"])
+            try:
+                if seq not in llm_cache:
+                    x = torch.randn(self.batch, seq, hidden, device=self.device, dtype=self.model.dtype)
+                    llm_cache[seq] = _graph_time(lambda x=x: lm(inputs_embeds=x, use_cache=False), self)
+                requests = {}
+                if r["method"] != "dense":
+                    spec = get_method(r["method"])
+                    if spec.placement is not Placement.LLM:
+                        enc = get_method(spec.encoder_stage) if spec.encoder_stage else spec
+                        own = {k: v for k, v in r["options"].items() if k in enc.defaults}
+                        requests = enc.signals(enc.options(**own))
+                vision = _graph_time(lambda: adapter.encode(pixels, requests), self)
+                reduce_ms = r.get("reduce", {}).get("median_ms", 0.0)
+                total = vision["median_ms"] + reduce_ms + llm_cache[seq]["median_ms"]
+                out.append(
+                    {
+                        "method": r["method"],
+                        "budget": r["budget"],
+                        "llm_tokens": seq,
+                        "vision_graph_ms": vision["median_ms"],
+                        "reduce_ms": reduce_ms,
+                        "llm_graph_ms": llm_cache[seq]["median_ms"],
+                        "prefill_graph_ms": total,
+                    }
+                )
+            except Exception as err:  # a capture failure is a result to report, not a crash
+                out.append({"method": r["method"], "budget": r["budget"], "error": f"{type(err).__name__}: {err}"})
+        return out
+
+
+def _graph_time(fn: Callable[[], Any], bench: Bench) -> dict[str, Any]:
+    """Capture `fn` as a CUDA graph and time its replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode():
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    return time_fn(graph.replay, bench.cfg.repeats, bench.cfg.warmup, bench.device)
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every case for every batch size; returns the JSON-ready results."""
+    device = torch.device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    model = build_model(cfg.config, dtype, device, pretrained=cfg.pretrained)
+    num_layers = model.config.text_config.num_hidden_layers
+    vis = model.config.vision_config
+    dense = (vis.image_size // vis.patch_size) ** 2
+    todo, skipped = cases(cfg, num_layers, dense)
+    results: dict[str, Any] = {
+        "environment": environment(device, cfg.dtype),
+        "config": asdict(cfg),
+        "model": {"config": cfg.pretrained or cfg.config, "llm_layers": num_layers, "dense_visual_tokens": dense},
+        "skipped": skipped,
+        "runs": [],
+    }
+    for batch in cfg.batches:
+        bench = Bench(model, make_inputs(model, batch, cfg.seed), cfg)
+        run: dict[str, Any] = {"batch": batch, "text_tokens": bench.text_tokens, "cases": []}
+        for case in tqdm(todo, desc=f"batch {batch}", disable=not progress):
+            try:
+                run["cases"].append(bench.run_case(case))
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+                run["cases"].append({"method": case.method, "budget": case.budget, "error": error})
+        dense_ms = run["cases"][0]["prefill"]["median_ms"]
+        for r in run["cases"]:
+            if "prefill" in r:
+                r["speedup"] = dense_ms / r["prefill"]["median_ms"]
+        if cfg.materialize:
+            run["materialized"] = []
+            middle = cfg.budgets[len(cfg.budgets) // 2] if cfg.budgets else None
+            for case in todo:
+                if case.method in MATERIALIZING and case.budget == middle:
+                    try:
+                        run["materialized"].append(bench.materialized(case))
+                    except Exception as err:
+                        run["materialized"].append({"method": case.method, "error": f"{type(err).__name__}: {err}"})
+        if cfg.graph and batch == 1 and device.type == "cuda":
+            run["graph"] = bench.graph_mode([r for r in run["cases"] if "prefill" in r])
+        results["runs"].append(run)
+    return results

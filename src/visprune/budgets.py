@@ -1,0 +1,90 @@
+"""Map a visual-token budget onto each method's own options, so methods can be compared at equal
+budgets (64 / 128 / 192 tokens of LLaVA-1.5's 576).
+
+Rules (documented in the README):
+- encoder-side fixed methods: `budget` tokens per image reach the LLM.
+- fastv, dart (one LLM stage): `budget` image tokens remain after the pruning layer
+  (fastv keep_ratio = budget / dense).
+- pdrop, sparsevlm (several LLM stages): the AVERAGE number of image tokens over all decoder
+  layers equals the budget, as these papers report "equivalent tokens". pdrop keeps the ratio
+  lambda^s after stage s (lambda solved numerically; budgets its default stages (8, 16, 24)
+  cannot reach move the stages to EARLY_PDROP_LAYERS); sparsevlm scales its published
+  (300, 200, 110) counts by one factor.
+- adaptive methods (prumerge, prumerge+, knee, knee+text) take no budget: use their defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from visprune.errors import InputError
+from visprune.methods import get_method
+
+ENCODER_BUDGET = ("fastervlm", "vtc-cls", "visionzip", "tome", "random", "pool")
+ADAPTIVE = ("prumerge", "prumerge+", "knee", "knee+text")
+# PyramidDrop's default stages (8, 16, 24) average at least 8/32 of the dense tokens; lower budgets
+# move the stages earlier, to these layers.
+EARLY_PDROP_LAYERS = (2, 6, 16)
+
+
+def _pdrop_ratios(budget: int, dense: int, num_layers: int, layers: tuple[int, ...]) -> tuple[float, ...] | None:
+    """Ratios (l, l^2, l^3, ...) of the dense count kept after each stage so the layer average is `budget`;
+    None when even dropping everything at the first stage averages more than the budget."""
+    if max(layers) >= num_layers:
+        return None
+    if _average_tokens(dense, num_layers, layers, [0.0] * len(layers)) >= budget:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        lam = (lo + hi) / 2
+        avg = _average_tokens(dense, num_layers, layers, [dense * lam ** (s + 1) for s in range(len(layers))])
+        lo, hi = (lam, hi) if avg < budget else (lo, lam)
+    return tuple(round(lo ** (s + 1), 6) for s in range(len(layers)))
+
+
+def _average_tokens(dense: int, num_layers: int, layers: tuple[int, ...], counts: list[float]) -> float:
+    """Mean image tokens per decoder layer when stage s (pruning at layers[s]) leaves counts[s]."""
+    total, current, start = 0.0, float(dense), 0
+    for layer, count in zip(layers, counts, strict=True):
+        total += (layer - start) * current
+        current, start = count, layer
+    total += (num_layers - start) * current
+    return total / num_layers
+
+
+def options_for_budget(method: str, budget: int | None, dense: int = 576, num_layers: int = 32) -> dict[str, Any]:
+    """Options that make `method` feed about `budget` visual tokens (None: the method's defaults)."""
+    spec = get_method(method)
+    if budget is None or method in ADAPTIVE:
+        if budget is not None:
+            raise InputError(f"{method} is adaptive and takes no budget; pass budget=None")
+        return {}
+    if not 1 <= budget <= dense:
+        raise InputError(f"budget={budget} must be between 1 and the dense count {dense}")
+    if method in ENCODER_BUDGET:
+        return {"budget": budget}
+    if method == "dart":
+        return {"budget": budget}
+    if method == "fastv":
+        return {"keep_ratio": budget / dense}
+    layers = tuple(spec.defaults["layers"])
+    if method == "sparsevlm":
+        published = spec.defaults["keep_counts"]
+        prune_at = tuple(layer + 1 for layer in layers)  # sparsevlm scores at `layers`, prunes after them
+        fixed = _average_tokens(dense, num_layers, prune_at, [0.0] * len(layers))
+        per_unit = _average_tokens(dense, num_layers, prune_at, list(published)) - fixed
+        scale = (budget - fixed) / per_unit
+        counts = tuple(max(1, round(c * scale)) for c in published)
+        if scale <= 0 or any(c > dense for c in counts):
+            raise InputError(
+                f"sparsevlm cannot average {budget} tokens with layers {layers} in a {num_layers}-layer LLM "
+                f"(the layers before its first stage alone average {fixed:.0f})"
+            )
+        return {"keep_counts": counts}
+    if method == "pdrop":
+        for stage_layers in (layers, EARLY_PDROP_LAYERS):
+            ratios = _pdrop_ratios(budget, dense, num_layers, stage_layers)
+            if ratios is not None:
+                return {"layers": stage_layers, "keep_ratios": ratios}
+        raise InputError(f"pdrop cannot average {budget} tokens in a {num_layers}-layer LLM")
+    raise InputError(f"no budget rule for method {method!r}")
