@@ -115,7 +115,9 @@ class Handle:
         remove(self.model)
 
 
-def _resolve(method: str | MethodSpec | Sequence[str | MethodSpec], options: dict[str, Any]) -> tuple[list[tuple[MethodSpec, dict]], bool]:
+def _resolve(
+    method: str | MethodSpec | Sequence[str | MethodSpec], options: dict[str, Any]
+) -> tuple[list[tuple[MethodSpec, dict]], bool]:
     """[(spec, resolved options)] for the requested method(s); validates placement and option names."""
     items = [method] if isinstance(method, (str, MethodSpec)) else list(method)
     if not items:

@@ -238,7 +238,7 @@ class Bench:
                         enc = get_method(spec.encoder_stage) if spec.encoder_stage else spec
                         own = {k: v for k, v in r["options"].items() if k in enc.defaults}
                         requests = enc.signals(enc.options(**own))
-                vision = _graph_time(lambda: adapter.encode(pixels, requests), self)
+                vision = _graph_time(lambda req=requests: adapter.encode(pixels, req), self)
                 reduce_ms = r.get("reduce", {}).get("median_ms", 0.0)
                 total = vision["median_ms"] + reduce_ms + llm_cache[seq]["median_ms"]
                 out.append(
