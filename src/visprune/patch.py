@@ -7,6 +7,7 @@ pre-hooks on the decoder layers for LLM-side stages. `remove` restores the insta
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -213,9 +214,13 @@ def apply(
     handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
     original_generate, original_forward = model.generate, model.forward
 
+    # functools.wraps keeps the originals' signatures visible: transformers' generate inspects
+    # forward's parameters to decide whether to pass position_ids, logits_to_keep, etc.
+    @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
         return _generate(handle, original_generate, *args, **kwargs)
 
+    @functools.wraps(original_forward)
     def forward(*args: Any, **kwargs: Any) -> Any:
         return _forward(handle, original_forward, *args, **kwargs)
 

@@ -3,6 +3,8 @@ instance itself exactly as they were; a checkpoint saved and reloaded patches li
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -76,8 +78,9 @@ def _hooks(model) -> dict[str, tuple]:
     }
 
 
-@pytest.mark.parametrize("method", ["none", "prumerge+", "fastv", "sparsevlm", "knee+text", tiny.COMPOSITION[0]],
-                         ids=tiny.method_id)
+@pytest.mark.parametrize(
+    "method", ["none", "prumerge+", "fastv", "sparsevlm", "knee+text", tiny.COMPOSITION[0]], ids=tiny.method_id
+)
 def test_apply_remove_restores_model(model, inputs, reference, method):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = _hooks(model)  # transformers installs its own output-capturing hooks on the first call
@@ -134,3 +137,54 @@ def test_save_pretrained_then_from_pretrained(model, inputs, tmp_path, method):
     finally:
         visprune.remove(model)
         visprune.remove(loaded)
+
+
+def test_patched_forward_keeps_its_signature(model):
+    want = inspect.signature(model.forward)
+    visprune.apply(model, "none")
+    try:
+        assert inspect.signature(model.forward) == want
+    finally:
+        visprune.remove(model)
+
+
+def _positions_seen(model, inputs) -> list[torch.Tensor]:
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["position_ids"].clone())
+
+    h = model.model.language_model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        tiny.greedy(model, inputs, 3)
+    finally:
+        h.remove()
+    return seen
+
+
+def test_patched_generate_positions_match_unpatched(model, inputs):
+    """Left-padded samples get positions 0.. from their first real token (prefill and decode)."""
+    want = _positions_seen(model, inputs)
+    assert want[0][0, -1] < want[0][2, -1]  # the unpatched positions really depend on the padding
+    visprune.apply(model, "none")
+    try:
+        got = _positions_seen(model, inputs)
+    finally:
+        visprune.remove(model)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        real = b.shape[-1]
+        assert torch.equal(a.expand(b.shape[0], -1)[:, -real:], b)
+
+
+def test_patched_generate_prefill_computes_last_logits_only(model, inputs):
+    """Unpatched generate asks forward for the last position's logits only (logits_to_keep=1)."""
+    shapes = []
+    h = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    visprune.apply(model, "prumerge+")
+    try:
+        tiny.greedy(model, inputs, 2)
+    finally:
+        visprune.remove(model)
+        h.remove()
+    assert shapes[0] == (3, 1, tiny.VOCAB)

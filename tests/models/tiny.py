@@ -11,7 +11,9 @@ PAD = 0
 VOCAB = 128
 
 
-def tiny_llava_config(attn: str = "sdpa", image_size: int = 112, patch: int = 14, layers: int = 4) -> LlavaConfig:
+def tiny_llava_config(
+    attn: str = "sdpa", image_size: int = 112, patch: int = 14, layers: int = 4, select_strategy: str = "default"
+) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -38,7 +40,7 @@ def tiny_llava_config(attn: str = "sdpa", image_size: int = 112, patch: int = 14
         text_config=text,
         image_token_id=IMAGE_TOKEN,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=select_strategy,
         projector_hidden_act="gelu",
     )
     cfg._attn_implementation = attn
@@ -60,6 +62,8 @@ def make_inputs(model, prompt_lengths: list[int], images_per_prompt: list[int] |
     g = torch.Generator().manual_seed(seed)
     cfg = model.config.vision_config
     n_tokens = (cfg.image_size // cfg.patch_size) ** 2
+    if model.config.vision_feature_select_strategy == "full":
+        n_tokens += 1  # the CLS token is fed too
     images_per_prompt = images_per_prompt or [1] * len(prompt_lengths)
     rows = []
     for length, n_img in zip(prompt_lengths, images_per_prompt, strict=True):

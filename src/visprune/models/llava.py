@@ -42,6 +42,14 @@ class LlavaAdapter(Adapter):
         return side, side
 
     def check_encoder_method(self, requests: dict[str, SignalRequest]) -> None:
+        depth = vision.num_encoder_layers(self.vision_tower)
+        for name, req in requests.items():
+            outside = [layer for layer in req.layers if not -depth <= layer < depth]
+            if outside:
+                raise UnsupportedModelError(
+                    f"this method reads {name!r} at vision layer(s) {outside}, but the vision tower has only "
+                    f"{depth} layers (valid indices {-depth}..{depth - 1}); adjust the method's layer option"
+                )
         strategy = self.model.config.vision_feature_select_strategy
         if strategy != "default":
             raise UnsupportedModelError(

@@ -1,0 +1,301 @@
+"""Accuracy of every method on the synthetic suite, relative to the dense model, with the visual tokens
+each one actually fed to the LLM.
+
+A *cell* is one (method, budget) pair: "none" (dense), each adaptive method at its defaults
+("default"), each fixed method at every budget. `budget_options` maps a budget B (visual tokens per
+image) onto a method's options:
+
+- fastervlm, vtc-cls, tome, random, pool, dart, visionzip: `budget=B` (visionzip splits it 54:10 into
+  dominant and contextual tokens);
+- fastv: `keep_ratio=B/576` (B tokens kept from LLM layer `layer` on);
+- pdrop: `keep_ratios=(2B/N, B/N, B/2N)` (clipped to 1), so the middle stage keeps B;
+- sparsevlm: `keep_counts=B * (300, 200, 110) / 192` (the published 192-token schedule, scaled).
+
+LLM layers: methods whose default layers assume LLaVA-1.5-7B's 32 decoder layers (pdrop's 8/16/24,
+sparsevlm's 2/6/15) get them scaled to the model's depth, max(1, round(l * L / 32)), made strictly
+increasing, when the defaults do not fit the model; so do fastv's, dart's and knee+text's layer 2
+(kept as is in any LLM of 3 layers or more).
+
+Results are stored per cell in a JSON file that is rewritten after every cell; a later run with the
+same model, split, items and generation settings skips the cells already there (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import visprune
+from visprune.errors import InputError
+from visprune.synth import FAMILIES, load_split, score
+
+BUDGETS: tuple[int, ...] = (32, 64, 128, 192)
+DENSE = "none"
+DEFAULT = "default"
+REFERENCE_LAYERS = 32  # LLaVA-1.5-7B's decoder depth, which the published layer choices assume
+SPARSEVLM_192 = (300, 200, 110)
+
+
+def all_methods() -> list[str]:
+    """Every registered method name, in registry order."""
+    return [spec.name for spec in visprune.methods()]
+
+
+def scaled_layers(layers: Sequence[int], n_layers: int, offset: int = 0) -> tuple[int, ...]:
+    """`layers` (chosen for a 32-layer LLM) scaled to an `n_layers` LLM: max(1, round(l * L / 32)),
+    strictly increasing, each + offset < n_layers. Unchanged when they already fit."""
+    if max(layers) + offset < n_layers:
+        return tuple(layers)
+    out: list[int] = []
+    for layer in layers:
+        value = max(1, round(layer * n_layers / REFERENCE_LAYERS))
+        if out and value <= out[-1]:
+            value = out[-1] + 1
+        out.append(value)
+    if out[-1] + offset >= n_layers:
+        raise InputError(f"cannot place layers {list(layers)} in a {n_layers}-layer LLM")
+    return tuple(out)
+
+
+def budget_options(method: str, budget: int | None, n_visual: int, n_layers: int) -> dict[str, Any]:
+    """The options that run `method` at `budget` visual tokens (None: its defaults) on this model."""
+    spec = visprune.get_method(method)
+    options: dict[str, Any] = {}
+    if method == "pdrop":
+        options["layers"] = scaled_layers(spec.defaults["layers"], n_layers)
+    elif method == "sparsevlm":
+        options["layers"] = scaled_layers(spec.defaults["layers"], n_layers, offset=1)
+    for name in ("layer", "text_layer"):
+        if name in spec.defaults and spec.defaults[name] >= n_layers:
+            options[name] = scaled_layers((spec.defaults[name],), n_layers)[0]
+    if budget is None:
+        return options
+    if spec.adaptive:
+        raise InputError(f"{method} is adaptive: it takes no budget (run it at its defaults)")
+    if method == "fastv":
+        options["keep_ratio"] = min(1.0, budget / n_visual)
+    elif method == "pdrop":
+        options["keep_ratios"] = tuple(min(1.0, f * budget / n_visual) for f in (2.0, 1.0, 0.5))
+    elif method == "sparsevlm":
+        options["keep_counts"] = tuple(max(1, round(budget * c / 192)) for c in SPARSEVLM_192)
+    elif "budget" in spec.defaults:
+        options["budget"] = budget
+    else:
+        raise InputError(f"no budget mapping for {method}")
+    return options
+
+
+def cell_name(method: str, budget: int | None) -> str:
+    return method if budget is None else f"{method}@{budget}"
+
+
+def plan_cells(methods: Sequence[str], budgets: Sequence[int]) -> list[tuple[str, int | None]]:
+    """(method, budget) cells: dense first, adaptive methods at their defaults, fixed ones at each budget."""
+    cells: list[tuple[str, int | None]] = [(DENSE, None)]
+    for method in methods:
+        if method == DENSE:
+            continue
+        spec = visprune.get_method(method)
+        if spec.adaptive:
+            cells.append((method, None))
+        else:
+            cells.extend((method, b) for b in budgets)
+    return cells
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate; `key()` identifies results that can be resumed."""
+
+    model: str
+    split: str = "test"
+    limit: int | None = None
+    offset: int = 0
+    batch_size: int = 32
+    max_new_tokens: int = 4
+    methods: list[str] = field(default_factory=all_methods)
+    budgets: list[int] = field(default_factory=lambda: list(BUDGETS))
+
+    def key(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "split": self.split,
+            "limit": self.limit,
+            "offset": self.offset,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+def _summary(correct: dict[str, int], count: dict[str, int]) -> dict[str, float]:
+    acc = {f: correct[f] / count[f] for f in FAMILIES if count.get(f)}
+    acc["overall"] = sum(correct.values()) / max(1, sum(count.values()))
+    return acc
+
+
+def _visual_per_layer(stats: visprune.Stats) -> list[float]:
+    """Per sample: the visual tokens averaged over the LLM's layers (text tokens are never dropped here)."""
+    out = []
+    for tokens, visual in zip(stats.tokens_per_layer, stats.visual_tokens_out, strict=True):
+        text = tokens[0] - visual
+        out.append(sum(t - text for t in tokens) / len(tokens))
+    return out
+
+
+class Runner:
+    """Loads the model once, renders the items once, and evaluates cells into a results dict."""
+
+    def __init__(self, cfg: EvalConfig, device: str | None = None, progress: bool = True) -> None:
+        from visprune import bundled
+
+        self.cfg = cfg
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.processor = bundled.load(cfg.model, device=self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        split = load_split(cfg.split, offset=cfg.offset) if cfg.limit is None else None
+        n = len(split) if split is not None else cfg.limit
+        self.items = list(load_split(cfg.split, n=n, offset=cfg.offset))
+        self.progress = progress
+        self._batches: list[dict[str, torch.Tensor]] | None = None
+        text_cfg = self.model.config.text_config
+        self.n_layers = text_cfg.num_hidden_layers
+        vision = self.model.config.vision_config
+        self.n_visual = (vision.image_size // vision.patch_size) ** 2
+
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        """Processor outputs for the items, in batches, on the device (computed once)."""
+        if self._batches is None:
+            self._batches = []
+            size = self.cfg.batch_size
+            for start in range(0, len(self.items), size):
+                chunk = self.items[start : start + size]
+                inputs = self.processor(
+                    images=[it.image() for it in chunk],
+                    text=[it.prompt() for it in chunk],
+                    return_tensors="pt",
+                    padding=True,
+                )
+                inputs = inputs.to(self.device)
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+                self._batches.append(dict(inputs))
+        return self._batches
+
+    @torch.inference_mode()
+    def run_cell(self, method: str, budget: int | None, tick: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Evaluate one cell: accuracy per family, token counts, predictions, seconds."""
+        try:
+            options = {} if method == DENSE else budget_options(method, budget, self.n_visual, self.n_layers)
+        except InputError as err:
+            if tick is not None:
+                for _ in self.batches():
+                    tick()
+            return {"method": method, "budget": budget, "skipped": str(err)}
+        handle = visprune.apply(self.model, method, **options)
+        correct = dict.fromkeys(FAMILIES, 0)
+        count = dict.fromkeys(FAMILIES, 0)
+        tokens_in: list[int] = []
+        tokens_out: list[int] = []
+        per_layer: list[float] = []
+        predictions: list[str] = []
+        t0 = time.perf_counter()
+        try:
+            done = 0
+            for inputs in self.batches():
+                out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
+                answers = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                for item, answer in zip(self.items[done : done + len(answers)], answers, strict=True):
+                    ok = score(answer, item.answer)
+                    correct[item.family] += int(ok)
+                    count[item.family] += 1
+                    predictions.append(answer.strip())
+                done += len(answers)
+                stats = handle.stats
+                tokens_in += stats.visual_tokens_in
+                tokens_out += stats.visual_tokens_out
+                per_layer += _visual_per_layer(stats)
+                if tick is not None:
+                    tick()
+        finally:
+            visprune.remove(self.model)
+        n = max(1, len(tokens_out))
+        return {
+            "method": method,
+            "budget": budget,
+            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+            "accuracy": _summary(correct, count),
+            "correct": correct,
+            "count": count,
+            "visual_tokens_in": sum(tokens_in) / n,
+            "visual_tokens_llm": sum(tokens_out) / n,
+            "visual_tokens_per_layer": sum(per_layer) / max(1, len(per_layer)),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "predictions": predictions,
+        }
+
+
+def environment(device: str) -> dict[str, Any]:
+    import transformers
+
+    env = {
+        "visprune": visprune.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def load_results(path: Path, cfg: EvalConfig) -> dict[str, Any]:
+    """Results already in `path` for the same model / split / items / settings, else a fresh dict."""
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("config") == cfg.key():
+            return data
+    return {"config": cfg.key(), "cells": {}}
+
+
+def evaluate(
+    cfg: EvalConfig, out_dir: Path, device: str | None = None, progress: bool = True, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Run every pending cell of `cfg`, saving results.json after each one; returns the results."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    results = load_results(path, cfg)
+    cells = plan_cells(cfg.methods, cfg.budgets)
+    pending = [(m, b) for m, b in cells if cell_name(m, b) not in results["cells"]]
+    skipped = len(cells) - len(pending)
+    if skipped:
+        log(f"resuming: {skipped} of {len(cells)} cells already in {path}")
+    if pending:
+        runner = Runner(cfg, device=device, progress=progress)
+        results["environment"] = environment(runner.device)
+        results["items"] = len(runner.items)
+        n_batches = len(range(0, len(runner.items), cfg.batch_size))
+        bar = _progress_bar(len(pending) * n_batches, progress)
+        try:
+            for method, budget in pending:
+                bar.set_description(cell_name(method, budget))
+                results["cells"][cell_name(method, budget)] = runner.run_cell(method, budget, tick=bar.update)
+                path.write_text(json.dumps(results, indent=1))
+        finally:
+            bar.close()
+    results["cell_order"] = [cell_name(m, b) for m, b in cells]
+    path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="batch", dynamic_ncols=True)

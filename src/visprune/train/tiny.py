@@ -1,0 +1,552 @@
+"""Train the bundled tiny LLaVA on the synthetic suite, in LLaVA's three stages, on one GPU.
+
+1. Vision tower pretraining (tower + throw-away heads): the CLS token's pooled output predicts the
+   scene's global attributes (which colour-shape pairs are present, per-colour and per-shape counts,
+   which texts are present, the object count, the background tone), so CLS is the image's global
+   summary and its last-layer attention looks at the objects; a dense head on the patch tokens of
+   hidden_states[-2] (what the LLM reads) predicts each patch's object colour / shape / size,
+   object centres, text and the object that text belongs to, and the patch's row and column.
+2. Projector alignment (tower frozen): projector + LM learn to caption the scene ("red circle
+   top-left 47 . ..."). The LM starts from scratch here, unlike LLaVA's pretrained LLM, so it
+   trains with the projector.
+3. Instruction tuning (tower frozen): projector + LM on the suite's questions, loss on answer + eos.
+
+Images are rendered by DataLoader workers from seeds (`SceneStream`) and kept in a GPU replay buffer:
+every step takes one fresh batch and fills the rest of its batch from the buffer. A time guard ends
+training early and still saves. Usage:
+
+    python -m visprune.train.tiny --out /tmp/tiny-llava --seed 0
+    python -m visprune.train.tiny --out /tmp/tiny-llava --resume src/visprune/bundled/tiny-llava --stages 3
+
+`--out` receives a complete Hugging Face folder (fp16 safetensors shards of at most 15 MB, config,
+processor) and train_log.json; `python -m visprune.train.tiny --export DIR` writes the config and
+processor files alone (for a folder that already holds the shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from visprune.synth import FAMILIES, load_split
+from visprune.train.build import CLIP_MEAN, CLIP_STD, TinyConfig, build_config, build_model, build_processor
+from visprune.train.data import (
+    CAPTION_PROMPT_IDS,
+    COUNT_CLASSES,
+    GLOBAL_LAYOUT,
+    GRID,
+    N_PATCHES,
+    PAD_ID,
+    PATCH_FIELDS,
+    PREFIX_IDS,
+    SUFFIX_LEN,
+    SceneStream,
+    ids_of,
+    question_suffix,
+)
+
+SHARD_SIZE = "15MB"
+
+
+@dataclass
+class TrainArgs:
+    """Hyper-parameters of one training run (saved in train_log.json)."""
+
+    seed: int = 0
+    stages: tuple[int, ...] = (1, 2, 3)
+    stage1_steps: int = 100_000  # each stage ends at its step count or its seconds, whichever comes first
+    stage2_steps: int = 100_000
+    stage3_steps: int = 100_000
+    stage1_seconds: float = 230.0  # 0: the schedule follows the step count alone (exactly reproducible)
+    stage2_seconds: float = 50.0
+    stage3_seconds: float = 200.0
+    stage1_batch: int = 256
+    stage2_batch: int = 192
+    stage3_images: int = 128
+    questions_per_image: int = 4
+    fresh: int = 32  # images rendered per DataLoader batch
+    stage1_fresh: int = 2  # fresh DataLoader batches per step in each stage
+    lm_fresh: int = 1
+    replay: int = 32768
+    lr_tower: float = 1e-3
+    lr_align: float = 1e-3
+    lr_instruct: float = 1e-3
+    warmup: float = 0.05
+    weight_decay: float = 0.05
+    workers: int = 14
+    time_limit: float = 510.0  # seconds from start; training stops in time to evaluate and save
+    reserve: float = 45.0  # seconds kept for evaluation and saving
+    eval_items: int = 1008
+    stream_start: int = 0  # first DataLoader batch index (a resumed run uses new scenes)
+    log_every: int = 100
+    config: dict[str, Any] = field(default_factory=lambda: TinyConfig().to_dict())
+
+
+class PretrainHeads(nn.Module):
+    """Stage-1 heads: dense attributes from patch tokens, global attributes from the pooled CLS."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.dense_norm = nn.LayerNorm(width)
+        self.dense = nn.Linear(width, sum(PATCH_FIELDS.values()) + 2 * GRID)
+        self.glob = nn.Linear(width, sum(_global_logits(name, w) for name, (_, w) in GLOBAL_LAYOUT.items()))
+
+
+def _global_logits(name: str, width: int) -> int:
+    """Logits of one global label group: one per multi-label entry, a count class per count, 2-way tone."""
+    if name in ("pairs", "texts"):
+        return width
+    if name.endswith("counts") or name == "objects":
+        return width * COUNT_CLASSES
+    return 2
+
+
+def _tower_parts(tower: nn.Module) -> tuple[nn.Module, nn.Module, nn.ModuleList, nn.Module]:
+    body = getattr(tower, "vision_model", tower)
+    return body.embeddings, body.pre_layrnorm, body.encoder.layers, body.post_layernorm
+
+
+def run_tower(tower: nn.Module, pixels: Tensor, pooled: bool) -> tuple[Tensor, Tensor | None]:
+    """(hidden_states[-2] with CLS, pooled CLS output or None); the last layer runs only if `pooled`."""
+    embeddings, pre_norm, layers, post_norm = _tower_parts(tower)
+    hidden = pre_norm(embeddings(pixels))
+    for layer in layers[:-1]:
+        out = layer(hidden, None)
+        hidden = out[0] if isinstance(out, tuple) else out
+    if not pooled:
+        return hidden, None
+    out = layers[-1](hidden, None)
+    last = out[0] if isinstance(out, tuple) else out
+    return hidden, post_norm(last[:, 0])
+
+
+def normalise(images: Tensor) -> Tensor:
+    """uint8 [B, H, W, 3] -> CLIP-normalised float [B, 3, H, W] (what the processor produces)."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+
+def pretrain_loss(tower: nn.Module, heads: PretrainHeads, pixels: Tensor, patch: Tensor, glob: Tensor) -> tuple:
+    """Stage-1 loss and metrics (accuracy of the dense heads on object / text patches)."""
+    hidden, pooled = run_tower(tower, pixels, pooled=True)
+    dense = heads.dense(heads.dense_norm(hidden[:, 1:])).float()  # [B, N, D]
+    patch = patch.long()
+    on_object = (patch[..., 0] > 0) | (patch[..., 4] > 0)
+    weight = 1.0 + 4.0 * on_object.float()
+    losses: dict[str, Tensor] = {}
+    metrics: dict[str, Tensor] = {}
+    offset = 0
+    for i, (name, width) in enumerate(PATCH_FIELDS.items()):
+        logits = dense[..., offset : offset + width]
+        offset += width
+        ce = F.cross_entropy(logits.reshape(-1, width), patch[..., i].reshape(-1), reduction="none")
+        losses[name] = (ce * weight.reshape(-1)).sum() / weight.sum()
+        mask = (patch[..., i] > 0).float()
+        hits = (logits.argmax(-1) == patch[..., i]).float()
+        metrics[f"acc_{name}"] = (hits * mask).sum() / mask.sum().clamp(min=1)
+    pos = torch.arange(N_PATCHES, device=pixels.device)
+    for name, target in (("row", pos // GRID), ("col", pos % GRID)):
+        logits = dense[..., offset : offset + GRID]
+        offset += GRID
+        losses[name] = F.cross_entropy(logits.reshape(-1, GRID), target.repeat(dense.shape[0])) * 0.25
+    g = heads.glob(pooled).float()
+    glob = glob.long()
+    o = 0
+    for name, (start, width) in GLOBAL_LAYOUT.items():
+        target = glob[:, start : start + width]
+        n = _global_logits(name, width)
+        logits = g[:, o : o + n]
+        o += n
+        if name in ("pairs", "texts"):
+            losses[f"g_{name}"] = F.binary_cross_entropy_with_logits(logits, target.float()) * 10.0
+        else:
+            classes = n // width
+            logits = logits.reshape(-1, width, classes)
+            losses[f"g_{name}"] = F.cross_entropy(logits.reshape(-1, classes), target.reshape(-1))
+            metrics[f"acc_g_{name}"] = (logits.argmax(-1) == target).float().mean()
+    return sum(losses.values()), {k: v.detach() for k, v in losses.items()} | metrics
+
+
+def lm_loss(model: nn.Module, feats: Tensor, suffix: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token loss on `targets` [Bs, S] (bool) of `suffix` [Bs, S], given projected image rows [Bs, N, D].
+
+    The sequence is bos, "user", ":", the N image rows, then the suffix (right-padded; padding only
+    follows real tokens, so the causal mask alone is enough). Returns (loss, token accuracy).
+    """
+    emb = model.get_input_embeddings()
+    prefix = emb(torch.tensor(PREFIX_IDS, device=suffix.device)).unsqueeze(0).expand(suffix.shape[0], -1, -1)
+    x = torch.cat([prefix, feats.to(prefix.dtype), emb(suffix)], dim=1)
+    hidden = model.model.language_model(inputs_embeds=x).last_hidden_state
+    start = prefix.shape[1] + feats.shape[1]
+    logits = model.lm_head(hidden[:, start - 1 : start - 1 + suffix.shape[1]]).float()
+    labels = torch.where(targets, suffix, -100)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    hits = ((logits.argmax(-1) == suffix) & targets).sum()
+    return loss, hits / targets.sum().clamp(min=1)
+
+
+class Replay:
+    """A ring buffer of examples on the GPU; `add` stores a batch and returns its slots."""
+
+    def __init__(self, capacity: int, device: torch.device, generator: torch.Generator) -> None:
+        self.capacity, self.device, self.gen = capacity, device, generator
+        self.data: dict[str, Tensor] = {}
+        self.size = self.ptr = 0
+
+    def add(self, batch: dict[str, Tensor]) -> Tensor:
+        n = next(iter(batch.values())).shape[0]
+        if not self.data:
+            self.data = {
+                k: torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype, device=self.device)
+                for k, v in batch.items()
+            }
+        slots = (torch.arange(n, device=self.device) + self.ptr) % self.capacity
+        for k, v in batch.items():
+            self.data[k][slots] = v.to(self.device, non_blocking=True)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        return slots
+
+    def batch(self, fresh: Tensor, total: int) -> dict[str, Tensor]:
+        """The fresh slots plus `total - len(fresh)` slots drawn uniformly from the buffer."""
+        extra = torch.randint(self.size, (max(0, total - len(fresh)),), device=self.device, generator=self.gen)
+        idx = torch.cat([fresh, extra])
+        return {k: v[idx] for k, v in self.data.items()}
+
+
+def cosine_lr(progress: float, peak: float, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` of training, then cosine decay to 5% of `peak`.
+
+    progress: the fraction of the stage done (steps or seconds), in [0, 1].
+    """
+    if progress < warmup:
+        return peak * max(progress / warmup, 0.01)
+    t = (progress - warmup) / max(1e-9, 1 - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def make_optimizer(modules: list[nn.Module], lr: float, wd: float, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")
+
+
+class EvalItems(Dataset):
+    """Rendered items of a split with their prompt suffix ids (no answer), answer id and family index."""
+
+    def __init__(self, split: str, n: int) -> None:
+        self.split = load_split(split, n)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.split[i]
+        ids = question_suffix(item.text)
+        suffix = np.full(SUFFIX_LEN, PAD_ID, dtype=np.int64)
+        suffix[: len(ids)] = ids
+        return {
+            "image": torch.from_numpy(np.asarray(item.image(), dtype=np.uint8).copy()),
+            "suffix": torch.from_numpy(suffix),
+            "length": len(ids),
+            "answer": ids_of(item.answer)[0],
+            "family": FAMILIES.index(item.family),
+        }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Dense accuracy (greedy first answer token) per family and overall."""
+    model.eval()
+    correct = torch.zeros(len(FAMILIES))
+    total = torch.zeros(len(FAMILIES))
+    for batch in loader:
+        pixels = normalise(batch["image"].to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            hidden, _ = run_tower(model.model.vision_tower, pixels, pooled=False)
+            feats = model.model.multi_modal_projector(hidden[:, 1:])
+            suffix = batch["suffix"].to(device)
+            emb = model.get_input_embeddings()
+            prefix = emb(torch.tensor(PREFIX_IDS, device=device)).unsqueeze(0).expand(suffix.shape[0], -1, -1)
+            x = torch.cat([prefix, feats.to(prefix.dtype), emb(suffix)], dim=1)
+            h = model.model.language_model(inputs_embeds=x).last_hidden_state
+            last = prefix.shape[1] + feats.shape[1] + batch["length"].to(device) - 1
+            pred = model.lm_head(h[torch.arange(h.shape[0], device=device), last]).argmax(-1).cpu()
+        ok = (pred == batch["answer"]).float()
+        correct.index_add_(0, batch["family"], ok)
+        total.index_add_(0, batch["family"], torch.ones_like(ok))
+    model.train()
+    result = {f: (correct[i] / total[i]).item() for i, f in enumerate(FAMILIES) if total[i] > 0}
+    result["overall"] = (correct.sum() / total.sum()).item()
+    return result
+
+
+def _questions(batch: dict[str, Tensor], per_image: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Pick `per_image` questions per image: (image index [Bs], suffix ids [Bs, S], target mask [Bs, S])."""
+    q_ids, q_len = batch["q_ids"].long(), batch["q_len"].long()
+    valid = q_len > 0
+    score = torch.rand(q_len.shape, device=q_len.device, generator=gen).masked_fill(~valid, -1.0)
+    pick = score.topk(per_image, dim=1).indices  # [B, k]; picks past a scene's questions get no targets
+    image = torch.arange(q_ids.shape[0], device=q_ids.device).repeat_interleave(per_image)
+    suffix = q_ids.gather(1, pick.unsqueeze(-1).expand(-1, -1, q_ids.shape[2])).reshape(-1, q_ids.shape[2])
+    length = q_len.gather(1, pick).reshape(-1)
+    j = torch.arange(suffix.shape[1], device=suffix.device)
+    targets = (j >= length.unsqueeze(1) - 2) & (j < length.unsqueeze(1))
+    return image, suffix, targets
+
+
+def _captions(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    ids, length = batch["cap_ids"].long(), batch["cap_len"].long()
+    j = torch.arange(ids.shape[1], device=ids.device)
+    return ids, (j >= len(CAPTION_PROMPT_IDS)) & (j < length.unsqueeze(1))
+
+
+class Trainer:
+    """Runs the stages with a shared data stream, replay buffer, time guard and log."""
+
+    def __init__(self, args: TrainArgs, out: Path, resume: Path | None) -> None:
+        self.args, self.out = args, out
+        self.t0 = time.perf_counter()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        cfg = TinyConfig(**args.config)
+        if resume is not None:
+            from transformers import LlavaForConditionalGeneration
+
+            self.model = LlavaForConditionalGeneration.from_pretrained(resume, dtype=torch.float32)
+        else:
+            self.model = build_model(cfg, seed=args.seed)
+        self.model.to(self.device).train()
+        self.gen = torch.Generator(device=self.device).manual_seed(args.seed + 1)
+        self.replay = Replay(args.replay, self.device, self.gen)
+        stream = SceneStream(base_seed=args.seed * 2**32, batch_size=args.fresh, start=args.stream_start)
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=args.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=6 if args.workers else None,
+            persistent_workers=args.workers > 0,
+        )
+        self.stream: Iterator[dict[str, Tensor]] = iter(self.loader)
+        self.log: dict[str, Any] = {"args": asdict(args), "stages": {}, "device": self._device_name()}
+        self.stopped_early = False
+        self.data_wait = 0.0
+
+    def _device_name(self) -> str:
+        return torch.cuda.get_device_name(0) if self.device.type == "cuda" else "cpu"
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def out_of_time(self) -> bool:
+        return self.elapsed() > self.args.time_limit - self.args.reserve
+
+    def _fresh(self, count: int) -> Tensor:
+        t = time.perf_counter()
+        batches = [next(self.stream) for _ in range(count)]
+        self.data_wait += time.perf_counter() - t
+        return torch.cat([self.replay.add(b) for b in batches])
+
+    def _loop(
+        self, name: str, steps: int, seconds: float, params: list[nn.Module], lr: float, step_fn: Any, fresh: int
+    ) -> None:
+        """Train `params` with `step_fn` until `steps` or `seconds` (if > 0) are used up, or time runs out."""
+        opt = make_optimizer(params, lr, self.args.weight_decay, self.device)
+        record: dict[str, Any] = {"steps_planned": steps, "seconds_planned": seconds, "log": []}
+        t_start, done = self.elapsed(), 0
+        self.data_wait = 0.0
+        for step in range(steps):
+            progress = step / steps
+            if seconds > 0:
+                progress = max(progress, (self.elapsed() - t_start) / seconds)
+            if progress >= 1.0:
+                break
+            if self.out_of_time():
+                self.stopped_early = True
+                break
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(progress, lr, self.args.warmup)
+            slots = self._fresh(fresh)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                loss, metrics = step_fn(slots)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for m in params for p in m.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            done = step + 1
+            if step % self.args.log_every == 0:
+                entry = {"step": step, "loss": round(loss.item(), 4), "t": round(self.elapsed(), 1)} | {
+                    k: round(float(v), 4) for k, v in metrics.items()
+                }
+                record["log"].append(entry)
+                print(f"[{name}] " + " ".join(f"{k}={v}" for k, v in entry.items()), flush=True)
+        record["steps_done"] = done
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        record["seconds"] = round(self.elapsed() - t_start, 1)
+        record["data_wait_seconds"] = round(self.data_wait, 1)
+        print(f"[{name}] {done} steps in {record['seconds']}s (waiting for data {record['data_wait_seconds']}s)")
+        self.log["stages"][name] = record
+
+    def stage1(self) -> None:
+        a = self.args
+        tower = self.model.model.vision_tower
+        heads = PretrainHeads(tower.config.hidden_size).to(self.device)
+
+        def step(slots: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            b = self.replay.batch(slots, a.stage1_batch)
+            return pretrain_loss(tower, heads, normalise(b["image"]), b["patch"], b["global"])
+
+        self._set_trainable(tower=True, lm=False)
+        self._loop("stage1_tower", a.stage1_steps, a.stage1_seconds, [tower, heads], a.lr_tower, step, a.stage1_fresh)
+
+    def _image_rows(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            hidden, _ = run_tower(self.model.model.vision_tower, normalise(images), pooled=False)
+        return self.model.model.multi_modal_projector(hidden[:, 1:])
+
+    def stage2(self) -> None:
+        a = self.args
+
+        def step(slots: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            b = self.replay.batch(slots, a.stage2_batch)
+            ids, targets = _captions(b)
+            loss, acc = lm_loss(self.model, self._image_rows(b["image"]), ids, targets)
+            return loss, {"tok_acc": acc}
+
+        self._set_trainable(tower=False, lm=True)
+        self._loop("stage2_align", a.stage2_steps, a.stage2_seconds, self._lm_modules(), a.lr_align, step, a.lm_fresh)
+
+    def stage3(self) -> None:
+        a = self.args
+
+        def step(slots: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            b = self.replay.batch(slots, a.stage3_images)
+            image, suffix, targets = _questions(b, a.questions_per_image, self.gen)
+            feats = self._image_rows(b["image"])[image]
+            loss, acc = lm_loss(self.model, feats, suffix, targets)
+            return loss, {"tok_acc": acc}
+
+        self._set_trainable(tower=False, lm=True)
+        self._loop(
+            "stage3_instruct", a.stage3_steps, a.stage3_seconds, self._lm_modules(), a.lr_instruct, step, a.lm_fresh
+        )
+
+    def _lm_modules(self) -> list[nn.Module]:
+        return [self.model.model.multi_modal_projector, self.model.model.language_model, self.model.lm_head]
+
+    def _set_trainable(self, tower: bool, lm: bool) -> None:
+        for p in self.model.model.vision_tower.parameters():
+            p.requires_grad_(tower)
+        for m in self._lm_modules():
+            for p in m.parameters():
+                p.requires_grad_(lm)
+
+    def run(self) -> None:
+        a = self.args
+        print(f"device {self._device_name()}, workers {a.workers}, stages {a.stages}", flush=True)
+        for stage in a.stages:
+            if self.out_of_time():
+                self.stopped_early = True
+                break
+            {1: self.stage1, 2: self.stage2, 3: self.stage3}[stage]()
+        self.log["train_seconds"] = round(self.elapsed(), 1)
+        self.log["stopped_early"] = self.stopped_early
+        self.save()
+        if a.eval_items:
+            loader = DataLoader(EvalItems("test", a.eval_items), batch_size=144, num_workers=a.workers)
+            t = self.elapsed()
+            self.log["test_accuracy"] = evaluate(self.model, loader, self.device)
+            self.log["eval_seconds"] = round(self.elapsed() - t, 1)
+            print("test accuracy", json.dumps(self.log["test_accuracy"]), flush=True)
+        self.log["total_seconds"] = round(self.elapsed(), 1)
+        (self.out / "train_log.json").write_text(json.dumps(self.log, indent=1))
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        state = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
+        model.save_pretrained(self.out, state_dict=state, max_shard_size=SHARD_SIZE)
+        export(self.out, TinyConfig(**self.args.config))
+        print(f"saved to {self.out} at {self.elapsed():.1f}s", flush=True)
+
+
+def export(dest: Path, cfg: TinyConfig | None = None) -> None:
+    """Write config.json (fp16 weights), generation_config.json and the processor files into `dest`."""
+    from transformers import GenerationConfig
+
+    dest.mkdir(parents=True, exist_ok=True)
+    config = build_config(cfg)
+    config.dtype = "float16"
+    config.save_pretrained(dest)
+    text = config.text_config
+    GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+    ).save_pretrained(dest)
+    build_processor(cfg).save_pretrained(dest)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, argparse.Namespace]:
+    defaults = TrainArgs()
+    p = argparse.ArgumentParser(prog="python -m visprune.train.tiny", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, help="output folder (Hugging Face format + train_log.json)")
+    p.add_argument("--export", type=Path, help="only write config and processor files into this folder")
+    p.add_argument("--resume", type=Path, default=None, help="start from this checkpoint folder")
+    p.add_argument("--stages", default="1,2,3", help="comma-separated stages to run (1 tower, 2 align, 3 instruct)")
+    p.add_argument("--tiny", action="store_true", help="a minute-long CPU smoke configuration")
+    for f in TrainArgs.__dataclass_fields__.values():
+        if f.name in ("stages", "config"):
+            continue
+        value = getattr(defaults, f.name)
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value)
+    ns = p.parse_args(argv)
+    values = {f: getattr(ns, f) for f in TrainArgs.__dataclass_fields__ if f not in ("stages", "config")}
+    args = TrainArgs(**values, stages=tuple(int(s) for s in ns.stages.split(",") if s))
+    if ns.tiny:
+        small = TinyConfig(
+            vision_hidden=64,
+            vision_layers=2,
+            vision_heads=2,
+            vision_mlp=128,
+            text_hidden=64,
+            text_layers=2,
+            text_heads=2,
+            text_mlp=128,
+        )
+        args.config = small.to_dict()
+    return args, ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, ns = parse_args(argv)
+    if ns.export is not None:
+        export(ns.export, TinyConfig(**args.config))
+        return 0
+    if ns.out is None:
+        raise SystemExit("--out is required")
+    torch.manual_seed(args.seed)
+    Trainer(args, ns.out, ns.resume).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
