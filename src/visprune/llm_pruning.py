@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from visprune.methods.base import MethodSpec, TokenLayout
+from visprune.methods.llm_attention import query_or_last, rows_from_mask
 from visprune.models.decoder import layer_qk
 
 
@@ -63,6 +64,8 @@ class DecoderPruner:
         self.options = {k: v for k, v in options.items() if k in _own_options(spec)}
         self.stage_layers = tuple(spec.layers(options))
         requests = spec.signals(options)
+        self.row_hints = {name: req.rows for name, req in requests.items()}
+        self.full_q = False  # True computes every query row (a reference for tests)
         # signal_plan[layer] = [(stage, name, kind)]: compute `kind` from that layer's input for `stage`.
         self.signal_plan: dict[int, list[tuple[int, str, str]]] = {}
         for stage, stage_layer in enumerate(self.stage_layers):
@@ -158,9 +161,26 @@ class DecoderPruner:
         q = k = None
         if kinds & {"q", "k"}:
             b = hidden.shape[0]
-            q, k = layer_qk(module, hidden, tuple(t.expand(b, -1, -1) for t in pos_emb))
+            rows = self._q_rows(plan) if "q" in kinds else None
+            q, k = layer_qk(module, hidden, tuple(t.expand(b, -1, -1) for t in pos_emb), rows)
         for _, name, kind in plan:
             self.state.signals[name] = {"q": q, "k": k, "hidden": hidden}[kind]
+
+    def _q_rows(self, plan: list[tuple[int, str, str]]) -> Tensor | None:
+        """[B, R] the query rows the planned "q" signals read (None: all rows), from their `rows` hint."""
+        hints = {self.row_hints[name] for _, name, kind in plan if kind == "q"}
+        if self.full_q or len(hints) != 1 or "all" in hints:
+            return None
+        layout = self.state.layout
+        hint = hints.pop()
+        if hint == "last":
+            return layout.last_index.clamp(min=0).unsqueeze(1)
+        if hint == "query":
+            mask = query_or_last(layout)
+        else:
+            mask = layout.attention_mask & ~layout.visual
+        rows, _ = rows_from_mask(mask)
+        return rows
 
     def _prune(self, layer_idx: int, hidden: Tensor, kwargs: dict) -> Tensor:
         st = self.state

@@ -178,3 +178,21 @@ def test_consecutive_stage_layers_read_their_own_signals(model, inputs):
     assert [g.start_layer for g in two] == [2, 3] and [g.start_layer for g in one] == [2]
     assert torch.equal(two[0].index, one[0].index) and torch.equal(two[0].valid, one[0].valid)
     assert (two[1].valid.sum(1) < two[0].valid.sum(1)).all()
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "sparsevlm", "knee+text"])
+def test_query_row_hint_gives_the_same_pruning_as_full_queries(model, method):
+    """Methods declare which query rows they read; computing only those must not change what is kept."""
+    inputs = tiny.make_inputs(model, [2, 7, 11], seed=5)
+    kept = {}
+    for full in (False, True):
+        handle = tiny.apply_method(model, method)
+        handle.pruner.full_q = full
+        try:
+            with torch.no_grad():
+                out = model(**inputs)
+            kept[full] = ([g.index.clone() for g in handle.pruner.state.groups], out.logits)
+        finally:
+            visprune.remove(model)
+    assert all(torch.equal(a, b) for a, b in zip(kept[False][0], kept[True][0], strict=True))
+    torch.testing.assert_close(kept[False][1], kept[True][1])

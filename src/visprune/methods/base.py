@@ -117,11 +117,15 @@ class SignalRequest:
     layers: encoder layer indices (negative counts from the end: -1 is the last encoder layer, whose
         INPUT is LLaVA's hidden_states[-2]; -2 is the layer that PRODUCES hidden_states[-2]).
     heads: "single" treats the full projection as one head; "mean"/"sum" combine per-head rows.
+    rows: for "q", the only query rows the method reads, so the adapter may compute just those
+        (other rows are zeros): "all", "last" (last real token), "query" (the question tokens, or the
+        last real token when there are none) or "text" (every real non-visual token).
     """
 
     kind: str
     layers: tuple[int, ...] = ()
     heads: str = "mean"
+    rows: str = "all"
 
 
 @dataclass(frozen=True)

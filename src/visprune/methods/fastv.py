@@ -26,7 +26,7 @@ from visprune.methods.registry import register
 
 def _signals(o: dict) -> dict[str, SignalRequest]:
     score = (o["layer"] - 1,)
-    return {"q": SignalRequest("q", layers=score), "k": SignalRequest("k", layers=score)}
+    return {"q": SignalRequest("q", layers=score, rows="last"), "k": SignalRequest("k", layers=score)}
 
 
 @register(

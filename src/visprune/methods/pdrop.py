@@ -30,7 +30,7 @@ from visprune.methods.registry import register
 
 def _signals(o: dict) -> dict[str, SignalRequest]:
     layers = tuple(o["layers"])
-    return {"q": SignalRequest("q", layers=layers), "k": SignalRequest("k", layers=layers)}
+    return {"q": SignalRequest("q", layers=layers, rows="last"), "k": SignalRequest("k", layers=layers)}
 
 
 def stage_fraction(keep_ratios: tuple[float, ...], stage: int) -> Fraction:

@@ -31,7 +31,7 @@ from visprune.methods.registry import register
 def _signals(o: dict) -> dict[str, SignalRequest]:
     layers = tuple(o["layers"])
     return {
-        "q": SignalRequest("q", layers=layers),
+        "q": SignalRequest("q", layers=layers, rows="text"),
         "k": SignalRequest("k", layers=layers),
         "hidden": SignalRequest("hidden", layers=layers),
     }

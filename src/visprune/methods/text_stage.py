@@ -31,7 +31,7 @@ from visprune.methods.registry import register
 
 def _signals(o: dict) -> dict[str, SignalRequest]:
     score = (o["text_layer"],)
-    return {"q": SignalRequest("q", layers=score), "k": SignalRequest("k", layers=score)}
+    return {"q": SignalRequest("q", layers=score, rows="query"), "k": SignalRequest("k", layers=score)}
 
 
 def text_relevance(q: Tensor, k: Tensor, layout: TokenLayout) -> Tensor:

@@ -15,14 +15,30 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def layer_qk(layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def layer_qk(
+    layer: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], q_rows: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Queries [B, H, S, d] and keys [B, H_kv, S, d] of a decoder layer for its input `hidden` [B, S, C],
-    with rotary position embedding applied exactly as the layer's attention does."""
+    with rotary position embedding applied exactly as the layer's attention does.
+
+    q_rows: optional [B, R] positions; only those query rows are computed (the rest of q is zeros),
+    which saves the full query projection when a method reads a few rows.
+    """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     b, s, _ = x.shape
     d = attn.head_dim
-    q = attn.q_proj(x).view(b, s, -1, d).transpose(1, 2)
-    k = attn.k_proj(x).view(b, s, -1, d).transpose(1, 2)
     cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    k = attn.k_proj(x).view(b, s, -1, d).transpose(1, 2)
+    k = k * cos + _rotate_half(k) * sin
+    if q_rows is None:
+        q = attn.q_proj(x).view(b, s, -1, d).transpose(1, 2)
+        return q * cos + _rotate_half(q) * sin, k
+    take = q_rows.unsqueeze(-1)
+    xr = x.gather(1, take.expand(-1, -1, x.shape[-1]))
+    qr = attn.q_proj(xr).view(b, q_rows.shape[1], -1, d).transpose(1, 2)  # [B, H, R, d]
+    index = take.unsqueeze(1).expand(-1, 1, -1, d)
+    qr = qr * cos.gather(2, index) + _rotate_half(qr) * sin.gather(2, index)
+    q = qr.new_zeros(b, qr.shape[1], s, d)
+    q.scatter_(2, take.unsqueeze(1).expand(-1, qr.shape[1], -1, d), qr)
+    return q, k
