@@ -175,10 +175,7 @@ class DecoderPruner:
         hint = hints.pop()
         if hint == "last":
             return layout.last_index.clamp(min=0).unsqueeze(1)
-        if hint == "query":
-            mask = query_or_last(layout)
-        else:
-            mask = layout.attention_mask & ~layout.visual
+        mask = query_or_last(layout) if hint == "query" else layout.attention_mask & ~layout.visual
         rows, _ = rows_from_mask(mask)
         return rows
 
