@@ -25,8 +25,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Timing: median [min-max] of {results['config']['repeats']} repeats after {results['config']['warmup']} "
         "warm-ups (CUDA events). prefill = patched forward from pixels to the first token's logits (TTFT "
         "without sampling); ideal = the same pipeline fed the same token counts with first-K selection; "
-        "efficiency = ideal / prefill; speed-up = dense / prefill; decode = median step over "
-        f"{results['config']['new_tokens']} new tokens.",
+        "efficiency = ideal / prefill; speed-up = dense / prefill; decode tok/s = batch / median decoder "
+        f"step over {results['config'].get('decode_runs', 1)} generations of {results['config']['new_tokens']} "
+        "new tokens.",
         "",
     ]
     for run in results["runs"]:

@@ -45,6 +45,7 @@ class BenchConfig:
     repeats: int = 20
     warmup: int = 3
     new_tokens: int = 64
+    decode_runs: int = 2
     dtype: str = "float16"
     device: str = "cuda"
     graph: bool = True
@@ -115,12 +116,14 @@ class Bench:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
-            timer = CallTimer(lm, self.device)
-            try:
-                self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            finally:
-                timer.remove()
-        steps = timer.durations_ms()[1:]
+            steps: list[float] = []
+            for _ in range(self.cfg.decode_runs):
+                timer = CallTimer(lm, self.device)
+                try:
+                    self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                finally:
+                    timer.remove()
+                steps += timer.durations_ms()[1:]
         out = {"decode": summarize(steps) if steps else None}
         out["decode_tokens_per_s"] = self.batch * 1e3 / statistics.median(steps) if steps else None
         if self.device.type == "cuda":
