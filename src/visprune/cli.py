@@ -90,19 +90,102 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         new_tokens=args.new_tokens,
+        decode_runs=args.decode_runs,
         dtype=args.dtype,
         device=args.device,
         graph=not args.no_graph,
         materialize=not args.no_materialize,
     )
-    results = run_benchmark(cfg, progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"bench-{Path(cfg.pretrained or cfg.config).name}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{stem}.md").write_text(markdown(results))
+
+    def save(results: dict) -> None:
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        (out / f"{stem}.md").write_text(markdown(results))
+
+    results = run_benchmark(cfg, progress=not args.quiet, on_update=save)
+    save(results)
     plot(results, out / f"{stem}.png")
     print(markdown(results))
+    return 0
+
+
+def _methods_arg(names: list[str] | None) -> list[str] | None:
+    """Validate method names (comma- or space-separated); None stays None."""
+    if names is None:
+        return None
+    out = [n for chunk in names for n in chunk.split(",") if n]
+    for name in out:
+        if name != "none":
+            visprune.get_method(name)
+    return out
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Answer a few synthetic questions with the dense model and with several methods; write a PNG."""
+    from visprune.demo import DEMO_METHODS, run_demo
+
+    methods = _methods_arg(args.methods) or list(DEMO_METHODS)
+    if "none" not in methods:
+        methods.insert(0, "none")
+    run_demo(model=args.model, out=args.out, methods=tuple(methods), device=_device(args.device))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Accuracy of every method x budget on the synthetic suite (resumable); JSON, Markdown and a plot."""
+    import shlex
+    from pathlib import Path
+
+    from visprune import bundled
+    from visprune.eval import EvalConfig, evaluate, write_reports
+    from visprune.eval.synth import all_methods
+
+    if args.task != "synth":
+        raise visprune.InputError(f"unknown task {args.task!r}; available: synth")
+    model = bundled.resolve(args.model)
+    cfg = EvalConfig(
+        model=bundled.BUNDLED_NAME if args.model in (None, bundled.BUNDLED_NAME) else model,
+        split=args.split,
+        limit=args.limit,
+        offset=args.offset,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        methods=_methods_arg(args.methods) or all_methods(),
+        budgets=list(args.budgets),
+    )
+    out = Path(args.out)
+    results = evaluate(cfg, out, device=_device(args.device), progress=not args.quiet)
+    command = "visprune " + " ".join(shlex.quote(a) for a in args.argv)
+    paths = write_reports(results, out, command=command)
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    """Each method's kept / merged tokens on one image, and the CLS-attention curve with fence and knee."""
+    from visprune.viz import DEFAULT_QUESTION, VIZ_METHODS, run_viz
+
+    methods = _methods_arg(args.methods) or list(VIZ_METHODS)
+    path = run_viz(
+        args.image,
+        model=args.model,
+        methods=methods,
+        question=args.question or DEFAULT_QUESTION,
+        out=args.out,
+        device=_device(args.device),
+    )
+    print(f"wrote {path}")
     return 0
 
 
@@ -142,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--decode-runs", type=int, default=2, help="generations whose decode steps are timed")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-graph", action="store_true", help="skip the batch-1 CUDA-graph mode")
@@ -150,12 +234,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="file stem (default bench-<config>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("demo", help="the bundled tiny LLaVA answers synthetic questions, dense and pruned (CPU)")
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled tiny-llava)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="methods to compare (default: prumerge, prumerge+, knee+text, visionzip; dense always runs)",
+    )
+    p.add_argument("--out", default="visprune-demo.png", help="PNG with each method's kept tokens")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("eval", help="accuracy of every method x budget on the synthetic suite, relative to dense")
+    p.add_argument("--task", default="synth", help="benchmark (synth: the synthetic VQA suite)")
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled tiny-llava)")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method (dense always runs)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 192], help="budgets for fixed methods")
+    p.add_argument("--split", default="test", choices=["val", "test", "train"])
+    p.add_argument("--limit", type=int, default=None, help="first N items of the split (default: all 1008)")
+    p.add_argument("--offset", type=int, default=0, help="first item index")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--out", default="eval-results", help="folder for results.json / results.md / the plot")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("viz", help="draw each method's kept / merged tokens and the CLS-attention cuts on an image")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled tiny-llava)")
+    p.add_argument(
+        "--methods", nargs="+", default=None, help="default: prumerge prumerge+ knee visionzip fastervlm pool"
+    )
+    p.add_argument("--question", default=None, help="prompt question (matters for LLM-side methods)")
+    p.add_argument("--out", default="visprune-viz.png", help="output PNG")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.set_defaults(func=cmd_viz)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `visprune` console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except visprune.VisPruneError as err:

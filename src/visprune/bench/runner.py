@@ -279,8 +279,11 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
-def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
-    """Run every case for every batch size; returns the JSON-ready results."""
+def run_benchmark(
+    cfg: BenchConfig, progress: bool = True, on_update: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run every case for every batch size; returns the JSON-ready results. `on_update` is called with
+    the partial results after every case (so an interrupted run still leaves its measurements)."""
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     model = build_model(cfg.config, dtype, device, pretrained=cfg.pretrained)
@@ -298,16 +301,18 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     for batch in cfg.batches:
         bench = Bench(model, make_inputs(model, batch, cfg.seed), cfg)
         run: dict[str, Any] = {"batch": batch, "text_tokens": bench.text_tokens, "cases": []}
+        results["runs"].append(run)
         for case in tqdm(todo, desc=f"batch {batch}", disable=not progress):
             try:
                 run["cases"].append(bench.run_case(case))
+                dense_ms = run["cases"][0]["prefill"]["median_ms"]
+                run["cases"][-1]["speedup"] = dense_ms / run["cases"][-1]["prefill"]["median_ms"]
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
                 run["cases"].append({"method": case.method, "budget": case.budget, "error": error})
-        dense_ms = run["cases"][0]["prefill"]["median_ms"]
-        for r in run["cases"]:
-            if "prefill" in r:
-                r["speedup"] = dense_ms / r["prefill"]["median_ms"]
+            if on_update is not None:
+                on_update(results)
+
         if cfg.materialize:
             run["materialized"] = []
             middle = cfg.budgets[len(cfg.budgets) // 2] if cfg.budgets else None
@@ -319,5 +324,6 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                         run["materialized"].append({"method": case.method, "error": f"{type(err).__name__}: {err}"})
         if cfg.graph and batch == 1 and device.type == "cuda":
             run["graph"] = bench.graph_mode([r for r in run["cases"] if "prefill" in r])
-        results["runs"].append(run)
+        if on_update is not None:
+            on_update(results)
     return results
