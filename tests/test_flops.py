@@ -66,12 +66,13 @@ def count(fn) -> int:
     return counter.get_total_flops()
 
 
-def rope_matmul(cfg, batch: int, tokens: int) -> int:
-    """FLOPs of the rotary-embedding frequency product (inv_freq @ positions) that some transformers
-    versions (e.g. 5.17) compute as a matmul, which FlopCounterMode then counts; 0 in others (5.23)."""
-    text = getattr(cfg, "text_config", cfg)
-    head_dim = text.hidden_size // text.num_attention_heads
-    return 2 * batch * tokens * (head_dim // 2)
+def rope_matmul(rotary: torch.nn.Module, tokens: int) -> int:
+    """What FlopCounterMode counts for the rotary-embedding module alone, with the [1, S] positions a
+    model builds when none are passed: its frequency product is a matmul in some transformers versions
+    (e.g. 5.17) and elementwise in others (5.23, counted 0)."""
+    x = torch.zeros(1, tokens, 1)
+    positions = torch.arange(tokens).unsqueeze(0)
+    return count(lambda: rotary(x, positions))
 
 
 def assert_counts(estimated: int, measured: int, rope: int) -> None:
@@ -106,9 +107,9 @@ def test_llama_prefill_matches_flop_counter(kv_heads: int) -> None:
     measured_last = count(lambda: model(ids, use_cache=False, logits_to_keep=1))
     est = flops.estimate(cfg, None, text_tokens=11, batch=2, causal=False, lm_head_all_tokens=True)
     assert est.vision == est.projector == 0
-    assert_counts(est.llm_prefill + est.lm_head, measured_all, rope_matmul(cfg, 2, 11))
+    assert_counts(est.llm_prefill + est.lm_head, measured_all, rope_matmul(model.model.rotary_emb, 11))
     last = flops.estimate(cfg, None, text_tokens=11, batch=2, causal=False)
-    assert_counts(last.llm_prefill + last.lm_head, measured_last, rope_matmul(cfg, 2, 11))
+    assert_counts(last.llm_prefill + last.lm_head, measured_last, rope_matmul(model.model.rotary_emb, 11))
 
 
 def test_gqa_shrinks_kv_projections_only() -> None:
@@ -143,7 +144,7 @@ def test_decode_with_kv_cache_matches_flop_counter() -> None:
         measured += counter.get_total_flops()
     est = flops.estimate(cfg, None, text_tokens=prompt, new_tokens=new, batch=batch)
     assert est.decode_steps == new - 1
-    assert_counts(est.decode, measured, (new - 1) * rope_matmul(cfg, batch, 1))
+    assert_counts(est.decode, measured, (new - 1) * rope_matmul(model.model.rotary_emb, 1))
     assert est.memory.kv_cache_final == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) / 2
 
 
@@ -166,7 +167,8 @@ def test_tiny_llava_matches_flop_counter_params_and_kv_cache() -> None:
         count_unused_vision_layers=True,
     )
     assert est.dense_visual_tokens == 16 and est.tokens_per_layer == [21, 21]
-    assert_counts(est.prefill, counter.get_total_flops(), rope_matmul(cfg, batch, 16 + text))
+    rope = rope_matmul(model.model.language_model.rotary_emb, 16 + text)
+    assert_counts(est.prefill, counter.get_total_flops(), rope)
     assert est.memory.weights["total"] == 4 * sum(p.numel() for p in model.parameters())
     layers = out.past_key_values.layers
     assert est.memory.kv_cache_per_layer == [layer.keys.nbytes + layer.values.nbytes for layer in layers]
