@@ -3,8 +3,8 @@
 One example is one scene (rendered image) with everything the three training stages need:
 
 - dense patch labels for the vision tower (colour, shape, size of the object under each 14 x 14
-  patch, whether the patch holds an object's centre, the text drawn there and the colour / shape
-  of the object that text belongs to),
+  patch, whether the patch holds an object's centre, the text drawn there, the colour / shape
+  of the object that text belongs to, and the character whose ink centre lies in the patch),
 - global labels for the CLS token (which colour-shape pairs are present, per-colour and per-shape
   counts, which texts are present, the object count, the background tone),
 - a caption (projector alignment) and the suite's questions with their answers (instruction tuning),
@@ -16,6 +16,7 @@ validation and test splits. Labels are computed from the scene description, neve
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -26,11 +27,13 @@ from PIL import Image, ImageDraw
 from torch.utils.data import IterableDataset, get_worker_info
 
 from visprune.synth import make_questions, make_scene, render, tokenize
+from visprune.synth.glyphs import text_extent
 from visprune.synth.render import _draw_shape
 from visprune.synth.scene import CANVAS, COLOR_NAMES, MAX_OBJECTS, PATCH, SHAPES, SIZE_CLASSES, TEXTS, Scene
 from visprune.synth.vocab import PROMPT_TEMPLATE
 from visprune.train.build import BOS, CAPTION_QUESTION, EOS, PAD, token_ids
 
+CHARS = string.ascii_uppercase + string.digits
 GRID = CANVAS // PATCH
 N_PATCHES = GRID * GRID
 TRAIN_SEED_LIMIT = 2**40  # validation and test scenes use seeds >= 2**40
@@ -48,6 +51,7 @@ PATCH_FIELDS: dict[str, int] = {
     "text": len(TEXTS) + 1,
     "text_color": len(COLOR_NAMES) + 1,
     "text_shape": len(SHAPES) + 1,
+    "char": len(CHARS) + 1,
 }
 N_PAIRS = len(COLOR_NAMES) * len(SHAPES)
 COUNT_CLASSES = MAX_OBJECTS + 1
@@ -98,6 +102,18 @@ def _box_cover(box: tuple[int, int, int, int]) -> np.ndarray:
     return oy[:, None] * ox[None, :]
 
 
+def char_centres(text: str, box: tuple[int, int, int, int], size: int) -> list[tuple[float, float]]:
+    """(x, y) pixel centre of each character's ink in a text drawn at `box` (the ink box of the text)."""
+    width = box[2] - box[0]
+    y = (box[1] + box[3]) / 2
+    centres = []
+    for i in range(len(text)):
+        left = width - text_extent(text[i:], size)[0]
+        right = text_extent(text[: i + 1], size)[0]
+        centres.append((box[0] + (left + right) / 2, y))
+    return centres
+
+
 def patch_labels(scene: Scene) -> np.ndarray:
     """[576, len(PATCH_FIELDS)] uint8 dense labels (raster order), see PATCH_FIELDS."""
     out = np.zeros((GRID, GRID, len(PATCH_FIELDS)), dtype=np.uint8)
@@ -124,6 +140,8 @@ def patch_labels(scene: Scene) -> np.ndarray:
                 out[..., 4] = np.where(take, TEXTS.index(obj.text) + 1, out[..., 4])
                 out[..., 5] = np.where(take, color[k], out[..., 5])
                 out[..., 6] = np.where(take, shape[k], out[..., 6])
+                for (x, y), char in zip(char_centres(obj.text, obj.text_bbox, obj.text_size), obj.text, strict=True):
+                    out[min(int(y // PATCH), GRID - 1), min(int(x // PATCH), GRID - 1), 7] = CHARS.index(char) + 1
     return out.reshape(N_PATCHES, len(PATCH_FIELDS))
 
 

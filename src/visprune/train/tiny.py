@@ -58,6 +58,7 @@ from visprune.train.data import (
 )
 
 SHARD_SIZE = "15MB"
+HEADS_FILE = "pretrain_heads.safetensors"  # stage-1 heads (not part of the model), to resume stage 1
 
 
 @dataclass
@@ -69,9 +70,9 @@ class TrainArgs:
     stage1_steps: int = 100_000  # each stage ends at its step count or its seconds, whichever comes first
     stage2_steps: int = 100_000
     stage3_steps: int = 100_000
-    stage1_seconds: float = 230.0  # 0: the schedule follows the step count alone (exactly reproducible)
-    stage2_seconds: float = 50.0
-    stage3_seconds: float = 200.0
+    stage1_seconds: float = 300.0  # 0: the schedule follows the step count alone (exactly reproducible)
+    stage2_seconds: float = 35.0
+    stage3_seconds: float = 165.0
     stage1_batch: int = 256
     stage2_batch: int = 192
     stage3_images: int = 128
@@ -86,8 +87,8 @@ class TrainArgs:
     warmup: float = 0.05
     weight_decay: float = 0.05
     workers: int = 14
-    time_limit: float = 510.0  # seconds from start; training stops in time to evaluate and save
-    reserve: float = 45.0  # seconds kept for evaluation and saving
+    time_limit: float = 560.0  # seconds from start; training stops in time to evaluate and save
+    reserve: float = 30.0  # seconds kept for evaluation and saving
     eval_items: int = 1008
     stream_start: int = 0  # first DataLoader batch index (a resumed run uses new scenes)
     log_every: int = 100
@@ -321,7 +322,7 @@ def _captions(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 class Trainer:
     """Runs the stages with a shared data stream, replay buffer, time guard and log."""
 
-    def __init__(self, args: TrainArgs, out: Path, resume: Path | None) -> None:
+    def __init__(self, args: TrainArgs, out: Path, resume: Path | None, heads: Path | None = None) -> None:
         self.args, self.out = args, out
         self.t0 = time.perf_counter()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -350,6 +351,11 @@ class Trainer:
         self.log: dict[str, Any] = {"args": asdict(args), "stages": {}, "device": self._device_name()}
         self.stopped_early = False
         self.data_wait = 0.0
+        self.heads = PretrainHeads(self.model.model.vision_tower.config.hidden_size).to(self.device)
+        if heads is not None:
+            from safetensors.torch import load_file
+
+            self.heads.load_state_dict(load_file(heads))
 
     def _device_name(self) -> str:
         return torch.cuda.get_device_name(0) if self.device.type == "cuda" else "cpu"
@@ -410,7 +416,7 @@ class Trainer:
     def stage1(self) -> None:
         a = self.args
         tower = self.model.model.vision_tower
-        heads = PretrainHeads(tower.config.hidden_size).to(self.device)
+        heads = self.heads
 
         def step(slots: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             b = self.replay.batch(slots, a.stage1_batch)
@@ -487,6 +493,12 @@ class Trainer:
         state = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
         model.save_pretrained(self.out, state_dict=state, max_shard_size=SHARD_SIZE)
         export(self.out, TinyConfig(**self.args.config))
+        if 1 in self.args.stages:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}, self.out / HEADS_FILE
+            )
         print(f"saved to {self.out} at {self.elapsed():.1f}s", flush=True)
 
 
@@ -511,6 +523,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, argparse.Names
     p.add_argument("--out", type=Path, help="output folder (Hugging Face format + train_log.json)")
     p.add_argument("--export", type=Path, help="only write config and processor files into this folder")
     p.add_argument("--resume", type=Path, default=None, help="start from this checkpoint folder")
+    p.add_argument("--heads", type=Path, default=None, help=f"stage-1 heads to resume stage 1 with ({HEADS_FILE})")
     p.add_argument("--stages", default="1,2,3", help="comma-separated stages to run (1 tower, 2 align, 3 instruct)")
     p.add_argument("--tiny", action="store_true", help="a minute-long CPU smoke configuration")
     for f in TrainArgs.__dataclass_fields__.values():
@@ -544,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.out is None:
         raise SystemExit("--out is required")
     torch.manual_seed(args.seed)
-    Trainer(args, ns.out, ns.resume).run()
+    Trainer(args, ns.out, ns.resume, ns.heads).run()
     return 0
 
 
