@@ -118,7 +118,7 @@ class Handle:
 
 def _resolve(
     method: str | MethodSpec | Sequence[str | MethodSpec], options: dict[str, Any]
-) -> tuple[list[tuple[MethodSpec, dict]], bool]:
+) -> list[tuple[MethodSpec, dict]]:
     """[(spec, resolved options)] for the requested method(s); validates placement and option names."""
     items = [method] if isinstance(method, (str, MethodSpec)) else list(method)
     if not items:
@@ -126,11 +126,11 @@ def _resolve(
     if items == [DENSE]:
         if options:
             raise InputError(f"method 'none' takes no options, got {sorted(options)}")
-        return [], True
+        return []
     specs = [m if isinstance(m, MethodSpec) else get_method(m) for m in items]
     names = [s.name for s in specs]
     if len(names) == 1:
-        return [(specs[0], specs[0].options(**options))], False
+        return [(specs[0], specs[0].options(**options))]
     unknown = set(options) - set(names)
     if unknown:
         raise InputError(
@@ -149,7 +149,7 @@ def _resolve(
         raise InputError(
             f"compose at most one encoder-side method and one LLM-side method, e.g. ['visionzip', 'fastv']; got {names}"
         )
-    return resolved, False
+    return resolved
 
 
 def apply(
@@ -169,7 +169,7 @@ def apply(
         raise InputError(
             f"this model is already patched with {list(current)}; call visprune.remove(model) before applying again"
         )
-    resolved, _dense = _resolve(method, options)
+    resolved = _resolve(method, options)
     stats = Stats()
     encoder = llm = None
     enc_opts: dict[str, Any] = {}
@@ -352,13 +352,16 @@ def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         return original(*args, **kwargs)
     input_ids = kwargs.pop("input_ids", None)
     if args:
-        input_ids, args = args[0], args[1:]
+        if input_ids is not None or len(args) > 1:
+            raise InputError("the patched forward takes input_ids positionally or by keyword, the rest by keyword")
+        input_ids = args[0]
     past = kwargs.get("past_key_values")
     continuing = past is not None and past.get_seq_length() > 0
-    if input_ids is None or args or continuing or "inputs_embeds" in kwargs:
+    if input_ids is None or continuing or "inputs_embeds" in kwargs:
+        # A decode step after a patched prefill, or embeddings the caller built: nothing to reduce.
         if handle.pruner is not None and not continuing:
             handle.pruner.state.phase = "off"
-        return original(*args, input_ids=input_ids, **kwargs) if input_ids is not None else original(*args, **kwargs)
+        return original(input_ids=input_ids, **kwargs) if input_ids is not None else original(**kwargs)
     pixel_values = kwargs.pop("pixel_values", None)
     attention_mask = kwargs.pop("attention_mask", None)
     image_sizes = kwargs.pop("image_sizes", None)
