@@ -10,6 +10,7 @@ slots. Nothing reads `cache_position` and no attention weights are materialised.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,8 +248,6 @@ class DecoderPruner:
 
 def _own_options(spec: MethodSpec) -> set[str]:
     """The options the LLM stage function itself takes (a two-stage method also carries its encoder's)."""
-    import inspect
-
     return {p.name for p in inspect.signature(spec.fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
 
 
