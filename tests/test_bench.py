@@ -109,3 +109,15 @@ def test_budget_mapping():
         options_for_budget("fastervlm", 0)
     with pytest.raises(InputError, match="cannot average"):
         options_for_budget("sparsevlm", 20)
+
+
+def test_layer_defaults_move_to_the_same_relative_depth():
+    from visprune.budgets import scale_layers
+
+    assert scale_layers((8, 16, 24), 32) == (8, 16, 24)
+    assert scale_layers((8, 16, 24), 8) == (2, 4, 6)
+    assert scale_layers((2, 6, 15), 8) == (1, 2, 4)
+    assert scale_layers((2, 6, 16), 4) == (1, 2, 3)
+    assert options_for_budget("pdrop", 192, 576, 8)["layers"] == (2, 4, 6)
+    with pytest.raises(InputError, match="cannot average"):
+        options_for_budget("pdrop", 32, 576, 8)  # the first layer alone runs 576 / 8 = 72 tokens on average

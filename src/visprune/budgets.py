@@ -11,6 +11,8 @@ Rules (documented in the README):
   cannot reach move the stages to EARLY_PDROP_LAYERS); sparsevlm scales its published
   (300, 200, 110) counts by one factor.
 - adaptive methods (prumerge, prumerge+, knee, knee+text) take no budget: use their defaults.
+Layer defaults of the multi-stage methods are published for 32-layer LLMs (7B); for another depth
+they are moved to the same relative depth (e.g. pdrop's 8/16/24 become 2/4/6 in an 8-layer LLM).
 """
 
 from __future__ import annotations
@@ -25,6 +27,22 @@ ADAPTIVE = ("prumerge", "prumerge+", "knee", "knee+text")
 # PyramidDrop's default stages (8, 16, 24) average at least 8/32 of the dense tokens; lower budgets
 # move the stages earlier, to these layers.
 EARLY_PDROP_LAYERS = (2, 6, 16)
+
+
+REFERENCE_LAYERS = 32  # the depth the published layer choices are for (LLaVA-1.5-7B)
+
+
+def scale_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """Published layer indices moved to the same relative depth of a `num_layers`-layer LLM (>= 1)."""
+    if num_layers == REFERENCE_LAYERS:
+        return tuple(layers)
+    out: list[int] = []
+    for layer in layers:
+        scaled = min(num_layers - 1, max(1, round(layer * num_layers / REFERENCE_LAYERS)))
+        out.append(max(scaled, out[-1] + 1) if out else scaled)
+    if out[-1] >= num_layers:
+        raise InputError(f"cannot place {len(layers)} pruning stages in a {num_layers}-layer LLM")
+    return tuple(out)
 
 
 def _pdrop_ratios(budget: int, dense: int, num_layers: int, layers: tuple[int, ...]) -> tuple[float, ...] | None:
@@ -67,7 +85,7 @@ def options_for_budget(method: str, budget: int | None, dense: int = 576, num_la
         return {"budget": budget}
     if method == "fastv":
         return {"keep_ratio": budget / dense}
-    layers = tuple(spec.defaults["layers"])
+    layers = scale_layers(tuple(spec.defaults["layers"]), num_layers)
     if method == "sparsevlm":
         published = spec.defaults["keep_counts"]
         prune_at = tuple(layer + 1 for layer in layers)  # sparsevlm scores at `layers`, prunes after them
@@ -80,9 +98,12 @@ def options_for_budget(method: str, budget: int | None, dense: int = 576, num_la
                 f"sparsevlm cannot average {budget} tokens with layers {layers} in a {num_layers}-layer LLM "
                 f"(the layers before its first stage alone average {fixed:.0f})"
             )
-        return {"keep_counts": counts}
+        options: dict[str, Any] = {"keep_counts": counts}
+        if layers != tuple(spec.defaults["layers"]):
+            options["layers"] = layers
+        return options
     if method == "pdrop":
-        for stage_layers in (layers, EARLY_PDROP_LAYERS):
+        for stage_layers in (layers, scale_layers(EARLY_PDROP_LAYERS, num_layers)):
             ratios = _pdrop_ratios(budget, dense, num_layers, stage_layers)
             if ratios is not None:
                 return {"layers": stage_layers, "keep_ratios": ratios}
