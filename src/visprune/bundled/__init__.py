@@ -46,6 +46,7 @@ def load(model: str | Path | None = None, dtype: Any = None, device: str = "cpu"
     """
     import torch
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
     source = resolve(model)
     if dtype is None:
@@ -56,6 +57,12 @@ def load(model: str | Path | None = None, dtype: Any = None, device: str = "cpu"
         raise InputError(
             f"{source} is a {config.model_type!r} checkpoint; visprune's tools load 'llava' and 'llava_next' models"
         )
-    net = classes[config.model_type].from_pretrained(source, dtype=dtype).to(device).eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        net = classes[config.model_type].from_pretrained(source, dtype=dtype).to(device).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     processor = AutoProcessor.from_pretrained(source)
     return net, processor

@@ -151,17 +151,14 @@ def _visual_per_layer(stats: visprune.Stats) -> list[float]:
 class Runner:
     """Loads the model once, renders the items once, and evaluates cells into a results dict."""
 
-    def __init__(self, cfg: EvalConfig, device: str | None = None, progress: bool = True) -> None:
+    def __init__(self, cfg: EvalConfig, device: str | None = None) -> None:
         from visprune import bundled
 
         self.cfg = cfg
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.processor = bundled.load(cfg.model, device=self.device)
         self.dtype = next(self.model.parameters()).dtype
-        split = load_split(cfg.split, offset=cfg.offset) if cfg.limit is None else None
-        n = len(split) if split is not None else cfg.limit
-        self.items = list(load_split(cfg.split, n=n, offset=cfg.offset))
-        self.progress = progress
+        self.items = list(load_split(cfg.split, n=cfg.limit, offset=cfg.offset))
         self._batches: list[dict[str, torch.Tensor]] | None = None
         text_cfg = self.model.config.text_config
         self.n_layers = text_cfg.num_hidden_layers
@@ -278,7 +275,7 @@ def evaluate(
     if skipped:
         log(f"resuming: {skipped} of {len(cells)} cells already in {path}")
     if pending:
-        runner = Runner(cfg, device=device, progress=progress)
+        runner = Runner(cfg, device=device)
         results["environment"] = environment(runner.device)
         results["items"] = len(runner.items)
         n_batches = len(range(0, len(runner.items), cfg.batch_size))

@@ -5,18 +5,26 @@
    which texts are present, the object count, the background tone), so CLS is the image's global
    summary and its last-layer attention looks at the objects; a dense head on the patch tokens of
    hidden_states[-2] (what the LLM reads) predicts each patch's object colour / shape / size,
-   object centres, text and the object that text belongs to, and the patch's row and column.
+   object centres, text, the object that text belongs to, the character centred in the patch, and
+   the patch's row and column.
 2. Projector alignment (tower frozen): projector + LM learn to caption the scene ("red circle
    top-left 47 . ..."). The LM starts from scratch here, unlike LLaVA's pretrained LLM, so it
    trains with the projector.
 3. Instruction tuning (tower frozen): projector + LM on the suite's questions, loss on answer + eos.
+   Optional curriculum (`--sparse-fraction`): the first part of the stage feeds the LM only the
+   object / text rows (plus a few background rows) at their dense positions, so that it learns to
+   find objects among ~200 tokens before it has to among all 576.
 
 Images are rendered by DataLoader workers from seeds (`SceneStream`) and kept in a GPU replay buffer:
 every step takes one fresh batch and fills the rest of its batch from the buffer. A time guard ends
 training early and still saves. Usage:
 
     python -m visprune.train.tiny --out /tmp/tiny-llava --seed 0
-    python -m visprune.train.tiny --out /tmp/tiny-llava --resume src/visprune/bundled/tiny-llava --stages 3
+    python -m visprune.train.tiny --out /tmp/tiny-llava2 --resume /tmp/tiny-llava --stages 3 --sparse-fraction 0.5
+
+The bundled weights came from exactly these two runs; docs/results/README.md gives the full
+commands, the step counts and the GPU time. Stages end at their step count or their seconds
+(`--stageN-seconds`, the default), so a time-limited run's step count depends on the GPU.
 
 `--out` receives a complete Hugging Face folder (fp16 safetensors shards of at most 15 MB, config,
 processor) and train_log.json; `python -m visprune.train.tiny --export DIR` writes the config and
@@ -77,6 +85,9 @@ class TrainArgs:
     stage2_batch: int = 192
     stage3_images: int = 128
     questions_per_image: int = 4
+    sparse_fraction: float = 0.0  # stage 3 curriculum: this first fraction feeds the LM only object rows
+    sparse_tokens: int = 192  # rows per image in that phase (object / text patches first, then background)
+    sparse_background: float = 0.08  # chance that a background patch is preferred like an object patch
     fresh: int = 32  # images rendered per DataLoader batch
     stage1_fresh: int = 2  # fresh DataLoader batches per step in each stage
     lm_fresh: int = 1
@@ -181,16 +192,26 @@ def pretrain_loss(tower: nn.Module, heads: PretrainHeads, pixels: Tensor, patch:
     return sum(losses.values()), {k: v.detach() for k, v in losses.items()} | metrics
 
 
-def lm_loss(model: nn.Module, feats: Tensor, suffix: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token loss on `targets` [Bs, S] (bool) of `suffix` [Bs, S], given projected image rows [Bs, N, D].
+def lm_loss(
+    model: nn.Module, feats: Tensor, suffix: Tensor, targets: Tensor, rows: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Next-token loss on `targets` [Bs, S] (bool) of `suffix` [Bs, S], given projected image rows [Bs, K, D].
 
-    The sequence is bos, "user", ":", the N image rows, then the suffix (right-padded; padding only
-    follows real tokens, so the causal mask alone is enough). Returns (loss, token accuracy).
+    The sequence is bos, "user", ":", the K image rows, then the suffix (right-padded; padding only
+    follows real tokens, so the causal mask alone is enough). `rows` [Bs, K]: the grid index of each
+    image row when only some of the N rows are given; every token then keeps the position it has in
+    the dense sequence. Returns (loss, token accuracy).
     """
     emb = model.get_input_embeddings()
     prefix = emb(torch.tensor(PREFIX_IDS, device=suffix.device)).unsqueeze(0).expand(suffix.shape[0], -1, -1)
     x = torch.cat([prefix, feats.to(prefix.dtype), emb(suffix)], dim=1)
-    hidden = model.model.language_model(inputs_embeds=x).last_hidden_state
+    positions = None
+    if rows is not None:
+        p = prefix.shape[1]
+        head = torch.arange(p, device=suffix.device).expand(suffix.shape[0], -1)
+        tail = p + N_PATCHES + torch.arange(suffix.shape[1], device=suffix.device).expand(suffix.shape[0], -1)
+        positions = torch.cat([head, p + rows, tail], dim=1)
+    hidden = model.model.language_model(inputs_embeds=x, position_ids=positions).last_hidden_state
     start = prefix.shape[1] + feats.shape[1]
     logits = model.lm_head(hidden[:, start - 1 : start - 1 + suffix.shape[1]]).float()
     labels = torch.where(targets, suffix, -100)
@@ -313,6 +334,17 @@ def _questions(batch: dict[str, Tensor], per_image: int, gen: torch.Generator) -
     return image, suffix, targets
 
 
+def _sparse_rows(patch: Tensor, k: int, background: float, gen: torch.Generator) -> Tensor:
+    """[B, k] ascending grid indices: every object / text patch (up to k), then random background ones.
+
+    The curriculum's first phase feeds the LM these rows only, at their dense positions, so that it
+    learns to find objects among ~k tokens before it has to among all N."""
+    content = (patch[..., 0] > 0) | (patch[..., 4] > 0)
+    noise = torch.rand(content.shape, device=patch.device, generator=gen)
+    score = content.float() * 2 + (noise < background).float() + noise
+    return score.topk(k, dim=1).indices.sort(dim=1).values
+
+
 def _captions(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     ids, length = batch["cap_ids"].long(), batch["cap_len"].long()
     j = torch.arange(ids.shape[1], device=ids.device)
@@ -332,7 +364,8 @@ class Trainer:
         if resume is not None:
             from transformers import LlavaForConditionalGeneration
 
-            self.model = LlavaForConditionalGeneration.from_pretrained(resume, dtype=torch.float32)
+            config = build_config(cfg)  # from code, so any transformers 5.x reads the weights alike
+            self.model = LlavaForConditionalGeneration.from_pretrained(resume, config=config, dtype=torch.float32)
         else:
             self.model = build_model(cfg, seed=args.seed)
         self.model.to(self.device).train()
@@ -351,6 +384,7 @@ class Trainer:
         self.log: dict[str, Any] = {"args": asdict(args), "stages": {}, "device": self._device_name()}
         self.stopped_early = False
         self.data_wait = 0.0
+        self.progress = 0.0
         self.heads = PretrainHeads(self.model.model.vision_tower.config.hidden_size).to(self.device)
         if heads is not None:
             from safetensors.torch import load_file
@@ -389,6 +423,7 @@ class Trainer:
             if self.out_of_time():
                 self.stopped_early = True
                 break
+            self.progress = progress
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(progress, lr, self.args.warmup)
             slots = self._fresh(fresh)
@@ -448,9 +483,14 @@ class Trainer:
         def step(slots: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             b = self.replay.batch(slots, a.stage3_images)
             image, suffix, targets = _questions(b, a.questions_per_image, self.gen)
-            feats = self._image_rows(b["image"])[image]
-            loss, acc = lm_loss(self.model, feats, suffix, targets)
-            return loss, {"tok_acc": acc}
+            feats = self._image_rows(b["image"])
+            rows = None
+            if self.progress < a.sparse_fraction:
+                rows = _sparse_rows(b["patch"], a.sparse_tokens, a.sparse_background, self.gen)
+                feats = feats.gather(1, rows.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+                rows = rows[image]
+            loss, acc = lm_loss(self.model, feats[image], suffix, targets, rows)
+            return loss, {"tok_acc": acc, "sparse": torch.tensor(float(rows is not None))}
 
         self._set_trainable(tower=False, lm=True)
         self._loop(
