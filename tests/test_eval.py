@@ -13,24 +13,25 @@ from visprune.eval import synth as ev
 pytestmark = pytest.mark.skipif(not bundled.available(), reason="bundled model weights missing")
 
 
-def test_budget_mapping_for_a_32_layer_llm() -> None:
+def test_eval_uses_the_shared_budget_mapping() -> None:
+    from visprune.budgets import options_for_budget
+
     assert ev.budget_options("fastervlm", 64, 576, 32) == {"budget": 64}
-    assert ev.budget_options("visionzip", 128, 576, 32) == {"budget": 128}
     assert ev.budget_options("fastv", 144, 576, 32) == {"keep_ratio": 0.25}
-    assert ev.budget_options("pdrop", 144, 576, 32) == {"layers": (8, 16, 24), "keep_ratios": (0.5, 0.25, 0.125)}
-    assert ev.budget_options("sparsevlm", 192, 576, 32) == {"layers": (2, 6, 15), "keep_counts": (300, 200, 110)}
     assert ev.budget_options("prumerge+", None, 576, 32) == {}
+    for method in ("pdrop", "sparsevlm", "dart", "visionzip"):
+        assert ev.budget_options(method, 192, 576, 8) == options_for_budget(method, 192, 576, 8)
     with pytest.raises(InputError):
         ev.budget_options("prumerge", 64, 576, 32)
 
 
-def test_layers_scaled_to_a_shallow_llm() -> None:
-    assert ev.scaled_layers((8, 16, 24), 8) == (2, 4, 6)
-    assert ev.scaled_layers((2, 6, 15), 8, offset=1) == (1, 2, 4)
-    assert ev.scaled_layers((2,), 8) == (2,)
+def test_layers_moved_into_a_shallow_llm() -> None:
+    assert ev.budget_options("pdrop", 192, 576, 8)["layers"] == (2, 4, 6)
+    assert ev.budget_options("sparsevlm", 192, 576, 8)["layers"] == (1, 2, 4)
+    assert ev.budget_options("fastv", None, 576, 8) == {}  # layer 2 fits
     assert ev.budget_options("knee+text", None, 576, 2) == {"text_layer": 1}
     with pytest.raises(InputError):
-        ev.scaled_layers((8, 16, 24), 2)
+        ev.budget_options("pdrop", 32, 576, 8)  # the first layer alone averages 72 tokens
 
 
 def test_plan_has_dense_adaptive_defaults_and_fixed_budgets() -> None:

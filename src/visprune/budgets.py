@@ -12,7 +12,9 @@ Rules (documented in the README):
   (300, 200, 110) counts by one factor.
 - adaptive methods (prumerge, prumerge+, knee, knee+text) take no budget: use their defaults.
 Layer defaults of the multi-stage methods are published for 32-layer LLMs (7B); for another depth
-they are moved to the same relative depth (e.g. pdrop's 8/16/24 become 2/4/6 in an 8-layer LLM).
+they are moved to the same relative depth (e.g. pdrop's 8/16/24 become 2/4/6 in an 8-layer LLM), and
+a single pruning layer (fastv, dart, knee+text) moves only when the LLM is too shallow for it.
+This module is the one budget mapping used by `visprune bench`, `visprune eval` and `visprune viz`.
 """
 
 from __future__ import annotations
@@ -70,25 +72,43 @@ def _average_tokens(dense: int, num_layers: int, layers: tuple[int, ...], counts
     return total / num_layers
 
 
-def options_for_budget(method: str, budget: int | None, dense: int = 576, num_layers: int = 32) -> dict[str, Any]:
-    """Options that make `method` feed about `budget` visual tokens (None: the method's defaults)."""
+def fit_layers(method: str, num_layers: int) -> dict[str, Any]:
+    """Options that move `method`'s default LLM layers into a `num_layers`-layer LLM ({} if none needed).
+
+    pdrop's and sparsevlm's stage layers go to the same relative depth whenever the LLM is not 32 layers
+    deep; a single `layer` / `text_layer` (fastv, dart, knee+text) only moves when it does not fit.
+    """
     spec = get_method(method)
-    if budget is None or method in ADAPTIVE:
-        if budget is not None:
-            raise InputError(f"{method} is adaptive and takes no budget; pass budget=None")
-        return {}
+    options: dict[str, Any] = {}
+    if method in ("pdrop", "sparsevlm") and num_layers != REFERENCE_LAYERS:
+        options["layers"] = scale_layers(tuple(spec.defaults["layers"]), num_layers)
+    for name in ("layer", "text_layer"):
+        if name in spec.defaults and spec.defaults[name] >= num_layers:
+            options[name] = scale_layers((spec.defaults[name],), num_layers)[0]
+    return options
+
+
+def options_for_budget(method: str, budget: int | None, dense: int = 576, num_layers: int = 32) -> dict[str, Any]:
+    """Options that make `method` feed about `budget` visual tokens (None: its defaults) to an LLM of
+    `num_layers` layers whose dense image has `dense` tokens."""
+    spec = get_method(method)
+    options = fit_layers(method, num_layers)
+    if budget is None:
+        return options
+    if method in ADAPTIVE:
+        raise InputError(f"{method} is adaptive and takes no budget; pass budget=None")
     if not 1 <= budget <= dense:
         raise InputError(f"budget={budget} must be between 1 and the dense count {dense}")
-    if method in ENCODER_BUDGET:
-        return {"budget": budget}
-    if method == "dart":
-        return {"budget": budget}
+    if method in ENCODER_BUDGET or method == "dart":
+        return {**options, "budget": budget}
     if method == "fastv":
-        return {"keep_ratio": budget / dense}
-    layers = scale_layers(tuple(spec.defaults["layers"]), num_layers)
+        return {**options, "keep_ratio": budget / dense}
+    layers = options.get("layers", tuple(spec.defaults["layers"]))
     if method == "sparsevlm":
         published = spec.defaults["keep_counts"]
         prune_at = tuple(layer + 1 for layer in layers)  # sparsevlm scores at `layers`, prunes after them
+        if prune_at[-1] >= num_layers:
+            raise InputError(f"sparsevlm's layers {layers} leave no layer to prune in a {num_layers}-layer LLM")
         fixed = _average_tokens(dense, num_layers, prune_at, [0.0] * len(layers))
         per_unit = _average_tokens(dense, num_layers, prune_at, list(published)) - fixed
         scale = (budget - fixed) / per_unit
@@ -98,14 +118,11 @@ def options_for_budget(method: str, budget: int | None, dense: int = 576, num_la
                 f"sparsevlm cannot average {budget} tokens with layers {layers} in a {num_layers}-layer LLM "
                 f"(the layers before its first stage alone average {fixed:.0f})"
             )
-        options: dict[str, Any] = {"keep_counts": counts}
-        if layers != tuple(spec.defaults["layers"]):
-            options["layers"] = layers
-        return options
+        return {**options, "keep_counts": counts}
     if method == "pdrop":
         for stage_layers in (layers, scale_layers(EARLY_PDROP_LAYERS, num_layers)):
             ratios = _pdrop_ratios(budget, dense, num_layers, stage_layers)
             if ratios is not None:
-                return {"layers": stage_layers, "keep_ratios": ratios}
+                return {**options, "layers": stage_layers, "keep_ratios": ratios}
         raise InputError(f"pdrop cannot average {budget} tokens in a {num_layers}-layer LLM")
     raise InputError(f"no budget rule for method {method!r}")

@@ -7,14 +7,11 @@ image) onto a method's options:
 
 - fastervlm, vtc-cls, tome, random, pool, dart, visionzip: `budget=B` (visionzip splits it 54:10 into
   dominant and contextual tokens);
-- fastv: `keep_ratio=B/576` (B tokens kept from LLM layer `layer` on);
-- pdrop: `keep_ratios=(2B/N, B/N, B/2N)` (clipped to 1), so the middle stage keeps B;
-- sparsevlm: `keep_counts=B * (300, 200, 110) / 192` (the published 192-token schedule, scaled).
-
-LLM layers: methods whose default layers assume LLaVA-1.5-7B's 32 decoder layers (pdrop's 8/16/24,
-sparsevlm's 2/6/15) get them scaled to the model's depth, max(1, round(l * L / 32)), made strictly
-increasing, when the defaults do not fit the model; so do fastv's, dart's and knee+text's layer 2
-(kept as is in any LLM of 3 layers or more).
+- fastv: `keep_ratio=B/N` (B tokens kept from LLM layer `layer` on);
+- pdrop, sparsevlm: the average number of image tokens over all LLM layers is B (pdrop keeps
+  lambda^s after stage s; sparsevlm scales its published (300, 200, 110) schedule); budgets their stages
+  cannot reach are skipped with the reason.
+The rules and the moving of 32-layer layer choices to shallower LLMs are in `visprune.budgets`.
 
 Results are stored per cell in a JSON file that is rewritten after every cell; a later run with the
 same model, split, items and generation settings skips the cells already there (resumable).
@@ -33,14 +30,13 @@ from typing import Any
 import torch
 
 import visprune
+from visprune.budgets import options_for_budget
 from visprune.errors import InputError
 from visprune.synth import FAMILIES, load_split, score
 
 BUDGETS: tuple[int, ...] = (32, 64, 128, 192)
 DENSE = "none"
 DEFAULT = "default"
-REFERENCE_LAYERS = 32  # LLaVA-1.5-7B's decoder depth, which the published layer choices assume
-SPARSEVLM_192 = (300, 200, 110)
 
 
 def all_methods() -> list[str]:
@@ -48,48 +44,10 @@ def all_methods() -> list[str]:
     return [spec.name for spec in visprune.methods()]
 
 
-def scaled_layers(layers: Sequence[int], n_layers: int, offset: int = 0) -> tuple[int, ...]:
-    """`layers` (chosen for a 32-layer LLM) scaled to an `n_layers` LLM: max(1, round(l * L / 32)),
-    strictly increasing, each + offset < n_layers. Unchanged when they already fit."""
-    if max(layers) + offset < n_layers:
-        return tuple(layers)
-    out: list[int] = []
-    for layer in layers:
-        value = max(1, round(layer * n_layers / REFERENCE_LAYERS))
-        if out and value <= out[-1]:
-            value = out[-1] + 1
-        out.append(value)
-    if out[-1] + offset >= n_layers:
-        raise InputError(f"cannot place layers {list(layers)} in a {n_layers}-layer LLM")
-    return tuple(out)
-
-
 def budget_options(method: str, budget: int | None, n_visual: int, n_layers: int) -> dict[str, Any]:
-    """The options that run `method` at `budget` visual tokens (None: its defaults) on this model."""
-    spec = visprune.get_method(method)
-    options: dict[str, Any] = {}
-    if method == "pdrop":
-        options["layers"] = scaled_layers(spec.defaults["layers"], n_layers)
-    elif method == "sparsevlm":
-        options["layers"] = scaled_layers(spec.defaults["layers"], n_layers, offset=1)
-    for name in ("layer", "text_layer"):
-        if name in spec.defaults and spec.defaults[name] >= n_layers:
-            options[name] = scaled_layers((spec.defaults[name],), n_layers)[0]
-    if budget is None:
-        return options
-    if spec.adaptive:
-        raise InputError(f"{method} is adaptive: it takes no budget (run it at its defaults)")
-    if method == "fastv":
-        options["keep_ratio"] = min(1.0, budget / n_visual)
-    elif method == "pdrop":
-        options["keep_ratios"] = tuple(min(1.0, f * budget / n_visual) for f in (2.0, 1.0, 0.5))
-    elif method == "sparsevlm":
-        options["keep_counts"] = tuple(max(1, round(budget * c / 192)) for c in SPARSEVLM_192)
-    elif "budget" in spec.defaults:
-        options["budget"] = budget
-    else:
-        raise InputError(f"no budget mapping for {method}")
-    return options
+    """The options that run `method` at `budget` visual tokens (None: its defaults) on this model;
+    the rules live in visprune.budgets (shared with `visprune bench`)."""
+    return options_for_budget(method, budget, n_visual, n_layers)
 
 
 def cell_name(method: str, budget: int | None) -> str:
