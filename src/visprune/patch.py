@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visprune.errors import InputError
+from visprune.errors import InputError, UnsupportedModelError
 from visprune.llm_pruning import DecoderPruner
 from visprune.methods import MethodSpec, Placement, Reduction, get_method
 from visprune.models import Adapter, adapter_for
@@ -107,6 +107,7 @@ class Handle:
     encoder_options: dict[str, Any] = field(default_factory=dict, repr=False)
     pruner: DecoderPruner | None = field(repr=False, default=None)
     sync_timings: bool = False
+    keep_positions: bool = False
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _saved: dict[str, Any] = field(default_factory=dict, repr=False)
     _in_generate: bool = field(default=False, repr=False)
@@ -153,7 +154,12 @@ def _resolve(
 
 
 def apply(
-    model: nn.Module, method: str | Sequence[str] = "prumerge+", *, sync_timings: bool = False, **options: Any
+    model: nn.Module,
+    method: str | MethodSpec | Sequence[str | MethodSpec] = "prumerge+",
+    *,
+    sync_timings: bool = False,
+    keep_positions: bool = False,
+    **options: Any,
 ) -> Handle:
     """Patch `model` in place to feed its LLM fewer visual tokens with `method`; returns a Handle.
 
@@ -161,6 +167,10 @@ def apply(
     encoder-side and one LLM-side method, e.g. ['visionzip', 'fastv'] with options per method
     (`visionzip={'budget': 128}`). Single-method options are plain keywords (`budget=64`).
     A MethodSpec (unregistered, e.g. a method of your own) is accepted wherever a name is.
+    keep_positions: give every token the position id it has in the dense sequence (kept visual tokens
+    keep theirs, text after the image keeps its place) instead of renumbering the shorter sequence, as
+    LLM-side stages always do. Off by default, as in the published encoder-side methods; models that
+    only saw the dense layout need it (the bundled tiny model does). LlavaForConditionalGeneration only.
     The model keeps its attention implementation; `generate` and `forward` keep their signatures.
     """
     adapter = adapter_for(model)
@@ -170,6 +180,10 @@ def apply(
             f"this model is already patched with {list(current)}; call visprune.remove(model) before applying again"
         )
     resolved = _resolve(method, options)
+    if keep_positions and type(model).__name__ != "LlavaForConditionalGeneration":
+        raise UnsupportedModelError(
+            f"keep_positions is supported for LlavaForConditionalGeneration, not {type(model).__name__}"
+        )
     stats = Stats()
     encoder = llm = None
     enc_opts: dict[str, Any] = {}
@@ -210,6 +224,7 @@ def apply(
         encoder_options=enc_opts,
         pruner=pruner,
         sync_timings=sync_timings,
+        keep_positions=keep_positions,
     )
     handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
     original_generate, original_forward = model.generate, model.forward
@@ -291,8 +306,14 @@ def _prepare(
         stats.visual_tokens_out = [f.shape[0] for f in features]
         stats.reductions = tokens.reductions
         _check_placeholders(runs, tokens.tokens_in)
+    offsets = None
+    if handle.keep_positions:
+        offsets = [
+            torch.where(crops[0].sources >= 0, crops[0].sources, n - 1)
+            for crops, n in zip(stats.reductions, stats.visual_tokens_in, strict=True)
+        ]
     embeds = adapter.embed(input_ids)
-    batch = splice(input_ids, attention_mask, embeds, adapter.image_token_id, features, runs, labels)
+    batch = splice(input_ids, attention_mask, embeds, adapter.image_token_id, features, runs, labels, offsets)
     stats.position_map = batch.position_map
     real = batch.attention_mask.sum(1).tolist()
     n_layers = len(adapter.decoder_layers)
@@ -327,6 +348,8 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_sizes, None)
     handle._in_generate = True
     try:
+        if batch.position_ids is not None:
+            kwargs["position_ids"] = batch.position_ids
         out = original(
             input_ids=batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs
         )
@@ -369,6 +392,8 @@ def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     if kwargs.get("position_ids") is not None:
         raise InputError("the patched forward builds its own position_ids; do not pass them")
     batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_sizes, labels)
+    if batch.position_ids is not None:
+        kwargs["position_ids"] = batch.position_ids
     out = original(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
     _finish_stats(handle)
     final = handle.pruner.final_index if handle.pruner is not None else None
