@@ -76,3 +76,8 @@ def test_eval_end_to_end_and_resume(tmp_path, monkeypatch, capsys) -> None:
     assert cli.main([*more, "--quiet", "--device", "cpu"]) == 0
     assert computed == [("pool", 64)]
     assert set(json.loads((out / "results.json").read_text())["cells"]) == {"none", "prumerge", "fastv@64", "pool@64"}
+
+
+def test_keep_positions_is_part_of_the_resume_key() -> None:
+    plain, kept = ev.EvalConfig(model="m"), ev.EvalConfig(model="m", keep_positions=True)
+    assert plain.key() != kept.key() and kept.key()["keep_positions"] is True

@@ -162,6 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         methods=_methods_arg(args.methods) or all_methods(),
         budgets=list(args.budgets),
+        keep_positions=args.keep_positions,
     )
     out = Path(args.out)
     results = evaluate(cfg, out, device=_device(args.device), progress=not args.quiet)
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=int, default=0, help="first item index")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument(
+        "--keep-positions", action="store_true", help="encoder-side methods keep dense position ids (apply option)"
+    )
     p.add_argument("--out", default="eval-results", help="folder for results.json / results.md / the plot")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -80,15 +80,19 @@ class EvalConfig:
     max_new_tokens: int = 4
     methods: list[str] = field(default_factory=all_methods)
     budgets: list[int] = field(default_factory=lambda: list(BUDGETS))
+    keep_positions: bool = False  # visprune.apply(..., keep_positions=...) for every cell
 
     def key(self) -> dict[str, Any]:
-        return {
+        key = {
             "model": self.model,
             "split": self.split,
             "limit": self.limit,
             "offset": self.offset,
             "max_new_tokens": self.max_new_tokens,
         }
+        if self.keep_positions:
+            key["keep_positions"] = True
+        return key
 
 
 def _summary(correct: dict[str, int], count: dict[str, int]) -> dict[str, float]:
@@ -151,7 +155,7 @@ class Runner:
                 for _ in self.batches():
                     tick()
             return {"method": method, "budget": budget, "skipped": str(err)}
-        handle = visprune.apply(self.model, method, **options)
+        handle = visprune.apply(self.model, method, keep_positions=self.cfg.keep_positions, **options)
         correct = dict.fromkeys(FAMILIES, 0)
         count = dict.fromkeys(FAMILIES, 0)
         tokens_in: list[int] = []
