@@ -8,7 +8,7 @@ import visprune
 from visprune.errors import InputError
 from visprune.models.llava_next import _split_budget
 
-from .tiny import make_next_inputs, tiny_llava_next
+from .tiny import COMPOSITION, METHOD_OPTIONS, make_next_inputs, tiny_llava_next
 
 SIZES = [(40, 100), (100, 40), (56, 56)]
 
@@ -64,19 +64,15 @@ def test_keeping_every_token_reproduces_the_dense_packing(model, inputs):
         visprune.remove(model)
 
 
-@pytest.mark.parametrize(
-    ("method", "options"),
-    [
-        ("fastervlm", {"budget": 12}),
-        ("prumerge", {}),
-        ("pool", {"budget": 12}),
-        ("visionzip", {"dominant": 8, "contextual": 4}),
-        ("knee+text", {"k_min": 2}),
-        ("fastv", {}),
-    ],
-)
-def test_batch_equals_one_by_one(model, inputs, method, options):
-    handle = visprune.apply(model, method, **options)
+NEXT_OPTIONS = {**METHOD_OPTIONS, "pool": {"budget": 12}}  # per-crop shares of 12 factorise on 4 x 4 crops
+
+
+@pytest.mark.parametrize("method", [*METHOD_OPTIONS, "composition"])
+def test_batch_equals_one_by_one(model, inputs, method):
+    if method == "composition":
+        handle = visprune.apply(model, list(COMPOSITION[0]), **COMPOSITION[1])
+    else:
+        handle = visprune.apply(model, method, **NEXT_OPTIONS[method])
     try:
         batched = generate(model, inputs)[:, -4:]
         counts = list(handle.stats.visual_tokens_out)
