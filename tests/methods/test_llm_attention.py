@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.methods.llm_fixtures import make_layout
 from visprune.errors import InputError
 from visprune.methods.base import TokenLayout
 from visprune.methods.llm_attention import (
@@ -17,19 +18,6 @@ from visprune.methods.llm_attention import (
     rows_from_mask,
     top_count_mask,
 )
-
-
-def make_layout(specs, side="left", extra=0):
-    """specs: per sample (n_system, n_visual, n_query); padded on `side` to max length + extra."""
-    s = max(a + b + c for a, b, c in specs) + extra
-    masks = {n: torch.zeros(len(specs), s, dtype=torch.bool) for n in ("attention_mask", "visual", "query", "system")}
-    for i, (a, b, c) in enumerate(specs):
-        o = s - (a + b + c) if side == "left" else 0
-        masks["attention_mask"][i, o : o + a + b + c] = True
-        masks["system"][i, o : o + a] = True
-        masks["visual"][i, o + a : o + a + b] = True
-        masks["query"][i, o + a + b : o + a + b + c] = True
-    return TokenLayout(**masks)
 
 
 def eager_probs(q, k, attention_mask):
