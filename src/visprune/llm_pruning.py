@@ -32,6 +32,7 @@ class _Group:
     prefill_mask: Any
     position_embeddings: tuple[Tensor, Tensor]
     position_ids: Tensor | None
+    all_valid: bool  # no padding slots: masks can be left to the attention kernel
 
 
 @dataclass
@@ -144,7 +145,7 @@ class DecoderPruner:
     def _decode_mask(self, group: _Group, past: int, q_len: int, dtype: torch.dtype) -> Tensor | None:
         b, s_g = group.valid.shape
         generated = past + q_len - s_g
-        if bool(group.valid.all()) and self.attn_impl != "eager":
+        if group.all_valid and self.attn_impl != "eager":
             return None
         keys = torch.cat([group.valid, group.valid.new_ones(b, generated)], dim=1)  # [B, kv]
         kv = keys.shape[1]
@@ -213,10 +214,9 @@ class DecoderPruner:
         allowed = (valid[:, None, None, :] & causal[None, None]) | torch.eye(
             width, dtype=torch.bool, device=hidden.device
         )[None, None]
-        if bool(valid.all()) and self.attn_impl != "eager":
-            mask = None
-        else:
-            mask = format_mask(allowed, self.attn_impl, hidden.dtype)
+        all_valid = bool(valid.all())
+        plain = all_valid and self.attn_impl != "eager"
+        mask = None if plain else format_mask(allowed, self.attn_impl, hidden.dtype)
 
         sub = layout.subset(index)
         st.layout = TokenLayout(
@@ -233,6 +233,7 @@ class DecoderPruner:
                 prefill_mask=mask,
                 position_embeddings=(gather3(cos), gather3(sin)),
                 position_ids=new_pos_ids,
+                all_valid=all_valid,
             )
         )
         return gather3(hidden)
