@@ -64,10 +64,10 @@ _WORDS = (
 TEXTS: tuple[str, ...] = (
     tuple(c for c in string.ascii_uppercase if c not in "IO")
     + tuple(string.digits)
-    + tuple(str(n) for n in range(10, 100))
+    + tuple(str(n) for n in range(10, 100, 4))
     + _WORDS
 )
-FONT_SIZES: tuple[int, ...] = (18, 20, 22, 24)
+FONT_SIZES: tuple[int, ...] = (22, 26, 30)  # cap heights of about 16-22 px: one to two 14 px patches
 TEXT_GAP = 3
 INTERIOR_RATIO: dict[str, float] = {"square": 0.9, "circle": 0.68, "diamond": 0.48}
 

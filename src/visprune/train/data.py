@@ -81,6 +81,7 @@ def ids_of(text: str) -> list[int]:
 
 PREFIX_IDS: list[int] = [_IDS[BOS], *ids_of(_PREFIX.replace("<image>", ""))]  # bos, user, :
 TAIL_IDS: list[int] = ids_of(_TAIL)  # answer with a single word or number . assistant :
+USER_IDS: list[int] = ids_of("USER:")  # opens every turn after the first
 CAPTION_PROMPT_IDS: list[int] = ids_of(CAPTION_QUESTION) + ids_of("ASSISTANT:")
 EOS_ID, PAD_ID = _IDS[EOS], _IDS[PAD]
 

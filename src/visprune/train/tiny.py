@@ -60,13 +60,15 @@ from visprune.train.data import (
     PATCH_FIELDS,
     PREFIX_IDS,
     SUFFIX_LEN,
+    USER_IDS,
     SceneStream,
     ids_of,
     question_suffix,
 )
 
 SHARD_SIZE = "15MB"
-HEADS_FILE = "pretrain_heads.safetensors"  # stage-1 heads (not part of the model), to resume stage 1
+HEADS_FILE = "pretrain_heads.safetensors"
+FIELD_WEIGHTS = {"text": 2.0, "char": 2.0}  # reading is the slowest skill to learn: weigh its labels up  # stage-1 heads (not part of the model), to resume stage 1
 
 
 @dataclass
@@ -84,7 +86,7 @@ class TrainArgs:
     stage1_batch: int = 256
     stage2_batch: int = 192
     stage3_images: int = 128
-    questions_per_image: int = 4
+    turns: int = 12  # questions per image, asked as one multi-turn conversation
     sparse_fraction: float = 0.0  # stage 3 curriculum: this first fraction feeds the LM only object rows
     sparse_tokens: int = 192  # rows per image in that phase (object / text patches first, then background)
     sparse_background: float = 0.08  # chance that a background patch is preferred like an object patch
@@ -101,6 +103,7 @@ class TrainArgs:
     time_limit: float = 560.0  # seconds from start; training stops in time to evaluate and save
     reserve: float = 30.0  # seconds kept for evaluation and saving
     eval_items: int = 1008
+    eval_split: str = "val"  # the end-of-run check; the test split is kept for the final evaluation
     stream_start: int = 0  # first DataLoader batch index (a resumed run uses new scenes)
     log_every: int = 100
     config: dict[str, Any] = field(default_factory=lambda: TinyConfig().to_dict())
@@ -165,7 +168,7 @@ def pretrain_loss(tower: nn.Module, heads: PretrainHeads, pixels: Tensor, patch:
         logits = dense[..., offset : offset + width]
         offset += width
         ce = F.cross_entropy(logits.reshape(-1, width), patch[..., i].reshape(-1), reduction="none")
-        losses[name] = (ce * weight.reshape(-1)).sum() / weight.sum()
+        losses[name] = (ce * weight.reshape(-1)).sum() / weight.sum() * FIELD_WEIGHTS.get(name, 1.0)
         mask = (patch[..., i] > 0).float()
         hits = (logits.argmax(-1) == patch[..., i]).float()
         metrics[f"acc_{name}"] = (hits * mask).sum() / mask.sum().clamp(min=1)
@@ -320,18 +323,34 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     return result
 
 
-def _questions(batch: dict[str, Tensor], per_image: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Pick `per_image` questions per image: (image index [Bs], suffix ids [Bs, S], target mask [Bs, S])."""
+def _dialogues(batch: dict[str, Tensor], turns: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One multi-turn conversation per image, as LLaVA's instruction data: up to `turns` of the scene's
+    questions in random order, each turn after the first opening with "USER:". Returns the token ids
+    after the image [B, L] (right-padded) and the target mask [B, L] (every answer and its eos).
+
+    Every question type lands in the first turn (the evaluation's layout) equally often, and each image
+    pays for its 576 visual tokens once for all its answers."""
     q_ids, q_len = batch["q_ids"].long(), batch["q_len"].long()
-    valid = q_len > 0
-    score = torch.rand(q_len.shape, device=q_len.device, generator=gen).masked_fill(~valid, -1.0)
-    pick = score.topk(per_image, dim=1).indices  # [B, k]; picks past a scene's questions get no targets
-    image = torch.arange(q_ids.shape[0], device=q_ids.device).repeat_interleave(per_image)
-    suffix = q_ids.gather(1, pick.unsqueeze(-1).expand(-1, -1, q_ids.shape[2])).reshape(-1, q_ids.shape[2])
-    length = q_len.gather(1, pick).reshape(-1)
-    j = torch.arange(suffix.shape[1], device=suffix.device)
-    targets = (j >= length.unsqueeze(1) - 2) & (j < length.unsqueeze(1))
-    return image, suffix, targets
+    images, _, width = q_ids.shape
+    device = q_ids.device
+    score = torch.rand(q_len.shape, device=device, generator=gen).masked_fill(q_len == 0, -1.0)
+    pick = score.topk(min(turns, q_len.shape[1]), dim=1).indices  # valid questions first, shuffled
+    ids = q_ids.gather(1, pick.unsqueeze(-1).expand(-1, -1, width))  # [B, T, S]
+    length = q_len.gather(1, pick).unsqueeze(-1)  # [B, T, 1]; 0 for picks past the scene's questions
+    j = torch.arange(width, device=device)
+    real = j < length
+    targets = (j >= length - 2) & real
+    user = torch.tensor(USER_IDS, device=device).expand(images, pick.shape[1], -1)
+    later = torch.arange(pick.shape[1], device=device).view(1, -1, 1) > 0
+    user_real = (length > 0) & later
+    ids = torch.cat([user, ids], dim=2).flatten(1)
+    real = torch.cat([user_real.expand(-1, -1, len(USER_IDS)), real], dim=2).flatten(1)
+    targets = torch.cat([torch.zeros_like(user, dtype=torch.bool), targets], dim=2).flatten(1)
+    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
+    keep = int(real.sum(1).max())
+    order = order[:, :keep]
+    ids = ids.gather(1, order).masked_fill(~real.gather(1, order), PAD_ID)
+    return ids, targets.gather(1, order)
 
 
 def _sparse_rows(patch: Tensor, k: int, background: float, gen: torch.Generator) -> Tensor:
@@ -482,14 +501,13 @@ class Trainer:
 
         def step(slots: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             b = self.replay.batch(slots, a.stage3_images)
-            image, suffix, targets = _questions(b, a.questions_per_image, self.gen)
+            suffix, targets = _dialogues(b, a.turns, self.gen)
             feats = self._image_rows(b["image"])
             rows = None
             if self.progress < a.sparse_fraction:
                 rows = _sparse_rows(b["patch"], a.sparse_tokens, a.sparse_background, self.gen)
                 feats = feats.gather(1, rows.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-                rows = rows[image]
-            loss, acc = lm_loss(self.model, feats[image], suffix, targets, rows)
+            loss, acc = lm_loss(self.model, feats, suffix, targets, rows)
             return loss, {"tok_acc": acc, "sparse": torch.tensor(float(rows is not None))}
 
         self._set_trainable(tower=False, lm=True)
@@ -519,11 +537,11 @@ class Trainer:
         self.log["stopped_early"] = self.stopped_early
         self.save()
         if a.eval_items:
-            loader = DataLoader(EvalItems("test", a.eval_items), batch_size=144, num_workers=a.workers)
+            loader = DataLoader(EvalItems(a.eval_split, a.eval_items), batch_size=144, num_workers=a.workers)
             t = self.elapsed()
-            self.log["test_accuracy"] = evaluate(self.model, loader, self.device)
+            self.log[f"{a.eval_split}_accuracy"] = evaluate(self.model, loader, self.device)
             self.log["eval_seconds"] = round(self.elapsed() - t, 1)
-            print("test accuracy", json.dumps(self.log["test_accuracy"]), flush=True)
+            print(f"{a.eval_split} accuracy", json.dumps(self.log[f"{a.eval_split}_accuracy"]), flush=True)
         self.log["total_seconds"] = round(self.elapsed(), 1)
         (self.out / "train_log.json").write_text(json.dumps(self.log, indent=1))
 
