@@ -115,35 +115,66 @@ def char_centres(text: str, box: tuple[int, int, int, int], size: int) -> list[t
     return centres
 
 
+def _object_cover(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """([GRID, GRID] index of the object covering each patch most, [GRID, GRID] whether it covers enough)."""
+    ids = object_map(scene).reshape(GRID, PATCH, GRID, PATCH)
+    cover = np.stack([(ids == k + 1).sum(axis=(1, 3)) for k in range(len(scene.objects))])  # [K, G, G]
+    return cover.argmax(axis=0), cover.max(axis=0) >= MIN_COVER
+
+
+def _text_patches(scene: Scene) -> list[tuple[int, np.ndarray]]:
+    """(object index, [GRID, GRID] bool: the patches its text covers, later texts taking shared patches)."""
+    text_cover = np.zeros((GRID, GRID), dtype=np.int64)
+    out = []
+    for k, obj in enumerate(scene.objects):
+        if obj.text and obj.text_bbox:
+            c = _box_cover(obj.text_bbox)
+            take = (c >= MIN_COVER) & (c > text_cover)
+            text_cover = np.where(take, c, text_cover)
+            out.append((k, take))
+    return out
+
+
 def patch_labels(scene: Scene) -> np.ndarray:
     """[576, len(PATCH_FIELDS)] uint8 dense labels (raster order), see PATCH_FIELDS."""
     out = np.zeros((GRID, GRID, len(PATCH_FIELDS)), dtype=np.uint8)
     objects = scene.objects
     if objects:
-        ids = object_map(scene).reshape(GRID, PATCH, GRID, PATCH)
-        cover = np.stack([(ids == k + 1).sum(axis=(1, 3)) for k in range(len(objects))])  # [K, G, G]
-        best = cover.argmax(axis=0)
-        has = cover.max(axis=0) >= MIN_COVER
+        best, has = _object_cover(scene)
         color = np.array([COLOR_NAMES.index(o.color) + 1 for o in objects])
         shape = np.array([SHAPES.index(o.shape) + 1 for o in objects])
         size = np.array([SIZE_CLASSES.index(o.size) + 1 for o in objects])
         out[..., 0] = np.where(has, color[best], 0)
         out[..., 1] = np.where(has, shape[best], 0)
         out[..., 2] = np.where(has, size[best], 0)
-        text_cover = np.zeros((GRID, GRID), dtype=np.int64)
-        for k, obj in enumerate(objects):
+        for obj in objects:
             cx, cy = obj.centre
             out[min(int(cy // PATCH), GRID - 1), min(int(cx // PATCH), GRID - 1), 3] = 1
-            if obj.text and obj.text_bbox:
-                c = _box_cover(obj.text_bbox)
-                take = (c >= MIN_COVER) & (c > text_cover)
-                text_cover = np.where(take, c, text_cover)
-                out[..., 4] = np.where(take, TEXTS.index(obj.text) + 1, out[..., 4])
-                out[..., 5] = np.where(take, color[k], out[..., 5])
-                out[..., 6] = np.where(take, shape[k], out[..., 6])
-                for (x, y), char in zip(char_centres(obj.text, obj.text_bbox, obj.text_size), obj.text, strict=True):
-                    out[min(int(y // PATCH), GRID - 1), min(int(x // PATCH), GRID - 1), 7] = CHARS.index(char) + 1
+        for k, take in _text_patches(scene):
+            obj = objects[k]
+            out[..., 4] = np.where(take, TEXTS.index(obj.text) + 1, out[..., 4])
+            out[..., 5] = np.where(take, color[k], out[..., 5])
+            out[..., 6] = np.where(take, shape[k], out[..., 6])
+            for (x, y), char in zip(char_centres(obj.text, obj.text_bbox, obj.text_size), obj.text, strict=True):
+                out[min(int(y // PATCH), GRID - 1), min(int(x // PATCH), GRID - 1), 7] = CHARS.index(char) + 1
     return out.reshape(N_PATCHES, len(PATCH_FIELDS))
+
+
+def patch_owners(scene: Scene) -> np.ndarray:
+    """[576] uint8: 1 + the index of the object each patch shows (its shape, or the text it carries), 0 for
+    background. Instruction tuning uses it to ground answers in the patches of the objects asked about."""
+    out = np.zeros((GRID, GRID), dtype=np.uint8)
+    if scene.objects:
+        best, has = _object_cover(scene)
+        out = np.where(has, best + 1, 0).astype(np.uint8)
+        for k, take in _text_patches(scene):
+            out[take] = k + 1
+    return out.reshape(N_PATCHES)
+
+
+def object_bits(objects: tuple[int, ...]) -> int:
+    """The object indices a question refers to as a bit mask (bit k: object k)."""
+    return sum(1 << k for k in set(objects))
 
 
 def global_labels(scene: Scene) -> np.ndarray:
@@ -185,7 +216,8 @@ def make_example(seed: int) -> dict[str, np.ndarray]:
 
     q_ids [MAX_QUESTIONS, SUFFIX_LEN] / q_len: the suite's questions for this scene (one per family and
     subtype it admits, yes/no answers random), each the suffix with answer and eos, right-padded;
-    the targets are the last two real tokens (answer, eos). cap_ids [CAPTION_LEN] / cap_len: the
+    the targets are the last two real tokens (answer, eos); q_obj [MAX_QUESTIONS]: the objects each
+    question refers to (`object_bits`), with owner [576] (`patch_owners`) the patches to ground it in. cap_ids [CAPTION_LEN] / cap_len: the
     caption prompt's suffix with the caption and eos; targets are the tokens after the prompt.
     """
     scene = make_scene(seed)
@@ -193,17 +225,21 @@ def make_example(seed: int) -> dict[str, np.ndarray]:
     questions = make_questions(scene, np.random.default_rng([seed, 1]))[:MAX_QUESTIONS]
     q_ids = np.full((MAX_QUESTIONS, SUFFIX_LEN), PAD_ID, dtype=np.int16)
     q_len = np.zeros(MAX_QUESTIONS, dtype=np.int16)
+    q_obj = np.zeros(MAX_QUESTIONS, dtype=np.uint8)
     for i, q in enumerate(questions):
         ids = question_suffix(q.text, q.answer)
         q_ids[i] = _padded(ids, SUFFIX_LEN)
         q_len[i] = len(ids)
+        q_obj[i] = object_bits(q.objects)
     cap = CAPTION_PROMPT_IDS + ids_of(caption(scene)) + [EOS_ID]
     return {
         "image": image,
         "patch": patch_labels(scene),
+        "owner": patch_owners(scene),
         "global": global_labels(scene),
         "q_ids": q_ids,
         "q_len": q_len,
+        "q_obj": q_obj,
         "cap_ids": np.asarray(_padded(cap, CAPTION_LEN), dtype=np.int16),
         "cap_len": np.asarray(len(cap), dtype=np.int16),
     }

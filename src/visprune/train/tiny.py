@@ -34,6 +34,7 @@ processor files alone (for a folder that already holds the shards).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from visprune.models.decoder import layer_qk
 from visprune.synth import FAMILIES, load_split
 from visprune.train.build import CLIP_MEAN, CLIP_STD, TinyConfig, build_config, build_model, build_processor
 from visprune.train.data import (
@@ -87,6 +89,9 @@ class TrainArgs:
     stage2_batch: int = 192
     stage3_images: int = 128
     turns: int = 12  # questions per image, asked as one multi-turn conversation
+    ground_weight: float = 0.5  # weight of the stage-3 grounding loss (0: answer loss alone)
+    ground_layers: str = "2,5"  # LM layers whose head `ground_head` is taught to look at the asked objects
+    ground_head: int = 0
     sparse_fraction: float = 0.0  # stage 3 curriculum: this first fraction feeds the LM only object rows
     sparse_tokens: int = 192  # rows per image in that phase (object / text patches first, then background)
     sparse_background: float = 0.08  # chance that a background patch is preferred like an object patch
@@ -323,10 +328,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     return result
 
 
-def _dialogues(batch: dict[str, Tensor], turns: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def _dialogues(batch: dict[str, Tensor], turns: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """One multi-turn conversation per image, as LLaVA's instruction data: up to `turns` of the scene's
     questions in random order, each turn after the first opening with "USER:". Returns the token ids
-    after the image [B, L] (right-padded) and the target mask [B, L] (every answer and its eos).
+    after the image [B, L] (right-padded), the target mask [B, L] (every answer and its eos) and, at each
+    answer token, the bit mask of the objects its question refers to [B, L] (0 elsewhere).
 
     Every question type lands in the first turn (the evaluation's layout) equally often, and each image
     pays for its 576 visual tokens once for all its answers."""
@@ -340,17 +346,68 @@ def _dialogues(batch: dict[str, Tensor], turns: int, gen: torch.Generator) -> tu
     j = torch.arange(width, device=device)
     real = j < length
     targets = (j >= length - 2) & real
+    refers = torch.where(j == length - 2, batch["q_obj"].long().gather(1, pick).unsqueeze(-1), 0)
     user = torch.tensor(USER_IDS, device=device).expand(images, pick.shape[1], -1)
     later = torch.arange(pick.shape[1], device=device).view(1, -1, 1) > 0
     user_real = (length > 0) & later
     ids = torch.cat([user, ids], dim=2).flatten(1)
     real = torch.cat([user_real.expand(-1, -1, len(USER_IDS)), real], dim=2).flatten(1)
     targets = torch.cat([torch.zeros_like(user, dtype=torch.bool), targets], dim=2).flatten(1)
+    refers = torch.cat([torch.zeros_like(user), refers], dim=2).flatten(1)
     order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
     keep = int(real.sum(1).max())
     order = order[:, :keep]
     ids = ids.gather(1, order).masked_fill(~real.gather(1, order), PAD_ID)
-    return ids, targets.gather(1, order)
+    return ids, targets.gather(1, order), refers.gather(1, order)
+
+
+class LayerInputs:
+    """Records what chosen decoder layers receive (hidden states, rotary embeddings) in a forward pass."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self.seen: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = {}
+        self.handles = [
+            layer.register_forward_pre_hook(functools.partial(self._record, i), with_kwargs=True)
+            for i, layer in enumerate(layers)
+        ]
+
+    def _record(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.seen[i] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def grounding_loss(inputs: LayerInputs, refers: Tensor, owner: Tensor, image_start: int, head: int = 0) -> Tensor:
+    """Mean -log of the attention mass that head `head` of each recorded layer puts, from the position that
+    predicts each answer, on the patches of the objects its question refers to.
+
+    refers [B, S]: object bit masks at the answer tokens of the suffix; owner [B, N]: 1 + the object index of
+    each image row (0: background); the image rows start at `image_start`. Answers that refer to no object
+    (e.g. "no" to an existence question) or to objects with no labelled patch are left out. This teaches
+    the from-scratch LM where to look far sooner than the answer loss alone, which must discover it."""
+    b, s = refers.nonzero(as_tuple=True)
+    n = owner.shape[1]
+    own = owner[b].long()
+    target = (own > 0) & (((refers[b, s].unsqueeze(1) >> (own - 1).clamp(min=0)) & 1) == 1)
+    keep = target.any(1)
+    b, s, target = b[keep], s[keep], target[keep]
+    if b.numel() == 0:
+        return refers.new_zeros((), dtype=torch.float32)
+    rows = image_start + n + s - 1
+    losses = []
+    for i, layer in enumerate(inputs.layers):
+        hidden, position_embeddings = inputs.seen[i]
+        q, k = layer_qk(layer, hidden, position_embeddings)
+        kv_head = head * k.shape[1] // q.shape[1]
+        scores = torch.einsum("rd,rsd->rs", q[b, head, rows].float(), k[b, kv_head].float())
+        scores = scores * layer.self_attn.scaling
+        future = torch.arange(k.shape[2], device=k.device).unsqueeze(0) > rows.unsqueeze(1)
+        attention = scores.masked_fill(future, float("-inf")).softmax(-1)[:, image_start : image_start + n]
+        losses.append(-torch.log((attention * target).sum(-1) + 1e-6).mean())
+    return torch.stack(losses).mean()
 
 
 def _sparse_rows(patch: Tensor, k: int, background: float, gen: torch.Generator) -> Tensor:
@@ -501,19 +558,31 @@ class Trainer:
 
         def step(slots: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             b = self.replay.batch(slots, a.stage3_images)
-            suffix, targets = _dialogues(b, a.turns, self.gen)
+            suffix, targets, refers = _dialogues(b, a.turns, self.gen)
             feats = self._image_rows(b["image"])
             rows = None
             if self.progress < a.sparse_fraction:
                 rows = _sparse_rows(b["patch"], a.sparse_tokens, a.sparse_background, self.gen)
                 feats = feats.gather(1, rows.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
             loss, acc = lm_loss(self.model, feats, suffix, targets, rows)
-            return loss, {"tok_acc": acc, "sparse": torch.tensor(float(rows is not None))}
+            metrics = {"tok_acc": acc, "sparse": torch.tensor(float(rows is not None))}
+            if recorder is not None and rows is None:
+                ground = grounding_loss(recorder, refers, b["owner"], len(PREFIX_IDS), a.ground_head)
+                loss = loss + a.ground_weight * ground
+                metrics["ground"] = ground.detach()
+            return loss, metrics
 
+        layers = [int(i) for i in a.ground_layers.split(",") if i] if a.ground_weight > 0 else []
+        decoder_layers = self.model.model.language_model.layers
+        recorder = LayerInputs([decoder_layers[i] for i in layers]) if layers else None
         self._set_trainable(tower=False, lm=True)
-        self._loop(
-            "stage3_instruct", a.stage3_steps, a.stage3_seconds, self._lm_modules(), a.lr_instruct, step, a.lm_fresh
-        )
+        try:
+            self._loop(
+                "stage3_instruct", a.stage3_steps, a.stage3_seconds, self._lm_modules(), a.lr_instruct, step, a.lm_fresh
+            )
+        finally:
+            if recorder is not None:
+                recorder.remove()
 
     def _lm_modules(self) -> list[nn.Module]:
         return [self.model.model.multi_modal_projector, self.model.model.language_model, self.model.lm_head]
