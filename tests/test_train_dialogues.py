@@ -8,7 +8,7 @@ import torch
 
 from visprune.synth import make_questions, make_scene
 from visprune.train.build import BOS, IMAGE, build_processor, token_ids
-from visprune.train.data import PAD_ID, make_batch, question_suffix
+from visprune.train.data import PAD_ID, make_batch, object_bits, question_suffix
 from visprune.train.tiny import _dialogues
 
 SEEDS = [11, 12, 13]
@@ -29,7 +29,7 @@ def _turns(ids: list[int], user: int, eos: int) -> list[list[int]]:
 def test_dialogues_are_the_chat_template_conversation() -> None:
     batch = make_batch(SEEDS)
     gen = torch.Generator().manual_seed(0)
-    ids, targets = _dialogues(batch, turns=6, gen=gen)
+    ids, targets, refers = _dialogues(batch, turns=6, gen=gen)
     vocab = token_ids()
     processor = build_processor()
     for row, seed in enumerate(SEEDS):
@@ -55,10 +55,12 @@ def test_dialogues_are_the_chat_template_conversation() -> None:
         assert stream == expected[4:]
         answer_ids = [i for q in asked for i in (vocab[q.answer.lower()], vocab["</s>"])]
         assert ids[row][targets[row]].tolist() == answer_ids
+        assert refers[row][targets[row]].tolist() == [b for q in asked for b in (object_bits(q.objects), 0)]
+        assert int((refers[row] != 0).sum()) == sum(bool(q.objects) for q in asked), "only at answer tokens"
 
 
 def test_dialogues_first_turn_varies_over_question_types() -> None:
     batch = make_batch([21] * 64)
-    ids, _ = _dialogues(batch, turns=4, gen=torch.Generator().manual_seed(1))
+    ids, _, _ = _dialogues(batch, turns=4, gen=torch.Generator().manual_seed(1))
     first_words = {tuple(row[:4].tolist()) for row in ids}
     assert len(first_words) >= 5, "every question type must reach the first turn (the evaluated layout)"
