@@ -10,21 +10,30 @@
 2. Projector alignment (tower frozen): projector + LM learn to caption the scene ("red circle
    top-left 47 . ..."). The LM starts from scratch here, unlike LLaVA's pretrained LLM, so it
    trains with the projector.
-3. Instruction tuning (tower frozen): projector + LM on the suite's questions, loss on answer + eos.
-   Optional curriculum (`--sparse-fraction`): the first part of the stage feeds the LM only the
-   object / text rows (plus a few background rows) at their dense positions, so that it learns to
-   find objects among ~200 tokens before it has to among all 576.
+3. Instruction tuning (tower frozen): projector + LM on the suite's questions, asked as one multi-turn
+   conversation per image (up to `--turns` questions in random order, so every question type also
+   comes first, the evaluated layout), loss on every answer + eos. A grounding loss
+   (`--ground-weight`, `--ground-layers`, `--ground-head`) teaches one head of two LM layers to attend,
+   from the position that predicts each answer, to the patches of the objects the question refers to
+   (their shape or their text). Without it the from-scratch LM sits for thousands of steps on the
+   answer priors before it discovers where to look among 576 tokens; with it the answer loss falls
+   within a few hundred steps. The LM is free to use any head for answering; only these two are guided.
+   Optional curriculum (`--sparse-fraction`, off by default): the first part of the stage feeds the LM
+   only the object / text rows (plus a few background rows) at their dense positions.
 
 Images are rendered by DataLoader workers from seeds (`SceneStream`) and kept in a GPU replay buffer:
 every step takes one fresh batch and fills the rest of its batch from the buffer. A time guard ends
-training early and still saves. Usage:
+training early and still saves. The bundled weights came from two runs (docs/results/README.md gives
+the exact commands, the step counts and the GPU time):
 
-    python -m visprune.train.tiny --out /tmp/tiny-llava --seed 0
-    python -m visprune.train.tiny --out /tmp/tiny-llava2 --resume /tmp/tiny-llava --stages 3 --sparse-fraction 0.5
+    python -m visprune.train.tiny --out /tmp/runA --seed 0 --stage1-seconds 360 --stage2-seconds 20 \
+        --stage3-seconds 150 --time-limit 570 --reserve 25 --ground-weight 0
+    python -m visprune.train.tiny --out /tmp/runB --seed 0 --resume /tmp/runA --stages 3 \
+        --stage3-seconds 530 --stream-start 200000 --time-limit 575 --reserve 25
 
-The bundled weights came from exactly these two runs; docs/results/README.md gives the full
-commands, the step counts and the GPU time. Stages end at their step count or their seconds
-(`--stageN-seconds`, the default), so a time-limited run's step count depends on the GPU.
+Stages end at their step count or their seconds (`--stageN-seconds`, the default), so a time-limited
+run's step count depends on the GPU. The end-of-run check measures the validation split
+(`--eval-split`); the test split is left to `visprune eval`.
 
 `--out` receives a complete Hugging Face folder (fp16 safetensors shards of at most 15 MB, config,
 processor) and train_log.json; `python -m visprune.train.tiny --export DIR` writes the config and
