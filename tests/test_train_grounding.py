@@ -17,8 +17,13 @@ N_IMAGE, START = 12, 3  # image rows and where they start in the sequence
 def test_grounding_loss_is_the_heads_attention_mass_on_the_objects() -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     config._attn_implementation = "eager"
     model = LlamaModel(config).eval()

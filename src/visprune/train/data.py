@@ -19,7 +19,7 @@ from __future__ import annotations
 import string
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -115,32 +115,36 @@ def char_centres(text: str, box: tuple[int, int, int, int], size: int) -> list[t
     return centres
 
 
-def _object_cover(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-    """([GRID, GRID] index of the object covering each patch most, [GRID, GRID] whether it covers enough)."""
+class PatchCover(NamedTuple):
+    """Which object each patch shows: `best` [GRID, GRID] the object covering it most, `has` whether that
+    covers at least MIN_COVER pixels, `texts` (object index, [GRID, GRID] patches its text takes)."""
+
+    best: np.ndarray
+    has: np.ndarray
+    texts: list[tuple[int, np.ndarray]]
+
+
+def patch_cover(scene: Scene) -> PatchCover:
+    """The scene's object and text coverage per patch (later texts take the patches they share)."""
     ids = object_map(scene).reshape(GRID, PATCH, GRID, PATCH)
     cover = np.stack([(ids == k + 1).sum(axis=(1, 3)) for k in range(len(scene.objects))])  # [K, G, G]
-    return cover.argmax(axis=0), cover.max(axis=0) >= MIN_COVER
-
-
-def _text_patches(scene: Scene) -> list[tuple[int, np.ndarray]]:
-    """(object index, [GRID, GRID] bool: the patches its text covers, later texts taking shared patches)."""
     text_cover = np.zeros((GRID, GRID), dtype=np.int64)
-    out = []
+    texts = []
     for k, obj in enumerate(scene.objects):
         if obj.text and obj.text_bbox:
             c = _box_cover(obj.text_bbox)
             take = (c >= MIN_COVER) & (c > text_cover)
             text_cover = np.where(take, c, text_cover)
-            out.append((k, take))
-    return out
+            texts.append((k, take))
+    return PatchCover(cover.argmax(axis=0), cover.max(axis=0) >= MIN_COVER, texts)
 
 
-def patch_labels(scene: Scene) -> np.ndarray:
+def patch_labels(scene: Scene, cover: PatchCover | None = None) -> np.ndarray:
     """[576, len(PATCH_FIELDS)] uint8 dense labels (raster order), see PATCH_FIELDS."""
     out = np.zeros((GRID, GRID, len(PATCH_FIELDS)), dtype=np.uint8)
     objects = scene.objects
     if objects:
-        best, has = _object_cover(scene)
+        best, has, texts = cover or patch_cover(scene)
         color = np.array([COLOR_NAMES.index(o.color) + 1 for o in objects])
         shape = np.array([SHAPES.index(o.shape) + 1 for o in objects])
         size = np.array([SIZE_CLASSES.index(o.size) + 1 for o in objects])
@@ -150,7 +154,7 @@ def patch_labels(scene: Scene) -> np.ndarray:
         for obj in objects:
             cx, cy = obj.centre
             out[min(int(cy // PATCH), GRID - 1), min(int(cx // PATCH), GRID - 1), 3] = 1
-        for k, take in _text_patches(scene):
+        for k, take in texts:
             obj = objects[k]
             out[..., 4] = np.where(take, TEXTS.index(obj.text) + 1, out[..., 4])
             out[..., 5] = np.where(take, color[k], out[..., 5])
@@ -160,14 +164,14 @@ def patch_labels(scene: Scene) -> np.ndarray:
     return out.reshape(N_PATCHES, len(PATCH_FIELDS))
 
 
-def patch_owners(scene: Scene) -> np.ndarray:
+def patch_owners(scene: Scene, cover: PatchCover | None = None) -> np.ndarray:
     """[576] uint8: 1 + the index of the object each patch shows (its shape, or the text it carries), 0 for
     background. Instruction tuning uses it to ground answers in the patches of the objects asked about."""
     out = np.zeros((GRID, GRID), dtype=np.uint8)
     if scene.objects:
-        best, has = _object_cover(scene)
+        best, has, texts = cover or patch_cover(scene)
         out = np.where(has, best + 1, 0).astype(np.uint8)
-        for k, take in _text_patches(scene):
+        for k, take in texts:
             out[take] = k + 1
     return out.reshape(N_PATCHES)
 
@@ -217,8 +221,9 @@ def make_example(seed: int) -> dict[str, np.ndarray]:
     q_ids [MAX_QUESTIONS, SUFFIX_LEN] / q_len: the suite's questions for this scene (one per family and
     subtype it admits, yes/no answers random), each the suffix with answer and eos, right-padded;
     the targets are the last two real tokens (answer, eos); q_obj [MAX_QUESTIONS]: the objects each
-    question refers to (`object_bits`), with owner [576] (`patch_owners`) the patches to ground it in. cap_ids [CAPTION_LEN] / cap_len: the
-    caption prompt's suffix with the caption and eos; targets are the tokens after the prompt.
+    question refers to (`object_bits`), with owner [576] (`patch_owners`) the patches to ground it in.
+    cap_ids [CAPTION_LEN] / cap_len: the caption prompt's suffix with the caption and eos; targets are the
+    tokens after the prompt.
     """
     scene = make_scene(seed)
     image = np.asarray(render(scene), dtype=np.uint8)
@@ -232,10 +237,11 @@ def make_example(seed: int) -> dict[str, np.ndarray]:
         q_len[i] = len(ids)
         q_obj[i] = object_bits(q.objects)
     cap = CAPTION_PROMPT_IDS + ids_of(caption(scene)) + [EOS_ID]
+    cover = patch_cover(scene) if scene.objects else None
     return {
         "image": image,
-        "patch": patch_labels(scene),
-        "owner": patch_owners(scene),
+        "patch": patch_labels(scene, cover),
+        "owner": patch_owners(scene, cover),
         "global": global_labels(scene),
         "q_ids": q_ids,
         "q_len": q_len,

@@ -78,8 +78,8 @@ from visprune.train.data import (
 )
 
 SHARD_SIZE = "15MB"
-HEADS_FILE = "pretrain_heads.safetensors"
-FIELD_WEIGHTS = {"text": 2.0, "char": 2.0}  # reading is the slowest skill to learn: weigh its labels up  # stage-1 heads (not part of the model), to resume stage 1
+HEADS_FILE = "pretrain_heads.safetensors"  # stage-1 heads (not part of the model), to resume stage 1
+FIELD_WEIGHTS = {"text": 2.0, "char": 2.0}  # reading is the slowest skill to learn: weigh its labels up
 
 
 @dataclass
