@@ -34,6 +34,26 @@ def ref_row(q, k, mask, b, r):
     return out
 
 
+def ref_keep_top(lay, score, count):
+    """Reference keep mask [B, S]: per sample i, every real non-visual token plus the count(n) of its n
+    visual tokens with the highest score(i, real)[j] (ties: lower index); `real` lists i's real positions."""
+    b, s = lay.attention_mask.shape
+    keep = torch.zeros(b, s, dtype=torch.bool)
+    for i in range(b):
+        real = [j for j in range(s) if lay.attention_mask[i, j]]
+        att = score(i, real)
+        vis = [j for j in real if lay.visual[i, j]]
+        top = set(sorted(vis, key=lambda j: (-float(att[j]), j))[: count(len(vis))])
+        for j in real:
+            keep[i, j] = (not lay.visual[i, j]) or j in top
+    return keep
+
+
+def ref_ratio_count(n, frac):
+    """floor(n * frac) visual tokens, at least 1 when any are present."""
+    return min(n, max(1, math.floor(n * frac))) if n else 0
+
+
 def qk(lay, h_kv=2, rep=2, d=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     b, s = lay.attention_mask.shape

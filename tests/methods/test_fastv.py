@@ -8,25 +8,26 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.methods.llm_fixtures import alone, make_layout, qk, ref_row, sample_layout, specs_st
+from tests.methods.llm_fixtures import (
+    alone,
+    make_layout,
+    qk,
+    ref_keep_top,
+    ref_ratio_count,
+    ref_row,
+    sample_layout,
+    specs_st,
+)
 from visprune.errors import InputError
 from visprune.methods import Placement, get_method
 from visprune.methods.fastv import fastv
 
 
 def ref_fastv(q, k, lay, ratio):
-    b, s = lay.attention_mask.shape
-    keep = torch.zeros(b, s, dtype=torch.bool)
-    for i in range(b):
-        real = [j for j in range(s) if lay.attention_mask[i, j]]
-        att = ref_row(q, k, lay.attention_mask, i, real[-1]).mean(0)
-        vis = [j for j in real if lay.visual[i, j]]
-        n = len(vis)
-        count = min(n, max(1, math.floor(n * Fraction(ratio).limit_denominator(10**6)))) if n else 0
-        top = set(sorted(vis, key=lambda j: (-float(att[j]), j))[:count])
-        for j in real:
-            keep[i, j] = (not lay.visual[i, j]) or j in top
-    return keep
+    frac = Fraction(ratio).limit_denominator(10**6)
+    return ref_keep_top(
+        lay, lambda i, real: ref_row(q, k, lay.attention_mask, i, real[-1]).mean(0), lambda n: ref_ratio_count(n, frac)
+    )
 
 
 @given(

@@ -1,6 +1,5 @@
 """PyramidDrop keep masks against a per-sample Python reference, the stage chain, invariants, spec."""
 
-import math
 from fractions import Fraction
 
 import pytest
@@ -8,7 +7,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.methods.llm_fixtures import alone, make_layout, qk, ref_row, sample_layout, specs_st
+from tests.methods.llm_fixtures import (
+    alone,
+    make_layout,
+    qk,
+    ref_keep_top,
+    ref_ratio_count,
+    ref_row,
+    sample_layout,
+    specs_st,
+)
 from visprune.errors import InputError
 from visprune.methods import Placement, get_method
 from visprune.methods.base import TokenLayout
@@ -16,20 +24,12 @@ from visprune.methods.pdrop import pdrop
 
 
 def ref_pdrop(q, k, lay, ratios, stage):
-    b, s = lay.attention_mask.shape
     frac = Fraction(ratios[stage]).limit_denominator(10**6)
     if stage:
         frac /= Fraction(ratios[stage - 1]).limit_denominator(10**6)
-    keep = torch.zeros(b, s, dtype=torch.bool)
-    for i in range(b):
-        real = [j for j in range(s) if lay.attention_mask[i, j]]
-        att = ref_row(q, k, lay.attention_mask, i, real[-1]).mean(0)
-        vis = [j for j in real if lay.visual[i, j]]
-        count = min(len(vis), max(1, math.floor(len(vis) * frac))) if vis else 0
-        top = set(sorted(vis, key=lambda j: (-float(att[j]), j))[:count])
-        for j in real:
-            keep[i, j] = (not lay.visual[i, j]) or j in top
-    return keep
+    return ref_keep_top(
+        lay, lambda i, real: ref_row(q, k, lay.attention_mask, i, real[-1]).mean(0), lambda n: ref_ratio_count(n, frac)
+    )
 
 
 @given(

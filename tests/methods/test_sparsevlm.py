@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.methods.llm_fixtures import alone, make_layout, qk, ref_row, sample_layout, specs_st
+from tests.methods.llm_fixtures import alone, make_layout, qk, ref_keep_top, ref_row, sample_layout, specs_st
 from visprune.errors import InputError
 from visprune.methods import Placement, get_method
 from visprune.methods.sparsevlm import raters, sparsevlm
@@ -36,17 +36,11 @@ def ref_raters(hidden, lay, i):
 
 
 def ref_sparsevlm(q, k, hidden, lay, counts, stage):
-    b, s = lay.attention_mask.shape
-    keep = torch.zeros(b, s, dtype=torch.bool)
-    for i in range(b):
-        real = [j for j in range(s) if lay.attention_mask[i, j]]
+    def score(i, real):
         rs = ref_raters(hidden, lay, i)
-        att = sum(ref_row(q, k, lay.attention_mask, i, r).mean(0) for r in rs) / len(rs)
-        vis = [j for j in real if lay.visual[i, j]]
-        top = set(sorted(vis, key=lambda j: (-float(att[j]), j))[: min(counts[stage], len(vis))])
-        for j in real:
-            keep[i, j] = (not lay.visual[i, j]) or j in top
-    return keep
+        return sum(ref_row(q, k, lay.attention_mask, i, r).mean(0) for r in rs) / len(rs)
+
+    return ref_keep_top(lay, score, lambda n: min(counts[stage], n))
 
 
 @given(
