@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visprune.compat import cache_length
+from visprune.errors import InputError, VisPruneError
 from visprune.methods.base import MethodSpec, TokenLayout
 from visprune.methods.llm_attention import query_or_last, rows_from_mask
 from visprune.models.decoder import layer_qk
@@ -45,6 +47,7 @@ class PrunerState:
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     real_tokens: list[int] = field(default_factory=list)
     signals: dict[str, Tensor] = field(default_factory=dict)
+    rows_per_sample: int = 1  # > 1 when generate expanded the batch (beam search, several return sequences)
 
 
 def format_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
@@ -61,8 +64,9 @@ def format_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
 class DecoderPruner:
     """Applies one LLM-side method's stages to a decoder's layers for prefill + decode."""
 
-    def __init__(self, spec: MethodSpec, options: dict[str, Any], num_layers: int, attn_impl: str):
+    def __init__(self, spec: MethodSpec, options: dict[str, Any], num_layers: int, attn_impl: str, cache_kw: str):
         self.spec = spec
+        self.cache_kw = cache_kw  # the decoder layers' KV-cache keyword (visprune.compat.cache_keyword)
         self.options = {k: v for k, v in options.items() if k in _own_options(spec)}
         self.stage_layers = tuple(spec.layers(options))
         requests = spec.signals(options)
@@ -90,10 +94,30 @@ class DecoderPruner:
         self.state = PrunerState(layout=layout, phase="armed", real_tokens=layout.attention_mask.sum(1).tolist())
 
     def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.state.phase == "armed":
-            self.state.phase = "prefill"
-        elif self.state.phase == "prefill":
-            self.state.phase = "decode"
+        st = self.state
+        if st.phase == "armed":
+            st.phase = "prefill"
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is not None:
+                self._expand(embeds.shape[0])
+        elif st.phase == "prefill":
+            st.phase = "decode"
+
+    def _expand(self, rows: int) -> None:
+        """Match the layout to a batch that generate expanded (beams, num_return_sequences): each
+        sample's rows are repeated in place, as generate's repeat_interleave does."""
+        st = self.state
+        b = st.layout.attention_mask.shape[0]
+        if rows == b:
+            return
+        if rows % b:
+            raise InputError(
+                f"the language model received {rows} rows for a batch of {b} prompts; pass one row per prompt"
+            )
+        r = rows // b
+        st.layout = TokenLayout(*(t.repeat_interleave(r, dim=0) for t in _layout_masks(st.layout)))
+        st.real_tokens = [n for n in st.real_tokens for _ in range(r)]
+        st.rows_per_sample = r
 
     def model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.state.phase == "prefill":
@@ -101,7 +125,8 @@ class DecoderPruner:
             for layer in range(self.num_layers):
                 group = self._group_for(layer)
                 per_layer.append(self.state.real_tokens if group is None else group.valid.sum(1).tolist())
-            self.state.tokens_per_layer = [list(x) for x in zip(*per_layer, strict=True)]
+            rows = [list(x) for x in zip(*per_layer, strict=True)]
+            self.state.tokens_per_layer = rows[:: self.state.rows_per_sample]
 
     def _group_for(self, layer: int) -> _Group | None:
         found = None
@@ -137,8 +162,13 @@ class DecoderPruner:
             group = self._group_for(layer_idx)
             if group is not None:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                cache = kwargs.get("past_key_values")
-                past = cache.get_seq_length(layer_idx) if cache is not None else group.valid.shape[1]
+                cache = kwargs.get(self.cache_kw)
+                if cache is None:
+                    raise VisPruneError(
+                        "a decode step after an LLM-side prune reached the decoder without its KV cache; "
+                        "LLM-side methods prune the cache at prefill, so generate with use_cache=True"
+                    )
+                past = cache_length(cache, layer_idx)
                 kwargs["attention_mask"] = self._decode_mask(group, past, hidden.shape[1], hidden.dtype)
         return args, kwargs
 
@@ -250,6 +280,10 @@ class DecoderPruner:
 def _own_options(spec: MethodSpec) -> set[str]:
     """The options the LLM stage function itself takes (a two-stage method also carries its encoder's)."""
     return {p.name for p in inspect.signature(spec.fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
+def _layout_masks(layout: TokenLayout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return layout.attention_mask, layout.visual, layout.query, layout.system
 
 
 def _set_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.llm_pruning import DecoderPruner
 from visprune.methods import MethodSpec, Placement, Reduction, get_method
@@ -212,7 +213,7 @@ def apply(
                 f"{llm.name}: pruning layers {list(layers)} must lie in [1, {n_layers - 1}] "
                 f"for this {n_layers}-layer LLM"
             )
-        pruner = DecoderPruner(llm, llm_opts, n_layers, impl)
+        pruner = DecoderPruner(llm, llm_opts, n_layers, impl, compat.cache_keyword(adapter.decoder_layers[0]))
 
     handle = Handle(
         model=model,
@@ -378,8 +379,7 @@ def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         if input_ids is not None or len(args) > 1:
             raise InputError("the patched forward takes input_ids positionally or by keyword, the rest by keyword")
         input_ids = args[0]
-    past = kwargs.get("past_key_values")
-    continuing = past is not None and past.get_seq_length() > 0
+    continuing = compat.cache_length(compat.find_cache(kwargs)) > 0
     if input_ids is None or continuing or "inputs_embeds" in kwargs:
         # A decode step after a patched prefill, or embeddings the caller built: nothing to reduce.
         if handle.pruner is not None and not continuing:

@@ -1,0 +1,78 @@
+"""Every place visprune depends on transformers internals, in one module.
+
+Each helper detects the feature it needs (a parameter name, an attribute) instead of comparing
+version strings, so a release that changes one of them breaks here, with a message naming the
+supported range, and nowhere else. The supported range is declared in pyproject.toml and tested
+at both ends by CI (`scripts/test.sh`).
+
+Facts this module covers:
+- transformers 5.24 renamed the KV-cache keyword of decoder layers and models from
+  `past_key_values` to `cache` (the old name is a deprecated alias until 5.40), and model outputs
+  carry `.cache` instead of `.past_key_values`.
+- `generate` infers a missing attention mask from the pad token (left-padded batches passed without
+  a mask); the patched generate must infer it from the caller's ids, before it splices.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visprune.errors import UnsupportedModelError
+
+SUPPORTED_TRANSFORMERS = ">=5.17,<5.25"
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The keyword under which `module.forward` takes the KV cache ('cache' or 'past_key_values')."""
+    params = inspect.signature(module.forward).parameters
+    for name in CACHE_KEYWORDS:
+        if name in params:
+            return name
+    raise UnsupportedModelError(
+        f"{type(module).__name__}.forward takes none of {CACHE_KEYWORDS}; this transformers version is outside "
+        f"visprune's supported range (transformers{SUPPORTED_TRANSFORMERS}): install a supported version"
+    )
+
+
+def find_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache in a forward/generate call's keyword arguments, under either name (or None)."""
+    for name in CACHE_KEYWORDS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model or generate output carries (`.cache` or `.past_key_values`), or None."""
+    for name in CACHE_KEYWORDS:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_length(cache: Any, layer_idx: int = 0) -> int:
+    """Tokens held in `cache` for decoder layer `layer_idx` (0 for an empty or missing cache)."""
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length(layer_idx))
+
+
+def generation_attention_mask(input_ids: Tensor, generation_config: Any) -> Tensor:
+    """The attention mask `generate` infers when none is passed: real tokens are those that are not the
+    pad token, when the pad token occurs in the ids and is not an end-of-sequence token; all ones otherwise.
+    """
+    ones = torch.ones_like(input_ids, dtype=torch.long)
+    pad = getattr(generation_config, "pad_token_id", None)
+    if pad is None:
+        return ones
+    eos = getattr(generation_config, "eos_token_id", None)
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    if int(pad) in eos_ids or not bool((input_ids == pad).any()):
+        return ones
+    return (input_ids != pad).long()
