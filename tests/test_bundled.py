@@ -4,6 +4,8 @@ training code's sequence layout matching the processor's."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,10 +40,24 @@ def test_files_are_small_fp16_shards() -> None:
 
 def test_config_is_llava_15_shaped() -> None:
     cfg = json.loads((bundled.path() / "config.json").read_text())
-    assert cfg["model_type"] == "llava"
+    assert cfg["model_type"] == "llava" and cfg["architectures"] == ["LlavaForConditionalGeneration"]
     assert cfg["vision_config"]["image_size"] == 336 and cfg["vision_config"]["patch_size"] == 14
     assert cfg["vision_feature_layer"] == -2 and cfg["vision_feature_select_strategy"] == "default"
     assert cfg["projector_hidden_act"] == "gelu" and cfg["text_config"]["model_type"] == "llama"
+
+
+def test_bundled_is_an_attribute_after_import_visprune() -> None:
+    code = "import visprune; assert visprune.bundled.load is not None and visprune.bundled.available()"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_auto_classes_read_the_architecture() -> None:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    assert AutoConfig.from_pretrained(bundled.path()).architectures == ["LlavaForConditionalGeneration"]
+    model = AutoModelForImageTextToText.from_pretrained(bundled.path())
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
 
 
 def test_loads_offline_and_answers(monkeypatch, loaded) -> None:

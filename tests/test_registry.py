@@ -26,7 +26,7 @@ EXPECTED = {
 
 
 def test_all_fourteen_methods_registered_with_placement():
-    specs = {s.name: s for s in visprune.methods()}
+    specs = {s.name: s for s in visprune.list_methods()}
     assert {n: s.placement for n, s in specs.items()} == EXPECTED
 
 
@@ -45,7 +45,7 @@ def test_every_option_is_documented_and_signals_resolve(name):
 
 
 def test_adaptive_flags():
-    adaptive = {s.name for s in visprune.methods() if s.adaptive}
+    adaptive = {s.name for s in visprune.list_methods() if s.adaptive}
     assert {"prumerge", "prumerge+", "knee", "knee+text"} <= adaptive
     assert not adaptive & {"fastervlm", "visionzip", "random", "pool", "tome"}
 

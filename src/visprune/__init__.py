@@ -1,16 +1,16 @@
-"""visprune: adaptive visual-token pruning and merging for multimodal LLMs."""
+"""visprune: adaptive visual-token pruning and merging for multimodal LLMs.
 
+`visprune.list_methods()` lists the registered methods; `visprune.apply(model, name, **options)`
+patches a model; `visprune.bundled.load()` returns the bundled tiny LLaVA. The subpackage
+`visprune.methods` holds the methods themselves.
+"""
+
+from visprune import bundled
 from visprune.errors import InputError, UnknownMethodError, UnsupportedModelError, VisPruneError
 from visprune.methods import MethodSpec, Reduction, TokenLayout, get_method, list_methods
 from visprune.patch import Handle, Stats, apply, remove
 
 __version__ = "0.1.0"
-
-
-def methods() -> list[MethodSpec]:
-    """Every registered method with its description, placement, adaptivity and default options."""
-    return list_methods()
-
 
 __all__ = [
     "Handle",
@@ -24,7 +24,8 @@ __all__ = [
     "VisPruneError",
     "__version__",
     "apply",
+    "bundled",
     "get_method",
-    "methods",
+    "list_methods",
     "remove",
 ]

@@ -16,7 +16,7 @@ def _format_default(value: object) -> str:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """Print the method table: name, where it acts, adaptive or fixed, description, options."""
-    specs = visprune.methods()
+    specs = visprune.list_methods()
     if args.verbose:
         for spec in specs:
             print(f"{spec.name}  [{spec.placement.value}, {'adaptive' if spec.adaptive else 'fixed'}]")

@@ -10,7 +10,7 @@ import visprune
 from tests.models import tiny
 
 N_NEW = 5
-ALL = [m.name for m in visprune.methods()]
+ALL = [m.name for m in visprune.list_methods()]
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ class Case:
 
 def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], list[dict[str, Any]]]:
     """Every (method, budget) to run, and the skipped ones with the reason."""
-    names = cfg.methods or tuple(s.name for s in visprune.methods())
+    names = cfg.methods or tuple(s.name for s in visprune.list_methods())
     out, skipped = [Case("dense", None)], []
     for name in names:
         get_method(name)

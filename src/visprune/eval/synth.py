@@ -41,7 +41,7 @@ DEFAULT = "default"
 
 def all_methods() -> list[str]:
     """Every registered method name, in registry order."""
-    return [spec.name for spec in visprune.methods()]
+    return [spec.name for spec in visprune.list_methods()]
 
 
 def budget_options(method: str, budget: int | None, n_visual: int, n_layers: int) -> dict[str, Any]:
