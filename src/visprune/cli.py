@@ -5,9 +5,43 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import visprune
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: what was wrong and where the help is."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def _format_default(value: object) -> str:
@@ -18,11 +52,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     """Print the method table: name, where it acts, adaptive or fixed, description, options."""
     specs = visprune.list_methods()
     if args.verbose:
+        print("Options are keyword arguments of visprune.apply(model, name, option=value); defaults shown.")
+        print()
         for spec in specs:
             print(f"{spec.name}  [{spec.placement.value}, {'adaptive' if spec.adaptive else 'fixed'}]")
             print(f"    {spec.description}")
             for name, default in spec.defaults.items():
-                print(f"    --{name}={_format_default(default)}  {spec.param_docs.get(name, '')}")
+                print(f"    {name}={_format_default(default)}  {spec.param_docs.get(name, '')}")
             print()
         return 0
     rows = [("method", "acts on", "count", "description", "options (defaults)")]
@@ -81,6 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from visprune.bench import BenchConfig, run_benchmark
     from visprune.bench.report import markdown, plot
 
+    device = _device(args.device)
     cfg = BenchConfig(
         config=args.config,
         pretrained=args.model,
@@ -92,15 +129,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         decode_runs=args.decode_runs,
         dtype=args.dtype,
-        device=args.device,
+        device=device,
         graph=not args.no_graph,
         materialize=not args.no_materialize,
     )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"bench-{Path(cfg.pretrained or cfg.config).name}"
 
     def save(results: dict) -> None:
+        out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
         (out / f"{stem}.md").write_text(markdown(results))
 
@@ -123,11 +160,10 @@ def _methods_arg(names: list[str] | None) -> list[str] | None:
 
 
 def _device(name: str | None) -> str:
-    import torch
+    """The device to run on ('auto': CUDA when available); one this machine lacks raises InputError."""
+    from visprune import bundled
 
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return bundled.resolve_device(name)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -137,7 +173,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     methods = _methods_arg(args.methods) or list(DEMO_METHODS)
     if "none" not in methods:
         methods.insert(0, "none")
-    run_demo(model=args.model, out=args.out, methods=tuple(methods), device=_device(args.device))
+    device = _device(args.device)
+    run_demo(model=args.model, out=args.out, methods=tuple(methods), device=device)
     return 0
 
 
@@ -192,7 +229,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="visprune", description=visprune.__doc__)
+    parser = _Parser(prog="visprune", description=(visprune.__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--version", action="version", version=f"visprune {visprune.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("methods", help="list the reduction methods, their placement and options")
@@ -200,16 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("flops", help="analytic FLOPs / memory / roofline of a model config, reduced vs dense")
     p.add_argument("--config", default="llava-1.5-7b", help="bundled name (llava-1.5-7b, llava-1.5-13b) or config path")
-    p.add_argument("--visual-tokens", type=int, default=None, help="visual tokens per sequence (default: dense)")
-    p.add_argument("--text-tokens", type=int, default=50, help="text tokens per sequence in the prompt")
-    p.add_argument("--new-tokens", type=int, default=0, help="tokens generated (max_new_tokens)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per call")
-    p.add_argument("--images", type=int, default=1, help="images per sequence")
+    p.add_argument(
+        "--visual-tokens", type=_at_least(0), default=None, help="visual tokens per sequence (default: dense)"
+    )
+    p.add_argument("--text-tokens", type=_at_least(0), default=50, help="text tokens per sequence in the prompt")
+    p.add_argument("--new-tokens", type=_at_least(0), default=0, help="tokens generated (max_new_tokens)")
+    p.add_argument("--batch", type=_at_least(1), default=1, help="sequences per call")
+    p.add_argument("--images", type=_at_least(1), default=1, help="images per sequence")
     p.add_argument("--tokens-per-layer", default=None, help="comma-separated tokens (visual+text) at each LLM layer")
     p.add_argument("--dtype", default="float16", help="weight / activation / cache dtype")
     p.add_argument("--gpu", default=None, help="roofline preset: h100-sxm or h200")
-    p.add_argument("--peak-tflops", type=float, default=None, help="roofline peak compute (overrides --gpu)")
-    p.add_argument("--bandwidth-gbs", type=float, default=None, help="roofline memory bandwidth (overrides --gpu)")
+    p.add_argument("--peak-tflops", type=_positive_float, default=None, help="roofline peak compute (overrides --gpu)")
+    p.add_argument(
+        "--bandwidth-gbs", type=_positive_float, default=None, help="roofline memory bandwidth (overrides --gpu)"
+    )
     p.add_argument("--no-causal", action="store_true", help="count full S^2 attention instead of S(S+1)/2")
     p.add_argument("--lm-head-all-tokens", action="store_true", help="run the lm_head on every prefill token")
     p.add_argument(
@@ -220,18 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure prefill / decode speed of every method vs dense and ideal (GPU)")
     p.add_argument("--config", default="llava-1.5-7b", help="bundled architecture name or a config path")
     p.add_argument("--model", default=None, help="benchmark a local checkpoint folder instead of a config")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192])
+    p.add_argument("--batch", type=_at_least(1), nargs="+", default=[1, 16])
+    p.add_argument("--budgets", type=_at_least(1), nargs="+", default=[64, 128, 192])
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--decode-runs", type=int, default=2, help="generations whose decode steps are timed")
+    p.add_argument("--repeats", type=_at_least(1), default=20)
+    p.add_argument("--warmup", type=_at_least(0), default=3)
+    p.add_argument("--new-tokens", type=_at_least(1), default=64)
+    p.add_argument("--decode-runs", type=_at_least(0), default=2, help="generations whose decode steps are timed")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-graph", action="store_true", help="skip the batch-1 CUDA-graph mode")
     p.add_argument("--no-materialize", action="store_true", help="skip the attention-materialising variants")
-    p.add_argument("--out", default="docs/bench", help="folder for the JSON, Markdown and PNG")
+    p.add_argument(
+        "--out", default="bench-results", help="folder for the JSON, Markdown and PNG (default: ./bench-results)"
+    )
     p.add_argument("--name", default=None, help="file stem (default bench-<config>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
@@ -250,12 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="synth", help="benchmark (synth: the synthetic VQA suite)")
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled tiny-llava)")
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method (dense always runs)")
-    p.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 192], help="budgets for fixed methods")
+    p.add_argument(
+        "--budgets", type=_at_least(1), nargs="+", default=[32, 64, 128, 192], help="budgets for fixed methods"
+    )
     p.add_argument("--split", default="test", choices=["val", "test", "train"])
-    p.add_argument("--limit", type=int, default=None, help="first N items of the split (default: all 1008)")
-    p.add_argument("--offset", type=int, default=0, help="first item index")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--limit", type=_at_least(1), default=None, help="first N items of the split (default: all 1008)")
+    p.add_argument("--offset", type=_at_least(0), default=0, help="first item index")
+    p.add_argument("--batch-size", type=_at_least(1), default=32)
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=4)
     p.add_argument(
         "--keep-positions", action="store_true", help="encoder-side methods keep dense position ids (apply option)"
     )

@@ -232,6 +232,25 @@ def describe_tokens(view: MethodView) -> str:
     return str(view.tokens_llm)
 
 
+def open_image(path: str | Path) -> Any:
+    """The image file at `path` as an RGB PIL image; a missing file or one PIL cannot decode raises
+    InputError."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image {path} does not exist; pass an image file (PNG, JPEG, ...)")
+    if not path.is_file():
+        raise InputError(f"image {path} is not a file; pass an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as picture:
+            return picture.convert("RGB")
+    except UnidentifiedImageError as err:
+        raise InputError(f"{path} is not an image PIL can read; pass an image file (PNG, JPEG, ...)") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"cannot read the image {path}: {err}; pass an intact image file") from err
+
+
 def run_viz(
     image: str | Path,
     model: str | Path | None = None,
@@ -241,17 +260,13 @@ def run_viz(
     device: str = "cpu",
 ) -> Path:
     """Draw each method's kept / merged tokens on `image` side by side, plus the CLS attention panels."""
-    from PIL import Image
-
     from visprune import bundled
 
     methods = list(methods or VIZ_METHODS)
     for m in methods:
         get_method(m)
     path = Path(image)
-    if not path.is_file():
-        raise InputError(f"image {path} does not exist")
-    picture = Image.open(path).convert("RGB")
+    picture = open_image(path)
     net, processor = bundled.load(model, device=device)
     views = run_methods(net, processor, [picture], [question], methods)
     pixel_values = processor(images=[picture], text=["<image>"], return_tensors="pt")["pixel_values"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from visprune import configs
+from visprune import bundled, configs
 from visprune.errors import InputError, UnsupportedModelError
 
 # LLaVA-1.5's chat prompt: ~35 tokens of system prompt before the image, a question after it.
@@ -22,17 +22,31 @@ def load_config(name_or_path: str) -> LlavaConfig:
     if name_or_path in configs.available():
         return configs.load(name_or_path)
     path = Path(name_or_path)
-    if path.exists():
-        return AutoConfig.from_pretrained(path.parent if path.is_file() else path)
-    raise InputError(f"unknown config {name_or_path!r}: use one of {configs.available()} or a local path")
+    if not path.exists():
+        raise InputError(f"unknown config {name_or_path!r}: use one of {configs.available()} or a local path")
+    folder = path.parent if path.is_file() else path
+    if not (folder / "config.json").is_file():
+        raise InputError(f"no config.json in {folder}; pass a transformers config.json or the folder holding it")
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read the config in {folder}: {bundled.first_line(err)}") from err
 
 
 def build_model(
-    config: str, dtype: torch.dtype, device: torch.device, attn: str = "sdpa", pretrained: str | None = None
+    config: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn: str = "sdpa",
+    pretrained: str | None = None,
 ) -> nn.Module:
     """Random-weight model from `config` (built directly on the device), or `pretrained` from a folder."""
     if pretrained is not None:
-        model = LlavaForConditionalGeneration.from_pretrained(pretrained, dtype=dtype, attn_implementation=attn)
+        source = bundled.check_source(pretrained)
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+        except OSError as err:
+            raise InputError(f"cannot load the checkpoint {pretrained}: {bundled.first_line(err)}") from err
         model = model.to(device)
     else:
         cfg = load_config(config)

@@ -18,6 +18,7 @@ from visprune.bench.model import QUESTION_TOKENS, SYSTEM_TOKENS, build_model, ma
 from visprune.bench.static import stages_from_tokens, static_encoder, static_llm
 from visprune.bench.timing import CallTimer, summarize, time_fn
 from visprune.budgets import ADAPTIVE, options_for_budget
+from visprune.bundled import resolve_device
 from visprune.errors import InputError
 from visprune.methods import Placement, get_method
 from visprune.models import adapter_for
@@ -284,7 +285,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every case for every batch size; returns the JSON-ready results. `on_update` is called with
     the partial results after every case (so an interrupted run still leaves its measurements)."""
-    device = torch.device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     dtype = getattr(torch, cfg.dtype)
     model = build_model(cfg.config, dtype, device, pretrained=cfg.pretrained)
     num_layers = model.config.text_config.num_hidden_layers

@@ -9,6 +9,7 @@ README.md ("The bundled tiny model") for its accuracy and how it was trained
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from visprune.errors import InputError
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "tiny-llava"
 BUNDLED_NAME = "tiny-llava"
+# A hub id: `name` or `owner/name` of letters, digits, '-', '_' and '.'.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_WHAT_TO_PASS = "pass a checkpoint folder written by save_pretrained (config.json and weights) or a hub id"
 
 
 def path() -> Path:
@@ -34,7 +38,52 @@ def resolve(model: str | Path | None) -> str:
         if not available():
             raise InputError(f"the bundled model is missing from {BUNDLED_DIR}; reinstall visprune")
         return str(BUNDLED_DIR)
-    return str(model)
+    return check_source(model)
+
+
+def check_source(model: str | Path) -> str:
+    """`model` as a string if it is a checkpoint folder with a config.json or could be a hub id; a path
+    that does not exist, a file, or a folder without config.json raises InputError saying so."""
+    text = str(model)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise InputError(f"model folder {text} has no config.json; {_WHAT_TO_PASS}")
+        return str(folder)
+    if folder.exists():
+        raise InputError(f"model {text} is a file, not a checkpoint folder; {_WHAT_TO_PASS}")
+    if not _HUB_ID.fullmatch(text):
+        raise InputError(f"model folder {text} does not exist; {_WHAT_TO_PASS}")
+    return text
+
+
+def resolve_device(name: str | None) -> str:
+    """The torch device to run on: 'auto' (or None) is CUDA when available, else the CPU; a device that
+    torch does not know or that this machine lacks raises InputError."""
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r} needs a CUDA GPU and torch sees none here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise InputError(
+                f"device {name!r} does not exist: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif device.type != "cpu":
+        raise InputError(f"device {name!r} is not supported by visprune's tools; use cpu, cuda, cuda:N or auto")
+    return str(device)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
 
 
 def load(model: str | Path | None = None, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
@@ -51,7 +100,10 @@ def load(model: str | Path | None = None, dtype: Any = None, device: str = "cpu"
     source = resolve(model)
     if dtype is None:
         dtype = torch.float32 if str(device) == "cpu" else torch.float16
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a model config from {source}: {first_line(err)}; {_WHAT_TO_PASS}") from err
     classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
     if config.model_type not in classes:
         raise InputError(
@@ -61,8 +113,10 @@ def load(model: str | Path | None = None, dtype: Any = None, device: str = "cpu"
     hf_logging.disable_progress_bar()
     try:
         net = classes[config.model_type].from_pretrained(source, dtype=dtype).to(device).eval()
+        processor = AutoProcessor.from_pretrained(source)
+    except OSError as err:
+        raise InputError(f"cannot load the checkpoint in {source}: {first_line(err)}; {_WHAT_TO_PASS}") from err
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    processor = AutoProcessor.from_pretrained(source)
     return net, processor
