@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.models.tiny import tiny_llava_config
+from visprune.bench.model import build_model
 from visprune.bench.static import stages_from_tokens
 from visprune.budgets import options_for_budget
 from visprune.cli import main
@@ -86,6 +87,17 @@ def test_token_counts_and_ideal(results):
         assert c["decode_tokens_per_s"] > 0
     assert cases[("fastervlm", 8)]["reduce"]["repeats"] == 2
     assert {m["method"] for m in run["materialized"]} == {"fastervlm", "fastv"}
+
+
+def test_random_weights_come_from_the_seed_not_the_global_rng(tmp_path):
+    tiny_llava_config("sdpa").save_pretrained(tmp_path)
+    cpu = torch.device("cpu")
+    first = build_model(str(tmp_path), torch.float32, cpu, seed=0).state_dict()
+    torch.rand(1000)
+    again = build_model(str(tmp_path), torch.float32, cpu, seed=0).state_dict()
+    other = build_model(str(tmp_path), torch.float32, cpu, seed=1).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in first.items())
+    assert not all(torch.equal(v, other[k]) for k, v in first.items())
 
 
 def test_stages_from_tokens():

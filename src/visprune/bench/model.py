@@ -39,8 +39,10 @@ def build_model(
     device: torch.device,
     attn: str = "sdpa",
     pretrained: str | None = None,
+    seed: int = 0,
 ) -> nn.Module:
-    """Random-weight model from `config` (built directly on the device), or `pretrained` from a folder."""
+    """Random-weight model from `config` (built directly on the device, its weights drawn from `seed`
+    whatever the global RNG state), or `pretrained` from a folder."""
     if pretrained is not None:
         source = bundled.check_source(pretrained)
         try:
@@ -52,7 +54,9 @@ def build_model(
         cfg = load_config(config)
         if not isinstance(cfg, LlavaConfig):
             raise UnsupportedModelError(f"the benchmark builds LLaVA-1.5-style models; {type(cfg).__name__} is not one")
-        with torch.device(device):
+        gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=gpus), torch.device(device):
+            torch.manual_seed(seed)
             model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
     model.eval()
     model.generation_config.pad_token_id = 0

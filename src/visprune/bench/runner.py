@@ -287,7 +287,7 @@ def run_benchmark(
     the partial results after every case (so an interrupted run still leaves its measurements)."""
     device = torch.device(resolve_device(cfg.device))
     dtype = getattr(torch, cfg.dtype)
-    model = build_model(cfg.config, dtype, device, pretrained=cfg.pretrained)
+    model = build_model(cfg.config, dtype, device, pretrained=cfg.pretrained, seed=cfg.seed)
     num_layers = model.config.text_config.num_hidden_layers
     vis = model.config.vision_config
     dense = (vis.image_size // vis.patch_size) ** 2
