@@ -121,7 +121,6 @@ def test_ordinary_mistakes_are_one_line_errors(case, tmp_path, capsys):
         ["eval", "--max-new-tokens", "-1"],
         ["bench", "--batch", "0", "16"],
         ["bench", "--repeats", "many"],
-        ["flops", "--peak-tflops", "nan"],
     ],
 )
 def test_bad_numbers_are_one_line_usage_errors(argv, capsys):

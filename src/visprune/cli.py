@@ -33,17 +33,6 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
 def _format_default(value: object) -> str:
     return "None" if value is None else repr(value) if isinstance(value, str) else str(value)
 
@@ -237,20 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("flops", help="analytic FLOPs / memory / roofline of a model config, reduced vs dense")
     p.add_argument("--config", default="llava-1.5-7b", help="bundled name (llava-1.5-7b, llava-1.5-13b) or config path")
-    p.add_argument(
-        "--visual-tokens", type=_at_least(0), default=None, help="visual tokens per sequence (default: dense)"
-    )
-    p.add_argument("--text-tokens", type=_at_least(0), default=50, help="text tokens per sequence in the prompt")
-    p.add_argument("--new-tokens", type=_at_least(0), default=0, help="tokens generated (max_new_tokens)")
-    p.add_argument("--batch", type=_at_least(1), default=1, help="sequences per call")
-    p.add_argument("--images", type=_at_least(1), default=1, help="images per sequence")
+    p.add_argument("--visual-tokens", type=int, default=None, help="visual tokens per sequence (default: dense)")
+    p.add_argument("--text-tokens", type=int, default=50, help="text tokens per sequence in the prompt")
+    p.add_argument("--new-tokens", type=int, default=0, help="tokens generated (max_new_tokens)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per call")
+    p.add_argument("--images", type=int, default=1, help="images per sequence")
     p.add_argument("--tokens-per-layer", default=None, help="comma-separated tokens (visual+text) at each LLM layer")
     p.add_argument("--dtype", default="float16", help="weight / activation / cache dtype")
     p.add_argument("--gpu", default=None, help="roofline preset: h100-sxm or h200")
-    p.add_argument("--peak-tflops", type=_positive_float, default=None, help="roofline peak compute (overrides --gpu)")
-    p.add_argument(
-        "--bandwidth-gbs", type=_positive_float, default=None, help="roofline memory bandwidth (overrides --gpu)"
-    )
+    p.add_argument("--peak-tflops", type=float, default=None, help="roofline peak compute (overrides --gpu)")
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="roofline memory bandwidth (overrides --gpu)")
     p.add_argument("--no-causal", action="store_true", help="count full S^2 attention instead of S(S+1)/2")
     p.add_argument("--lm-head-all-tokens", action="store_true", help="run the lm_head on every prefill token")
     p.add_argument(
