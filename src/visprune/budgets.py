@@ -13,7 +13,8 @@ Rules (documented in the README):
 - adaptive methods (prumerge, prumerge+, knee, knee+text) take no budget: use their defaults.
 Layer defaults of the multi-stage methods are published for 32-layer LLMs (7B); for another depth
 they are moved to the same relative depth (e.g. pdrop's 8/16/24 become 2/4/6 in an 8-layer LLM), and
-a single pruning layer (fastv, dart, knee+text) moves only when the LLM is too shallow for it.
+a single pruning layer (fastv, dart, knee+text) moves only when the LLM is too shallow for it. That
+rule lives with the methods (`visprune.methods.depth`, `MethodSpec.bind`); this module only reads it.
 This module is the one budget mapping used by `visprune bench`, `visprune eval` and `visprune viz`.
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from visprune.errors import InputError
-from visprune.methods import get_method
+from visprune.methods import depth, get_method
 
 ENCODER_BUDGET = ("fastervlm", "vtc-cls", "visionzip", "tome", "random", "pool")
 ADAPTIVE = ("prumerge", "prumerge+", "knee", "knee+text")
@@ -35,16 +36,9 @@ REFERENCE_LAYERS = 32  # the depth the published layer choices are for (LLaVA-1.
 
 
 def scale_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
-    """Published layer indices moved to the same relative depth of a `num_layers`-layer LLM (>= 1)."""
-    if num_layers == REFERENCE_LAYERS:
-        return tuple(layers)
-    out: list[int] = []
-    for layer in layers:
-        scaled = min(num_layers - 1, max(1, round(layer * num_layers / REFERENCE_LAYERS)))
-        out.append(max(scaled, out[-1] + 1) if out else scaled)
-    if out[-1] >= num_layers:
-        raise InputError(f"cannot place {len(layers)} pruning stages in a {num_layers}-layer LLM")
-    return tuple(out)
+    """Published layer indices moved to the same relative depth of a `num_layers`-layer LLM (>= 1);
+    the rule of visprune.methods.depth, which also resolves the methods' layer defaults."""
+    return depth.scale_layers(tuple(layers), REFERENCE_LAYERS, num_layers)
 
 
 def _pdrop_ratios(budget: int, dense: int, num_layers: int, layers: tuple[int, ...]) -> tuple[float, ...] | None:
@@ -73,19 +67,17 @@ def _average_tokens(dense: int, num_layers: int, layers: tuple[int, ...], counts
 
 
 def fit_layers(method: str, num_layers: int) -> dict[str, Any]:
-    """Options that move `method`'s default LLM layers into a `num_layers`-layer LLM ({} if none needed).
-
-    pdrop's and sparsevlm's stage layers go to the same relative depth whenever the LLM is not 32 layers
-    deep; a single `layer` / `text_layer` (fastv, dart, knee+text) only moves when it does not fit.
-    """
+    """The method's LLM layer defaults as `MethodSpec.bind` resolves them for a `num_layers`-layer LLM,
+    where they differ from the published ones ({} if none do): pdrop's and sparsevlm's stages move to
+    the same relative depth, a single `layer` / `text_layer` (fastv, dart, knee+text) only when it
+    does not fit."""
     spec = get_method(method)
-    options: dict[str, Any] = {}
-    if method in ("pdrop", "sparsevlm") and num_layers != REFERENCE_LAYERS:
-        options["layers"] = scale_layers(tuple(spec.defaults["layers"]), num_layers)
-    for name in ("layer", "text_layer"):
-        if name in spec.defaults and spec.defaults[name] >= num_layers:
-            options[name] = scale_layers((spec.defaults[name],), num_layers)[0]
-    return options
+    bound = spec.bind({}, llm_layers=num_layers, vision_layers=None)
+    return {
+        name: bound[name]
+        for name, default in spec.defaults.items()
+        if isinstance(default, depth.RelativeDepth) and default.stack == "llm" and bound[name] != default.published
+    }
 
 
 def options_for_budget(method: str, budget: int | None, dense: int = 576, num_layers: int = 32) -> dict[str, Any]:
@@ -103,7 +95,7 @@ def options_for_budget(method: str, budget: int | None, dense: int = 576, num_la
         return {**options, "budget": budget}
     if method == "fastv":
         return {**options, "keep_ratio": budget / dense}
-    layers = options.get("layers", tuple(spec.defaults["layers"]))
+    layers = options.get("layers", depth.published(spec.defaults["layers"]))
     if method == "sparsevlm":
         published = spec.defaults["keep_counts"]
         prune_at = tuple(layer + 1 for layer in layers)  # sparsevlm scores at `layers`, prunes after them

@@ -113,7 +113,7 @@ def test_registered_specs():
     v = get_method("vtc-cls")
     assert v.fn is vtc_cls
     assert v.placement is Placement.ENCODER and v.adaptive is False
-    assert v.defaults == {"budget": 64, "start_layer": -5}
+    assert v.bind({}, llm_layers=None, vision_layers=24) == {"budget": 64, "start_layer": -5}
     assert set(v.param_docs) == {"budget", "start_layer"}
     assert v.signals(v.defaults) == {"cls_attn_layers": SignalRequest("cls_attn_layers", (-5, -4, -3, -2), "mean")}
     assert v.signals(v.options(start_layer=-13))["cls_attn_layers"].layers == tuple(range(-13, -1))

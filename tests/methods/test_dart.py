@@ -91,8 +91,9 @@ def test_duplicates_are_dropped():
 
 def test_spec():
     spec = get_method("dart")
-    o = spec.options()
+    o = spec.bind({}, llm_layers=32, vision_layers=None)
     assert o == {"layer": 2, "budget": 64, "pivots": 4}
+    assert spec.layers(spec.options()) == (2,)
     assert spec.placement is Placement.LLM and not spec.adaptive
     assert spec.layers(o) == (2,)
     sig = spec.signals(o)

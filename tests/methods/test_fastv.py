@@ -84,8 +84,9 @@ def test_no_visual_and_no_query_tokens():
 
 def test_spec():
     spec = get_method("fastv")
-    o = spec.options()
+    o = spec.bind({}, llm_layers=32, vision_layers=None)
     assert o == {"layer": 2, "keep_ratio": 0.5}
+    assert spec.layers(spec.options()) == (2,)
     assert spec.placement is Placement.LLM and not spec.adaptive
     assert spec.layers(o) == (2,) and spec.layers(spec.options(layer=5)) == (5,)
     sig = spec.signals(o)

@@ -85,8 +85,9 @@ def test_custom_ratios_and_counts():
 
 def test_spec():
     spec = get_method("pdrop")
-    o = spec.options()
+    o = spec.bind({}, llm_layers=32, vision_layers=None)
     assert o == {"layers": (8, 16, 24), "keep_ratios": (0.5, 0.25, 0.125)}
+    assert spec.layers(spec.options()) == (8, 16, 24)  # an unbound default reads as the published layers
     assert spec.placement is Placement.LLM and not spec.adaptive
     assert spec.layers(o) == (8, 16, 24)
     sig = spec.signals(o)

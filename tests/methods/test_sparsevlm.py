@@ -103,8 +103,9 @@ def test_default_counts_on_llava_sized_input():
 
 def test_spec():
     spec = get_method("sparsevlm")
-    o = spec.options()
+    o = spec.bind({}, llm_layers=32, vision_layers=None)
     assert o == {"layers": (2, 6, 15), "keep_counts": (300, 200, 110)}
+    assert spec.layers(spec.options()) == (3, 7, 16)
     assert spec.placement is Placement.LLM and not spec.adaptive
     assert spec.layers(o) == (3, 7, 16)  # pruning applies from the layer after the scoring layer
     sig = spec.signals(o)

@@ -130,7 +130,7 @@ def test_prune_text_keeps_the_first_token_and_no_visual_is_fine():
 def test_spec_and_encoder_options():
     spec = get_method("knee+text")
     knee = get_method("knee")
-    o = spec.options()
+    o = spec.bind({}, llm_layers=32, vision_layers=24)
     assert spec.placement is Placement.BOTH and spec.adaptive and spec.encoder_stage == "knee"
     own = {"text_layer": 2, "text_keep_ratio": None, "text_detector": "kneedle", "text_smooth": 1, "prune_text": False}
     assert o == {**knee.defaults, **own}

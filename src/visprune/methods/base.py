@@ -142,9 +142,23 @@ class MethodSpec:
     layers: Callable[[dict[str, Any]], tuple[int, ...]] | None = None
     encoder_stage: str | None = None
     param_docs: dict[str, str] = field(default_factory=dict, repr=False)
+    check: Callable[..., None] | None = field(default=None, repr=False)
 
     def options(self, **overrides: Any) -> dict[str, Any]:
-        """Defaults merged with `overrides`; unknown option names raise InputError."""
+        """Defaults merged with `overrides`, validated (names, types, ranges, choices): InputError
+        says what was wrong. Layer defaults stay `RelativeDepth` values; `bind` resolves them."""
         from visprune.methods.registry import resolve_options
 
         return resolve_options(self, overrides)
+
+    def bind(self, overrides: dict[str, Any], *, llm_layers: int | None, vision_layers: int | None) -> dict[str, Any]:
+        """The options for a model whose LLM has `llm_layers` decoder layers and whose vision tower
+        has `vision_layers` encoder layers (None: not known, published values kept).
+
+        Validates as `options`; every layer option left at its `RelativeDepth` default is moved to the
+        same relative depth of the model, and an explicit one is kept as given but must fit the
+        model (InputError otherwise).
+        """
+        from visprune.methods.registry import bind_options
+
+        return bind_options(self, overrides, llm_layers=llm_layers, vision_layers=vision_layers)

@@ -56,6 +56,22 @@ def check_budget(budget: Any, n: int, name: str = "budget") -> int:
     return budget
 
 
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    """An int (not bool) >= minimum, e.g. a token budget before N is known."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise InputError(f"{name}={value} is out of range: {name} must be an int >= {minimum}")
+    return value
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """True or False (not 0 / 1 or a string)."""
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_ratio(value: Any, name: str, *, allow_zero: bool = False) -> float:
     """A fraction in (0, 1] ([0, 1] with allow_zero)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -10,12 +10,18 @@ selection is the same on every device.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
-from visprune.methods.checks import check_budget, check_features, check_grid, check_tensor
+from visprune.methods.checks import check_budget, check_count, check_features, check_grid, check_tensor
+from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.registry import register
+
+# VTC-CLS ensembles the encoder layers start_layer..-2; -5 on CLIP ViT-L/14's 24 layers.
+START_LAYER = RelativeDepth(-5, reference=24, stack="vision", lowest=0, highest=-2)
 
 
 def check_signal(t: object, name: str, shape: tuple[int | None, ...], features: Tensor) -> Tensor:
@@ -36,6 +42,20 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     return scores.float().sort(dim=1, descending=True, stable=True).indices[:, :k]
 
 
+def check_fastervlm(*, budget: Any) -> None:
+    """FasterVLM's options (the budget <= N check needs the features)."""
+    check_count(budget, "budget")
+
+
+def check_vtc_cls(*, budget: Any, start_layer: Any) -> None:
+    """VTC-CLS's options: a budget >= 1 and a negative start layer <= -2 (or the default)."""
+    check_count(budget, "budget")
+    if isinstance(start_layer, RelativeDepth):
+        return
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or start_layer > -2:
+        raise InputError(f"start_layer must be a negative int <= -2 (e.g. -5 for layers -5..-2), got {start_layer!r}")
+
+
 def _check_grid_if_given(grid: tuple[int, int] | None, n: int) -> None:
     if grid is not None:
         check_grid(grid, n)
@@ -47,6 +67,7 @@ def _check_grid_if_given(grid: tuple[int, int] | None, n: int) -> None:
     placement=Placement.ENCODER,
     adaptive=False,
     signals=lambda o: {"cls_attn": SignalRequest("cls_attn", (-2,), "mean")},
+    check=check_fastervlm,
 )
 def fastervlm(
     features: Tensor,
@@ -66,6 +87,7 @@ def fastervlm(
     Options:
         budget: number of tokens kept per image (default 64), 1 <= budget <= N.
     """
+    check_fastervlm(budget=budget)
     b, n, _ = check_features(features)
     _check_grid_if_given(grid, n)
     k = check_budget(budget, n)
@@ -78,7 +100,10 @@ def fastervlm(
     description="VTC-CLS: keep the top-K patch tokens by CLS attention summed over encoder layers start_layer..-2.",
     placement=Placement.ENCODER,
     adaptive=False,
-    signals=lambda o: {"cls_attn_layers": SignalRequest("cls_attn_layers", tuple(range(o["start_layer"], -1)), "mean")},
+    signals=lambda o: {
+        "cls_attn_layers": SignalRequest("cls_attn_layers", tuple(range(published(o["start_layer"]), -1)), "mean")
+    },
+    check=check_vtc_cls,
 )
 def vtc_cls(
     features: Tensor,
@@ -86,7 +111,7 @@ def vtc_cls(
     cls_attn_layers: Tensor,
     grid: tuple[int, int] | None = None,
     budget: int = 64,
-    start_layer: int = -5,
+    start_layer: int | RelativeDepth = START_LAYER,
 ) -> list[Reduction]:
     """VTC-CLS (Wang et al., arXiv 2412.05819): top-`budget` tokens by a multi-layer [CLS] score.
 
@@ -96,18 +121,20 @@ def vtc_cls(
     to the lower index. The official code takes the first ensembled layer as a command-line argument
     (attentions[start_layer:-1], i.e. up to layer -2) and publishes no default; visprune's default
     -5 ensembles the last four layers before the output layer (19..22 of CLIP ViT-L/14's 24), a
-    choice to be tuned rather than a published value.
+    choice to be tuned rather than a published value. On a tower of another depth L the default
+    moves to the same relative depth (-round(5 L / 24), at most -2: -3 for 12 layers).
 
     Options:
         budget: number of tokens kept per image (default 64), 1 <= budget <= N.
-        start_layer: first encoder layer of the ensemble as a negative index (default -5: layers
-            -5..-2); must be <= -2. -2 alone equals fastervlm.
+        start_layer: first encoder layer of the ensemble as a negative index; must be <= -2 (-2
+            alone equals fastervlm). Default: -5 (layers -5..-2) for a 24-layer tower, moved to the
+            same relative depth of the model's tower when applied; an explicit value is used as
+            given and must fit the tower.
     """
+    check_vtc_cls(budget=budget, start_layer=start_layer)
     b, n, _ = check_features(features)
     _check_grid_if_given(grid, n)
     k = check_budget(budget, n)
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or start_layer > -2:
-        raise InputError(f"start_layer must be a negative int <= -2 (e.g. -5 for layers -5..-2), got {start_layer!r}")
-    layers = -1 - start_layer
+    layers = -1 - published(start_layer)
     scores = check_signal(cls_attn_layers, "cls_attn_layers", (b, layers, n), features)
     return select_tokens(features, top_indices(scores.float().sum(dim=1), k))

@@ -7,6 +7,8 @@ each image token at most once. Needs no attention map.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -14,6 +16,7 @@ from torch import Tensor
 from visprune.errors import InputError
 from visprune.methods.base import Placement, SignalRequest, TokenLayout
 from visprune.methods.checks import check_tensor
+from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.llm_attention import (
     assemble_keep,
     check_hidden,
@@ -24,12 +27,24 @@ from visprune.methods.llm_attention import (
 )
 from visprune.methods.registry import register
 
+# DART prunes at layer 2 of LLaVA-1.5-7B's 32; a shallower LLM gets the same relative depth.
+LAYER = RelativeDepth(2, reference=32, stack="llm", lowest=1, highest=-1, only_if_needed=True)
+
 
 def _signals(o: dict) -> dict[str, SignalRequest]:
+    layer = published(o["layer"])
     return {
-        "hidden": SignalRequest("hidden", layers=(o["layer"],)),
-        "k": SignalRequest("k", layers=(o["layer"] - 1,)),
+        "hidden": SignalRequest("hidden", layers=(layer,)),
+        "k": SignalRequest("k", layers=(layer - 1,)),
     }
+
+
+def check_options(*, layer: Any, budget: Any, pivots: Any) -> None:
+    """DART's options: layer >= 1 (or the default), budget >= 1, pivots >= 1."""
+    if not isinstance(layer, RelativeDepth):
+        check_int(layer, "layer", 1)
+    check_int(budget, "budget", 1)
+    check_int(pivots, "pivots", 1)
 
 
 def _ordered_top(scores: Tensor, candidates: Tensor, p: int) -> Tensor:
@@ -45,7 +60,8 @@ def _ordered_top(scores: Tensor, candidates: Tensor, p: int) -> Tensor:
     placement=Placement.LLM,
     adaptive=False,
     signals=_signals,
-    layers=lambda o: (o["layer"],),
+    layers=lambda o: (published(o["layer"]),),
+    check=check_options,
 )
 def dart(
     *,
@@ -54,7 +70,7 @@ def dart(
     hidden: Tensor | None = None,
     layout: TokenLayout,
     stage: int = 0,
-    layer: int = 2,
+    layer: int | RelativeDepth = LAYER,
     budget: int = 64,
     pivots: int = 4,
 ) -> Tensor:
@@ -76,13 +92,13 @@ def dart(
     padding positions come back False.
 
     Options:
-        layer: decoder layer K whose input is pruned (>= 1; keys come from layer K - 1).
+        layer: decoder layer K whose input is pruned (>= 1; keys come from layer K - 1). Default: 2,
+            as published for a 32-layer LLM; kept on every LLM it fits and moved to the same
+            relative depth (at least 1) only on a shallower one. An explicit value is used as given.
         budget: image tokens kept per sample (int >= 1; all of them when fewer are present).
         pivots: pivot tokens per modality (image and text), int >= 1.
     """
-    check_int(layer, "layer", 1)
-    check_int(budget, "budget", 1)
-    check_int(pivots, "pivots", 1)
+    check_options(layer=layer, budget=budget, pivots=pivots)
     check_stage(stage, 1, "dart")
     b, s = check_hidden(hidden, layout)
     check_layout_arg(layout)

@@ -7,10 +7,13 @@ shorter sequence and kept tokens keep their original positions.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from visprune.methods.base import Placement, SignalRequest, TokenLayout
 from visprune.methods.checks import check_ratio
+from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.llm_attention import (
     assemble_keep,
     check_int,
@@ -23,9 +26,19 @@ from visprune.methods.llm_attention import (
 )
 from visprune.methods.registry import register
 
+# FastV prunes after layer K = 2 of LLaVA-1.5-7B's 32; a shallower LLM gets the same relative depth.
+LAYER = RelativeDepth(2, reference=32, stack="llm", lowest=1, highest=-1, only_if_needed=True)
+
+
+def check_options(*, layer: Any, keep_ratio: Any) -> None:
+    """FastV's options: layer >= 1 (or the default) and keep_ratio in (0, 1]."""
+    if not isinstance(layer, RelativeDepth):
+        check_int(layer, "layer", 1)
+    check_ratio(keep_ratio, "keep_ratio")
+
 
 def _signals(o: dict) -> dict[str, SignalRequest]:
-    score = (o["layer"] - 1,)
+    score = (published(o["layer"]) - 1,)
     return {"q": SignalRequest("q", layers=score, rows="last"), "k": SignalRequest("k", layers=score)}
 
 
@@ -36,7 +49,8 @@ def _signals(o: dict) -> dict[str, SignalRequest]:
     placement=Placement.LLM,
     adaptive=False,
     signals=_signals,
-    layers=lambda o: (o["layer"],),
+    layers=lambda o: (published(o["layer"]),),
+    check=check_options,
 )
 def fastv(
     *,
@@ -45,7 +59,7 @@ def fastv(
     hidden: Tensor | None = None,
     layout: TokenLayout,
     stage: int = 0,
-    layer: int = 2,
+    layer: int | RelativeDepth = LAYER,
     keep_ratio: float = 0.5,
 ) -> Tensor:
     """Keep mask [B, S] (True = keep) over the sequence entering decoder layer `layer`.
@@ -61,11 +75,12 @@ def fastv(
     present in sample b; every real non-visual token is kept; padding positions come back False.
 
     Options:
-        layer: decoder layer K whose input is pruned (>= 1; scores come from layer K - 1).
+        layer: decoder layer K whose input is pruned (>= 1; scores come from layer K - 1). Default: 2,
+            as published for a 32-layer LLM; kept on every LLM it fits and moved to the same
+            relative depth (at least 1) only on a shallower one. An explicit value is used as given.
         keep_ratio: fraction of the image tokens kept, in (0, 1] (0.5 keeps half, FastV's R = 50%).
     """
-    check_int(layer, "layer", 1)
-    check_ratio(keep_ratio, "keep_ratio")
+    check_options(layer=layer, keep_ratio=keep_ratio)
     check_stage(stage, 1, "fastv")
     check_qk(q, k, layout)
     visual = layout.visual & layout.attention_mask

@@ -14,17 +14,23 @@ from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest
-from visprune.methods.checks import check_choice, check_features, check_grid, check_tensor
+from visprune.methods.checks import check_choice, check_count, check_features, check_grid, check_tensor
 from visprune.methods.knee_point import DETECTORS, knee_count
 from visprune.methods.registry import register
 
 ATTENTIONS = ("single", "mean")
 
 
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InputError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+def check_options(*, detector: Any, smooth: Any, k_min: Any, k_max: Any, attention: Any) -> None:
+    """The knee method's options (also the encoder-stage options of knee+text)."""
+    check_choice(detector, "detector", DETECTORS)
+    check_choice(attention, "attention", ATTENTIONS)
+    check_count(smooth, "smooth")
+    check_count(k_min, "k_min")
+    if k_max is not None:
+        check_count(k_max, "k_max")
+        if k_max < k_min:
+            raise InputError(f"k_max={k_max} must be >= k_min={k_min} (or None for no upper clamp)")
 
 
 @register(
@@ -34,6 +40,7 @@ def _check_int(value: Any, name: str, low: int) -> int:
     placement=Placement.ENCODER,
     adaptive=True,
     signals=lambda o: {"cls_attn": SignalRequest("cls_attn", (-1,), heads=o["attention"])},
+    check=check_options,
 )
 def knee(
     features: Tensor,
@@ -77,14 +84,7 @@ def knee(
         raise InputError(f"cls_attn must be a floating point tensor, got {cls_attn.dtype}")
     if cls_attn.device != features.device:
         raise InputError(f"features ({features.device}) and cls_attn ({cls_attn.device}) must be on the same device")
-    check_choice(detector, "detector", DETECTORS)
-    check_choice(attention, "attention", ATTENTIONS)
-    _check_int(smooth, "smooth", 1)
-    _check_int(k_min, "k_min", 1)
-    if k_max is not None:
-        _check_int(k_max, "k_max", 1)
-        if k_max < k_min:
-            raise InputError(f"k_max={k_max} must be >= k_min={k_min} (or None for no upper clamp)")
+    check_options(detector=detector, smooth=smooth, k_min=k_min, k_max=k_max, attention=attention)
 
     dev = features.device
     a = cls_attn.float()

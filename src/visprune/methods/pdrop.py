@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from fractions import Fraction
 from itertools import pairwise
+from typing import Any
 
 from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, SignalRequest, TokenLayout
+from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.llm_attention import (
     assemble_keep,
     check_layers,
@@ -27,9 +29,26 @@ from visprune.methods.llm_attention import (
 )
 from visprune.methods.registry import register
 
+# PyramidDrop's stages at layers 8/16/24 of LLaVA-1.5-7B's 32, moved to the same relative depth elsewhere.
+LAYERS = RelativeDepth((8, 16, 24), reference=32, stack="llm", lowest=1, highest=-1)
+
+
+def check_options(*, layers: Any, keep_ratios: Any) -> tuple[float, ...]:
+    """PyramidDrop's options: strictly increasing layers >= 1 (or the default) and one non-increasing
+    keep ratio in (0, 1] per layer. Returns the ratios as floats."""
+    stages = published(layers)
+    if not isinstance(layers, RelativeDepth):
+        check_layers(layers, "layers", 1)
+    ratios = check_ratios(keep_ratios, "keep_ratios")
+    if len(ratios) != len(stages):
+        raise InputError(f"keep_ratios has {len(ratios)} entries but layers has {len(stages)}; give one per layer")
+    if any(a < b for a, b in pairwise(ratios)):
+        raise InputError(f"keep_ratios must be non-increasing (cumulative fractions), got {keep_ratios!r}")
+    return ratios
+
 
 def _signals(o: dict) -> dict[str, SignalRequest]:
-    layers = tuple(o["layers"])
+    layers = tuple(published(o["layers"]))
     return {"q": SignalRequest("q", layers=layers, rows="last"), "k": SignalRequest("k", layers=layers)}
 
 
@@ -46,7 +65,8 @@ def stage_fraction(keep_ratios: tuple[float, ...], stage: int) -> Fraction:
     placement=Placement.LLM,
     adaptive=False,
     signals=_signals,
-    layers=lambda o: tuple(o["layers"]),
+    layers=lambda o: tuple(published(o["layers"])),
+    check=check_options,
 )
 def pdrop(
     *,
@@ -55,7 +75,7 @@ def pdrop(
     hidden: Tensor | None = None,
     layout: TokenLayout,
     stage: int = 0,
-    layers: tuple = (8, 16, 24),
+    layers: tuple | RelativeDepth = LAYERS,
     keep_ratios: tuple = (0.5, 0.25, 0.125),
 ) -> Tensor:
     """Keep mask [B, S] (True = keep) over the sequence entering decoder layer `layers[stage]`.
@@ -73,17 +93,14 @@ def pdrop(
     which also floors per stage). Real non-visual tokens are kept; padding positions come back False.
 
     Options:
-        layers: decoder layers whose input is pruned, strictly increasing (>= 1).
+        layers: decoder layers whose input is pruned, strictly increasing (>= 1). Default: (8, 16, 24)
+            as published for a 32-layer LLM, moved to the same relative depth of the model's LLM
+            when applied (e.g. (2, 4, 6) in an 8-layer one). An explicit tuple is used as given.
         keep_ratios: cumulative fractions of the original image tokens left after each stage,
             non-increasing, in (0, 1], one per layer.
     """
-    check_layers(layers, "layers", 1)
-    ratios = check_ratios(keep_ratios, "keep_ratios")
-    if len(ratios) != len(layers):
-        raise InputError(f"keep_ratios has {len(ratios)} entries but layers has {len(layers)}; give one per layer")
-    if any(a < b for a, b in pairwise(ratios)):
-        raise InputError(f"keep_ratios must be non-increasing (cumulative fractions), got {keep_ratios!r}")
-    check_stage(stage, len(layers), "pdrop")
+    ratios = check_options(layers=layers, keep_ratios=keep_ratios)
+    check_stage(stage, len(ratios), "pdrop")
     check_qk(q, k, layout)
     visual = layout.visual & layout.attention_mask
     scores = mean_received_attention(q, k, visual, layout.attention_mask, rows=last_token_rows(layout))

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest
-from visprune.methods.checks import check_choice, check_features, check_grid, check_tensor
+from visprune.methods.checks import check_choice, check_features, check_flag, check_grid, check_tensor
 from visprune.methods.registry import register
 
 FENCES = ("per-image", "batch")
@@ -117,15 +117,15 @@ def uniform_stride(count: Tensor, n: int, images: int = 1) -> Tensor:
     return (step // 3).clamp(min=1)
 
 
-def _check_options(fence: str, weights: str, order: str, neighbors: Any, extra_token: Any, attention: str) -> None:
+def check_options(*, fence: Any, weights: Any, order: Any, neighbors: Any, extra_token: Any, attention: Any) -> None:
+    """The options of prumerge and prumerge+."""
     check_choice(fence, "fence", FENCES)
     check_choice(weights, "weights", WEIGHTS)
     check_choice(order, "order", ORDERS)
     check_choice(attention, "attention", ATTENTIONS)
     if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 0:
         raise InputError(f"neighbors must be an int >= 0 (0 disables merging), got {neighbors!r}")
-    if not isinstance(extra_token, bool):
-        raise InputError(f"extra_token must be True or False, got {extra_token!r}")
+    check_flag(extra_token, "extra_token")
 
 
 def _prumerge(
@@ -156,7 +156,9 @@ def _prumerge(
             f"features ({features.device}), cls_attn ({cls_attn.device}) and keys ({keys.device}) "
             "must be on the same device"
         )
-    _check_options(fence, weights, order, neighbors, extra_token, attention)
+    check_options(
+        fence=fence, weights=weights, order=order, neighbors=neighbors, extra_token=extra_token, attention=attention
+    )
 
     dev = features.device
     a = cls_attn.float()
@@ -241,6 +243,7 @@ def _prumerge(
     placement=Placement.ENCODER,
     adaptive=True,
     signals=_signals,
+    check=check_options,
 )
 @_with_options_doc
 def prumerge(
@@ -294,6 +297,7 @@ def prumerge(
     placement=Placement.ENCODER,
     adaptive=True,
     signals=_signals,
+    check=check_options,
 )
 @_with_options_doc
 def prumerge_plus(

@@ -10,6 +10,7 @@ from typing import Any
 
 from visprune.errors import InputError, UnknownMethodError, closest
 from visprune.methods.base import MethodSpec, Placement, SignalRequest
+from visprune.methods.depth import RelativeDepth, check_fits
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -53,11 +54,16 @@ def register(
     signals: Callable[[dict[str, Any]], dict[str, SignalRequest]] = _no_signals,
     layers: Callable[[dict[str, Any]], tuple[int, ...]] | None = None,
     encoder_stage: str | None = None,
+    check: Callable[..., None],
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers a method function under `name`.
 
     The function's keyword-only parameters with defaults (minus RESERVED tensor arguments) are the
     method's options; an encoder_stage's options are merged in for two-stage methods.
+    check: the method's option validator, called with the method's own options as keywords; it
+    raises InputError for a wrong type, range or choice. It is the same function the method calls
+    on its arguments, so the registry (at `apply`) and a direct call share one set of rules; checks
+    that need the data (e.g. budget <= N) stay in the method.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,6 +75,8 @@ def register(
             for p in params
             if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and p.name not in RESERVED
         }
+        if set(inspect.signature(check).parameters) != set(defaults):
+            raise RuntimeError(f"method {name!r}: its check must take exactly its options {sorted(defaults)}")
         docs = parse_option_docs(fn.__doc__)
         missing = sorted(set(defaults) - set(docs))
         if missing:
@@ -91,6 +99,7 @@ def register(
             layers=layers,
             encoder_stage=encoder_stage,
             param_docs=docs,
+            check=check,
         )
         return fn
 
@@ -113,7 +122,8 @@ def list_methods() -> list[MethodSpec]:
 
 
 def resolve_options(spec: MethodSpec, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The spec's defaults updated with `overrides`; an option the method does not take raises."""
+    """The spec's defaults updated with `overrides`, validated by the method's own check (and its
+    encoder stage's); an option the method does not take, or a bad value, raises InputError."""
     unknown = [k for k in overrides if k not in spec.defaults]
     if unknown:
         hints = "".join(closest(k, spec.defaults) for k in unknown)
@@ -122,4 +132,43 @@ def resolve_options(spec: MethodSpec, overrides: dict[str, Any]) -> dict[str, An
             f"method {spec.name!r} does not take option(s) {', '.join(map(repr, unknown))}.{hints} "
             f"Its options are: {valid}."
         )
-    return {**spec.defaults, **overrides}
+    options = {**spec.defaults, **overrides}
+    try:
+        for part, names in _checked_parts(spec):
+            if part.check is not None:
+                part.check(**{k: options[k] for k in names})
+    except InputError as err:
+        raise InputError(f"method {spec.name!r}: {err}") from None
+    return options
+
+
+def _checked_parts(spec: MethodSpec) -> list[tuple[MethodSpec, list[str]]]:
+    """(spec, its own option names) for the spec and, for a two-stage method, its encoder stage."""
+    if spec.encoder_stage is None:
+        return [(spec, list(spec.defaults))]
+    first = get_method(spec.encoder_stage)
+    return [(first, list(first.defaults)), (spec, [k for k in spec.defaults if k not in first.defaults])]
+
+
+def bind_options(
+    spec: MethodSpec, overrides: dict[str, Any], *, llm_layers: int | None, vision_layers: int | None
+) -> dict[str, Any]:
+    """`resolve_options`, then every `RelativeDepth` layer option resolved for the model's depths:
+    a default moves to the same relative depth, an explicit value must fit (see MethodSpec.bind)."""
+    for depth, what in ((llm_layers, "llm_layers"), (vision_layers, "vision_layers")):
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+            raise InputError(f"{what} must be a positive int or None, got {depth!r}")
+    options = resolve_options(spec, overrides)
+    for name, default in spec.defaults.items():
+        if not isinstance(default, RelativeDepth):
+            continue
+        depth = llm_layers if default.stack == "llm" else vision_layers
+        value = options[name]
+        try:
+            if isinstance(value, RelativeDepth):
+                options[name] = value.resolve(depth)
+            elif depth is not None:
+                check_fits(name, default, value, depth)
+        except InputError as err:
+            raise InputError(f"method {spec.name!r}: {err}") from None
+    return options

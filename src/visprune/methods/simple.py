@@ -6,6 +6,7 @@ Neither needs a signal from the model. Every scored method should beat both at t
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,26 @@ from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, select_tokens
-from visprune.methods.checks import check_budget, check_features, check_grid
+from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.registry import register
+
+
+def check_random(*, budget: Any, seed: Any) -> None:
+    """random's options: budget >= 1 (<= N is checked on the features) and an int seed."""
+    check_count(budget, "budget")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an int, got {seed!r}")
+
+
+def check_pool(*, budget: Any, output_grid: Any) -> None:
+    """pool's options: budget >= 1 and output_grid None or a pair of positive ints."""
+    check_count(budget, "budget")
+    if output_grid is not None and (
+        not isinstance(output_grid, (tuple, list))
+        or len(output_grid) != 2
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in output_grid)
+    ):
+        raise InputError(f"output_grid must be a pair of positive ints (h', w'), got {output_grid!r}")
 
 
 @register(
@@ -23,6 +42,7 @@ from visprune.methods.registry import register
     placement=Placement.ENCODER,
     adaptive=False,
     signals=lambda o: {},
+    check=check_random,
 )
 def random_subset(
     features: Tensor,
@@ -43,12 +63,11 @@ def random_subset(
         budget: number of tokens kept per image (default 64), 1 <= budget <= N.
         seed: seed of the CPU generator (default 0); a different seed gives different subsets.
     """
+    check_random(budget=budget, seed=seed)
     b, n, _ = check_features(features)
     if grid is not None:
         check_grid(grid, n)
     k = check_budget(budget, n)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"seed must be an int, got {seed!r}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     draws = torch.rand(1, n, generator=gen, dtype=torch.float64)
     idx = draws.sort(dim=1, stable=True).indices[:, :k].expand(b, k)
@@ -95,6 +114,7 @@ def _axis_cells(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Te
     placement=Placement.ENCODER,
     adaptive=False,
     signals=lambda o: {},
+    check=check_pool,
 )
 def pool(
     features: Tensor,
@@ -123,17 +143,12 @@ def pool(
         output_grid: (h', w') to pool to instead of deriving it from budget (default None); when
             given it overrides budget and the output has h' * w' tokens.
     """
+    check_pool(budget=budget, output_grid=output_grid)
     b, n, c = check_features(features)
     h, w = check_grid(grid, n)
     if output_grid is None:
         hp, wp = pool_grid((h, w), check_budget(budget, n))
     else:
-        if (
-            not isinstance(output_grid, (tuple, list))
-            or len(output_grid) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in output_grid)
-        ):
-            raise InputError(f"output_grid must be a pair of positive ints (h', w'), got {output_grid!r}")
         hp, wp = output_grid
         if hp > h or wp > w:
             raise InputError(f"output_grid {hp}x{wp} does not fit inside the {h}x{w} token grid")

@@ -8,11 +8,14 @@ scored by the head-averaged attention the raters give them and the top keep_coun
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, SignalRequest, TokenLayout
+from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.llm_attention import (
     assemble_keep,
     check_hidden,
@@ -27,9 +30,25 @@ from visprune.methods.llm_attention import (
 )
 from visprune.methods.registry import register
 
+# SparseVLM scores at layers 2/6/15 of LLaVA-1.5-7B's 32 (pruning from the next layer on), moved to
+# the same relative depth elsewhere; the last scoring layer must leave a layer to prune.
+LAYERS = RelativeDepth((2, 6, 15), reference=32, stack="llm", lowest=0, highest=-2)
+
+
+def check_options(*, layers: Any, keep_counts: Any) -> None:
+    """SparseVLM's options: strictly increasing layers >= 0 (or the default) and one keep count
+    (int >= 1) per layer."""
+    stages = published(layers)
+    if not isinstance(layers, RelativeDepth):
+        check_layers(layers, "layers", 0)
+    if not isinstance(keep_counts, tuple) or len(keep_counts) != len(stages):
+        raise InputError(f"keep_counts must be a tuple with one count per layer ({len(stages)}), got {keep_counts!r}")
+    for i, c in enumerate(keep_counts):
+        check_int(c, f"keep_counts[{i}]", 1)
+
 
 def _signals(o: dict) -> dict[str, SignalRequest]:
-    layers = tuple(o["layers"])
+    layers = tuple(published(o["layers"]))
     return {
         "q": SignalRequest("q", layers=layers, rows="text"),
         "k": SignalRequest("k", layers=layers),
@@ -66,7 +85,8 @@ def raters(hidden: Tensor, layout: TokenLayout) -> Tensor:
     placement=Placement.LLM,
     adaptive=False,
     signals=_signals,
-    layers=lambda o: tuple(layer + 1 for layer in o["layers"]),
+    layers=lambda o: tuple(layer + 1 for layer in published(o["layers"])),
+    check=check_options,
 )
 def sparsevlm(
     *,
@@ -75,7 +95,7 @@ def sparsevlm(
     hidden: Tensor | None = None,
     layout: TokenLayout,
     stage: int = 0,
-    layers: tuple = (2, 6, 15),
+    layers: tuple | RelativeDepth = LAYERS,
     keep_counts: tuple = (300, 200, 110),
 ) -> Tensor:
     """Keep mask [B, S] (True = keep) over the sequence entering decoder layer `layers[stage] + 1`.
@@ -94,16 +114,14 @@ def sparsevlm(
 
     Options:
         layers: decoder layers whose attention scores the image tokens, strictly increasing; pruning
-            applies from layer + 1 on.
+            applies from layer + 1 on. Default: (2, 6, 15) as published for a 32-layer LLM, moved to
+            the same relative depth of the model's LLM when applied (e.g. (1, 2, 4) in an 8-layer
+            one). An explicit tuple is used as given.
         keep_counts: image tokens kept after each stage, one per layer (ints >= 1), clamped per
             sample to the image tokens present.
     """
-    check_layers(layers, "layers", 0)
-    if not isinstance(keep_counts, tuple) or len(keep_counts) != len(layers):
-        raise InputError(f"keep_counts must be a tuple with one count per layer ({len(layers)}), got {keep_counts!r}")
-    for i, c in enumerate(keep_counts):
-        check_int(c, f"keep_counts[{i}]", 1)
-    check_stage(stage, len(layers), "sparsevlm")
+    check_options(layers=layers, keep_counts=keep_counts)
+    check_stage(stage, len(keep_counts), "sparsevlm")
     check_qk(q, k, layout)
     check_hidden(hidden, layout)
     visual = layout.visual & layout.attention_mask

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from visprune.errors import InputError
 from visprune.methods.base import Placement, SignalRequest, TokenLayout
-from visprune.methods.checks import check_choice, check_ratio
+from visprune.methods.checks import check_choice, check_flag, check_ratio
+from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.knee_point import DETECTORS, knee_count
 from visprune.methods.llm_attention import (
     check_int,
@@ -28,9 +28,25 @@ from visprune.methods.llm_attention import (
 )
 from visprune.methods.registry import register
 
+# The text stage prunes at layer K = 2 of a 32-layer LLM; a shallower LLM gets the same relative depth.
+TEXT_LAYER = RelativeDepth(2, reference=32, stack="llm", lowest=1, highest=-1, only_if_needed=True)
+
+
+def check_options(
+    *, text_layer: Any, text_keep_ratio: Any, text_detector: Any, text_smooth: Any, prune_text: Any
+) -> None:
+    """The text stage's own options (the encoder stage `knee` checks its own)."""
+    if not isinstance(text_layer, RelativeDepth):
+        check_int(text_layer, "text_layer", 1)
+    if text_keep_ratio is not None:
+        check_ratio(text_keep_ratio, "text_keep_ratio")
+    check_choice(text_detector, "text_detector", DETECTORS)
+    check_int(text_smooth, "text_smooth", 1)
+    check_flag(prune_text, "prune_text")
+
 
 def _signals(o: dict) -> dict[str, SignalRequest]:
-    score = (o["text_layer"],)
+    score = (published(o["text_layer"]),)
     return {"q": SignalRequest("q", layers=score, rows="query"), "k": SignalRequest("k", layers=score)}
 
 
@@ -68,8 +84,9 @@ def _group_keep(relevance: Tensor, group: Tensor, keep_ratio: float | None, dete
     placement=Placement.BOTH,
     adaptive=True,
     signals=_signals,
-    layers=lambda o: (o["text_layer"],),
+    layers=lambda o: (published(o["text_layer"]),),
     encoder_stage="knee",
+    check=check_options,
 )
 def text_stage(
     *,
@@ -78,7 +95,7 @@ def text_stage(
     hidden: Tensor | None = None,
     layout: TokenLayout,
     stage: int = 0,
-    text_layer: int = 2,
+    text_layer: int | RelativeDepth = TEXT_LAYER,
     text_keep_ratio: float | None = None,
     text_detector: str = "kneedle",
     text_smooth: int = 1,
@@ -106,7 +123,9 @@ def text_stage(
     ignored here.
 
     Options:
-        text_layer: decoder layer K whose input is pruned, scored with layer K's own q/k.
+        text_layer: decoder layer K (>= 1) whose input is pruned, scored with layer K's own q/k.
+            Default: 2 for a 32-layer LLM; kept on every LLM it fits and moved to the same relative
+            depth (at least 1) only on a shallower one. An explicit value is used as given.
         text_keep_ratio: None for the knee; a fraction in (0, 1] keeps that fixed share of the image
             (and, with prune_text, system) tokens instead.
         text_detector: knee detector on the sorted relevance curve: 'kneedle', 'max-gap' or
@@ -114,13 +133,13 @@ def text_stage(
         text_smooth: moving-average window applied to the sorted relevance curve first (1 = none).
         prune_text: also drop system-prompt tokens below their own knee (the first real token stays).
     """
-    check_int(text_layer, "text_layer", 0)
-    if text_keep_ratio is not None:
-        check_ratio(text_keep_ratio, "text_keep_ratio")
-    check_choice(text_detector, "text_detector", DETECTORS)
-    check_int(text_smooth, "text_smooth", 1)
-    if not isinstance(prune_text, bool):
-        raise InputError(f"prune_text must be True or False, got {prune_text!r}")
+    check_options(
+        text_layer=text_layer,
+        text_keep_ratio=text_keep_ratio,
+        text_detector=text_detector,
+        text_smooth=text_smooth,
+        prune_text=prune_text,
+    )
     check_stage(stage, 1, "knee+text")
     check_qk(q, k, layout)
     mask = layout.attention_mask

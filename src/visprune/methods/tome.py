@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.methods.base import Placement, Reduction, SignalRequest
-from visprune.methods.checks import check_budget, check_features, check_grid
+from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.registry import register
 
@@ -51,12 +51,18 @@ def tome_round(x: Tensor, k: Tensor, size: Tensor, r: int) -> tuple[Tensor, Tens
     return new_x, new_k, new_size.squeeze(-1), newpos, kept
 
 
+def check_options(*, budget: object) -> None:
+    """ToMe's option: budget >= 1 (<= N is checked on the features)."""
+    check_count(budget, "budget")
+
+
 @register(
     "tome",
     description="ToMe: bipartite soft matching on the tower's output keys, size-weighted merges until K tokens remain.",
     placement=Placement.ENCODER,
     adaptive=False,
     signals=lambda o: {"keys": SignalRequest("keys", (-1,), "mean")},
+    check=check_options,
 )
 def tome(
     features: Tensor,
@@ -87,6 +93,7 @@ def tome(
     Options:
         budget: number of tokens left per image (default 64), 1 <= budget <= N.
     """
+    check_options(budget=budget)
     b, n, _ = check_features(features)
     if grid is not None:
         check_grid(grid, n)

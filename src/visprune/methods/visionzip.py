@@ -9,7 +9,7 @@ from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest
-from visprune.methods.checks import check_budget, check_features, check_grid
+from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.cls_topk import check_signal, top_indices
 from visprune.methods.registry import register
 
@@ -24,10 +24,13 @@ def split_budget(budget: int) -> tuple[int, int]:
     return dominant, budget - dominant
 
 
-def _count(value: object, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InputError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+def check_options(*, dominant: object, contextual: object, budget: object) -> None:
+    """VisionZip's options: dominant >= 1, contextual >= 0, budget None or >= 1 (the sums against N
+    are checked on the features)."""
+    check_count(dominant, "dominant", 1)
+    check_count(contextual, "contextual", 0)
+    if budget is not None:
+        check_count(budget, "budget", 1)
 
 
 @register(
@@ -39,6 +42,7 @@ def _count(value: object, name: str, low: int) -> int:
         "cls_attn": SignalRequest("cls_attn", (-2,), "sum"),
         "keys": SignalRequest("keys", (-2,), "mean"),
     },
+    check=check_options,
 )
 def visionzip(
     features: Tensor,
@@ -77,13 +81,14 @@ def visionzip(
         budget: total D + C (default None: use dominant and contextual). When given it overrides
             both and is split 54:10 (dominant = round(budget * 54 / 64), contextual = the rest).
     """
+    check_options(dominant=dominant, contextual=contextual, budget=budget)
     b, n, c = check_features(features)
     if grid is not None:
         check_grid(grid, n)
     if budget is not None:
         d, k = split_budget(check_budget(budget, n))
     else:
-        d, k = _count(dominant, "dominant", 1), _count(contextual, "contextual", 0)
+        d, k = dominant, contextual
         if d + k > n:
             raise InputError(f"dominant + contextual = {d} + {k} = {d + k} exceeds the N={n} tokens")
     scores = check_signal(cls_attn, "cls_attn", (b, n), features)
