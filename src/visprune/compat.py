@@ -63,15 +63,26 @@ def cache_length(cache: Any, layer_idx: int = 0) -> int:
     return int(cache.get_seq_length(layer_idx))
 
 
-def generation_attention_mask(input_ids: Tensor, generation_config: Any) -> Tensor:
+def attended_keys(cache: Any, layer_idx: int, q_len: int) -> int:
+    """How many key slots decoder layer `layer_idx` attends over in a step that feeds `q_len` tokens: the
+    filled length plus the new tokens for a growing cache, the whole preallocated length for a static one
+    (its unfilled slots must be masked)."""
+    layer = cache.layers[layer_idx]
+    if getattr(layer, "is_sliding", False):
+        raise UnsupportedModelError(
+            "LLM-side methods do not support sliding-window caches; use the default dynamic or a static cache"
+        )
+    preallocated = getattr(layer, "max_cache_len", None)
+    return int(preallocated) if preallocated is not None else cache_length(cache, layer_idx) + q_len
+
+
+def generation_attention_mask(input_ids: Tensor, pad: int | None, eos: int | list[int] | None) -> Tensor:
     """The attention mask `generate` infers when none is passed: real tokens are those that are not the
     pad token, when the pad token occurs in the ids and is not an end-of-sequence token; all ones otherwise.
     """
     ones = torch.ones_like(input_ids, dtype=torch.long)
-    pad = getattr(generation_config, "pad_token_id", None)
     if pad is None:
         return ones
-    eos = getattr(generation_config, "eos_token_id", None)
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
     if int(pad) in eos_ids or not bool((input_ids == pad).any()):
         return ones

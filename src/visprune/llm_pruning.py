@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visprune.compat import cache_length
+from visprune.compat import attended_keys, cache_length
 from visprune.errors import InputError, VisPruneError
 from visprune.methods.base import MethodSpec, TokenLayout
 from visprune.methods.llm_attention import query_or_last, rows_from_mask
@@ -155,6 +155,11 @@ class DecoderPruner:
             group = self._group_for(layer_idx)
             if group is not None:
                 kwargs["attention_mask"] = group.prefill_mask
+                cache = kwargs.get(self.cache_kw)
+                width = hidden.shape[1]
+                if cache is not None and attended_keys(cache, layer_idx, width) != width:
+                    keys = attended_keys(cache, layer_idx, width)
+                    kwargs["attention_mask"] = self._step_mask(group.valid, 0, width, keys, hidden.dtype)
                 kwargs["position_embeddings"] = group.position_embeddings
                 if group.position_ids is not None:
                     kwargs["position_ids"] = group.position_ids
@@ -169,18 +174,24 @@ class DecoderPruner:
                         "LLM-side methods prune the cache at prefill, so generate with use_cache=True"
                     )
                 past = cache_length(cache, layer_idx)
-                kwargs["attention_mask"] = self._decode_mask(group, past, hidden.shape[1], hidden.dtype)
+                q_len = hidden.shape[1]
+                keys = attended_keys(cache, layer_idx, q_len)
+                if group.all_valid and keys == past + q_len and q_len == 1 and self.attn_impl != "eager":
+                    kwargs["attention_mask"] = None  # one new token over a padding-free cache: nothing to hide
+                else:
+                    kwargs["attention_mask"] = self._step_mask(group.valid, past, q_len, keys, hidden.dtype)
         return args, kwargs
 
-    def _decode_mask(self, group: _Group, past: int, q_len: int, dtype: torch.dtype) -> Tensor | None:
-        b, s_g = group.valid.shape
-        generated = past + q_len - s_g
-        if group.all_valid and self.attn_impl != "eager":
-            return None
-        keys = torch.cat([group.valid, group.valid.new_ones(b, generated)], dim=1)  # [B, kv]
-        kv = keys.shape[1]
-        causal = torch.ones(q_len, kv, dtype=torch.bool, device=keys.device).tril(kv - q_len)
-        allowed = keys[:, None, None, :] & causal[None, None]
+    def _step_mask(self, valid: Tensor, past: int, q_len: int, keys: int, dtype: torch.dtype) -> Tensor:
+        """Mask for `q_len` tokens entering at position `past` of a group's cache with `keys` key slots:
+        the group's kept prompt tokens (`valid` [B, S_g]) and every token fed since, causally; unfilled
+        slots of a static cache hidden; each query sees itself (so padding rows stay finite)."""
+        b, s_g = valid.shape
+        filled = past + q_len
+        real = torch.cat([valid, valid.new_ones(b, filled - s_g), valid.new_zeros(b, keys - filled)], dim=1)
+        q_pos = torch.arange(past, filled, device=valid.device)[:, None]
+        k_pos = torch.arange(keys, device=valid.device)[None, :]
+        allowed = (real[:, None, None, :] & (k_pos <= q_pos)[None, None]) | (k_pos == q_pos)[None, None]
         return format_mask(allowed, self.attn_impl, dtype)
 
     def _collect(
@@ -240,13 +251,9 @@ class DecoderPruner:
             new_pos_ids = position_ids.expand(b, -1).gather(1, index)
         base_index = index if prev is None else prev.index.gather(1, index)
 
-        causal = torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()
-        allowed = (valid[:, None, None, :] & causal[None, None]) | torch.eye(
-            width, dtype=torch.bool, device=hidden.device
-        )[None, None]
         all_valid = bool(valid.all())
         plain = all_valid and self.attn_impl != "eager"
-        mask = None if plain else format_mask(allowed, self.attn_impl, hidden.dtype)
+        mask = None if plain else self._step_mask(valid, 0, width, width, hidden.dtype)
 
         sub = layout.subset(index)
         st.layout = TokenLayout(

@@ -96,13 +96,29 @@ def _sync(t: Tensor, enabled: bool) -> None:
 
 
 @dataclass
+class _Session:
+    """The last patched prefill, so that a later call may continue from the KV cache it filled.
+
+    The cache holds the SPLICED sequence (reduced image rows, left-padded), not the caller's: a call that
+    continues from it is translated from the caller's coordinates (its first `caller_ids.shape[1]`
+    tokens are the prompt) to the cache's (`spliced_ids`, then the same later tokens).
+    """
+
+    cache: Any
+    caller_ids: Tensor  # [B, S_c] the prompt as the caller passed it
+    caller_mask: Tensor  # [B, S_c]
+    spliced_ids: Tensor  # [B, S'] the prompt as the LLM saw it
+    spliced_mask: Tensor  # [B, S']
+
+
+@dataclass
 class Handle:
     """Returned by `apply`: the active method(s), their options and the last call's `stats`."""
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     methods: tuple[str, ...]
     options: dict[str, dict[str, Any]]
-    stats: Stats
+    stats: Stats = field(repr=False)
     adapter: Adapter = field(repr=False)
     encoder: MethodSpec | None = field(repr=False, default=None)
     encoder_options: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -112,6 +128,8 @@ class Handle:
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _saved: dict[str, Any] = field(default_factory=dict, repr=False)
     _in_generate: bool = field(default=False, repr=False)
+    _session: _Session | None = field(default=None, repr=False)
+    _generate_cache: Any = field(default=None, repr=False)  # the cache generate passed to the prefill
 
     def remove(self) -> None:
         """Undo `apply` (same as visprune.remove(model))."""
@@ -228,20 +246,8 @@ def apply(
         keep_positions=keep_positions,
     )
     handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
-    original_generate, original_forward = model.generate, model.forward
-
-    # functools.wraps keeps the originals' signatures visible: transformers' generate inspects
-    # forward's parameters to decide whether to pass position_ids, logits_to_keep, etc.
-    @functools.wraps(original_generate)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        return _generate(handle, original_generate, *args, **kwargs)
-
-    @functools.wraps(original_forward)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return _forward(handle, original_forward, *args, **kwargs)
-
-    model.generate = generate
-    model.forward = forward
+    model.generate = _Patched(model, "generate", model.generate)
+    model.forward = _Patched(model, "forward", model.forward)
     if pruner is not None:
         lm = adapter.language_model
         handle._hooks.append(lm.register_forward_pre_hook(pruner.model_pre_hook, with_kwargs=True))
@@ -249,17 +255,31 @@ def apply(
         first = pruner.first_layer
         for idx, layer in enumerate(adapter.decoder_layers):
             if idx >= first:
-                hook = _bind_layer_hook(pruner, idx)
+                hook = functools.partial(pruner.layer_pre_hook, idx)
                 handle._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     setattr(model, _ATTR, handle)
     return handle
 
 
-def _bind_layer_hook(pruner: DecoderPruner, idx: int) -> Any:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return pruner.layer_pre_hook(idx, module, args, kwargs)
+class _Patched:
+    """The instance's patched `generate` / `forward`: calls visprune's version with the model's handle.
 
-    return hook
+    Holds only the model, the kind and the original bound method, and hooks are partials of bound
+    methods, so `copy.deepcopy(model)` gives a copy whose patched calls, hooks and handle are its own
+    (deepcopy rebinds bound methods to the copies). The original's signature stays visible:
+    transformers' generate inspects forward's parameters to decide what to pass.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, original: Any):
+        functools.update_wrapper(self, original)
+        self.model = model
+        self.kind = kind
+        self.original = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        handle = getattr(self.model, _ATTR)
+        call = _generate if self.kind == "generate" else _forward
+        return call(handle, self.original, *args, **kwargs)
 
 
 def remove(model: nn.Module) -> None:
@@ -341,12 +361,28 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         input_ids, args = args[0], args[1:]
     if args:
         raise InputError("pass generate's arguments other than input_ids by keyword")
-    pixel_values = kwargs.pop("pixel_values", None)
     if input_ids is None or "inputs_embeds" in kwargs:
         raise InputError("the patched generate needs input_ids from the processor (inputs_embeds is not supported)")
+    if kwargs.get("prefill_chunk_size") is not None:
+        raise InputError(
+            "prefill_chunk_size is not supported on a visprune-patched model: the reduced prompt is prefilled in one "
+            "pass (LLM-side methods need the whole prompt at their pruning layer); leave it unset"
+        )
+    config = kwargs.get("generation_config") or handle.model.generation_config
     attention_mask = kwargs.pop("attention_mask", None)
+    if attention_mask is None:
+        attention_mask = compat.generation_attention_mask(
+            input_ids,
+            kwargs.get("pad_token_id", config.pad_token_id),
+            kwargs.get("eos_token_id", config.eos_token_id),
+        )
+    _caller_lengths(kwargs, config, input_ids.shape[1])
+    if compat.cache_length(compat.find_cache(kwargs)) > 0:
+        return _continue_generate(handle, original, input_ids, attention_mask, kwargs)
+    pixel_values = kwargs.pop("pixel_values", None)
     image_sizes = kwargs.pop("image_sizes", None)
     batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_sizes, None)
+    handle._session = handle._generate_cache = None
     handle._in_generate = True
     try:
         if batch.position_ids is not None:
@@ -356,13 +392,107 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         )
     finally:
         handle._in_generate = False
+    if handle._generate_cache is not None:
+        handle._session = _Session(
+            cache=handle._generate_cache,
+            caller_ids=input_ids,
+            caller_mask=attention_mask,
+            spliced_ids=batch.input_ids,
+            spliced_mask=batch.attention_mask,
+        )
+        handle._generate_cache = None
     _finish_stats(handle)
+    return _restore_sequences(out, input_ids, batch.input_ids.shape[1])
+
+
+def _caller_lengths(kwargs: dict[str, Any], config: Any, caller_len: int) -> None:
+    """Make max_length / min_length count the CALLER's prompt, as unpatched generate does, by turning
+    them into max_new_tokens / min_new_tokens (the spliced prompt the LLM sees has another length)."""
+    for total, new, floor in (("max_length", "max_new_tokens", 1), ("min_length", "min_new_tokens", 0)):
+        if kwargs.get(new, getattr(config, new, None)) is not None:
+            continue
+        given = kwargs.get(total, getattr(config, total, None))
+        if given is None:
+            continue
+        if given - caller_len < floor:
+            if floor:
+                raise InputError(
+                    f"max_length={given} leaves no room for new tokens after the {caller_len}-token prompt; "
+                    "increase it or pass max_new_tokens"
+                )
+            continue
+        kwargs[new] = given - caller_len
+        kwargs[total] = None
+
+
+def _restore_sequences(out: Any, input_ids: Tensor, spliced_len: int) -> Any:
+    """Sequences as unpatched generate returns them: the caller's ids (repeated for beams / several
+    return sequences) followed by the new tokens."""
     sequences = out if isinstance(out, Tensor) else out.sequences
-    restored = torch.cat([input_ids, sequences[:, batch.input_ids.shape[1] :]], dim=1)
+    prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+    restored = torch.cat([prompt, sequences[:, spliced_len:]], dim=1)
     if isinstance(out, Tensor):
         return restored
     out.sequences = restored
     return out
+
+
+def _session_for(handle: Handle, cache: Any, caller_mask: Tensor) -> _Session:
+    """The session whose cache the caller continues from; anything else is refused."""
+    session = handle._session
+    if session is None or session.cache is not cache:
+        raise InputError(
+            "this KV cache was not filled by the last patched call of this model. On a visprune-patched model the "
+            "cache holds the reduced sequence, so a call can only continue from the cache of the latest patched "
+            "prefill (generate or forward); start from the full prompt without a cache instead"
+        )
+    if handle.keep_positions:
+        raise InputError(
+            "continuing from a cache is not supported with keep_positions=True; pass the full conversation "
+            "without a cache"
+        )
+    s_c = session.caller_ids.shape[1]
+    if caller_mask.shape[0] != session.caller_mask.shape[0] or caller_mask.shape[1] < s_c:
+        raise InputError(
+            f"the attention_mask has shape {tuple(caller_mask.shape)}, but the cached prompt is "
+            f"{tuple(session.caller_mask.shape)}: cover the prompt and every token since"
+        )
+    if not torch.equal(caller_mask[:, :s_c].bool(), session.caller_mask.bool()):
+        raise InputError("the attention_mask does not start with the cached prompt's mask; pass the same prompt mask")
+    return session
+
+
+def _spliced_mask(session: _Session, caller_mask: Tensor) -> Tensor:
+    """The caller's mask over prompt + later tokens, moved onto the cached (spliced) sequence."""
+    later = caller_mask[:, session.caller_ids.shape[1] :].to(session.spliced_mask)
+    return torch.cat([session.spliced_mask, later], dim=1)
+
+
+def _continue_generate(
+    handle: Handle, original: Any, input_ids: Tensor, attention_mask: Tensor, kwargs: dict[str, Any]
+) -> Any:
+    """generate from the cache of the last patched call: the caller's ids start with the cached prompt
+    (plus what was generated), then new text; the prompt part is swapped for the spliced one."""
+    session = _session_for(handle, compat.find_cache(kwargs), attention_mask)
+    s_c = session.caller_ids.shape[1]
+    if not torch.equal(input_ids[:, :s_c], session.caller_ids):
+        raise InputError(
+            "input_ids do not start with the prompt whose cache is passed; continue with the returned sequences"
+        )
+    later = input_ids[:, s_c:]
+    if kwargs.pop("pixel_values", None) is not None or bool((later == handle.adapter.image_token_id).any()):
+        raise InputError(
+            "new images cannot be added to a cached conversation on a patched model; generate from the full "
+            "conversation without the cache"
+        )
+    kwargs.pop("image_sizes", None)
+    ids = torch.cat([session.spliced_ids, later], dim=1)
+    handle._in_generate = True
+    try:
+        out = original(input_ids=ids, attention_mask=_spliced_mask(session, attention_mask), **kwargs)
+    finally:
+        handle._in_generate = False
+    return _restore_sequences(out, input_ids, ids.shape[1])
 
 
 def _finish_stats(handle: Handle) -> None:
@@ -373,18 +503,23 @@ def _finish_stats(handle: Handle) -> None:
 
 def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     if handle._in_generate:
+        if handle._generate_cache is None:
+            handle._generate_cache = compat.find_cache(kwargs)
         return original(*args, **kwargs)
     input_ids = kwargs.pop("input_ids", None)
     if args:
         if input_ids is not None or len(args) > 1:
             raise InputError("the patched forward takes input_ids positionally or by keyword, the rest by keyword")
         input_ids = args[0]
-    continuing = compat.cache_length(compat.find_cache(kwargs)) > 0
-    if input_ids is None or continuing or "inputs_embeds" in kwargs:
-        # A decode step after a patched prefill, or embeddings the caller built: nothing to reduce.
-        if handle.pruner is not None and not continuing:
+    cache = compat.find_cache(kwargs)
+    if compat.cache_length(cache) > 0:
+        return _continue_forward(handle, original, input_ids, cache, kwargs)
+    if input_ids is None or "inputs_embeds" in kwargs:
+        # Embeddings the caller built: nothing to reduce, the model runs as it is.
+        if handle.pruner is not None:
             handle.pruner.state.phase = "off"
-        return original(input_ids=input_ids, **kwargs) if input_ids is not None else original(**kwargs)
+        handle._session = None
+        return original(**kwargs)
     pixel_values = kwargs.pop("pixel_values", None)
     attention_mask = kwargs.pop("attention_mask", None)
     image_sizes = kwargs.pop("image_sizes", None)
@@ -395,6 +530,13 @@ def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
     out = original(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
+    handle._session = _Session(
+        cache=compat.output_cache(out) or cache,
+        caller_ids=input_ids,
+        caller_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+        spliced_ids=batch.input_ids,
+        spliced_mask=batch.attention_mask,
+    )
     _finish_stats(handle)
     final = handle.pruner.final_index if handle.pruner is not None else None
     seq_labels = batch.labels
@@ -413,3 +555,38 @@ def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         vocab = handle.model.config.text_config.vocab_size
         out.loss = handle.model.loss_function(logits=out.logits, labels=seq_labels, vocab_size=vocab)
     return out
+
+
+def _continue_forward(handle: Handle, original: Any, input_ids: Tensor | None, cache: Any, kwargs: dict) -> Any:
+    """A decode step (or several tokens) on the cache of the last patched prefill, as in a hand-written
+    generation loop: the caller's attention_mask (prompt + every token since) is moved onto the cache's
+    spliced sequence; positions continue from the cache, as the unpatched model's do."""
+    if input_ids is None or "inputs_embeds" in kwargs:
+        raise InputError("a patched forward that continues from a cache takes the new tokens as input_ids")
+    if kwargs.pop("pixel_values", None) is not None or bool((input_ids == handle.adapter.image_token_id).any()):
+        raise InputError(
+            "new images cannot be added to a cached sequence on a patched model; run a new prefill without the cache"
+        )
+    if kwargs.get("position_ids") is not None:
+        raise InputError("the patched forward builds its own position_ids; do not pass them")
+    kwargs.pop("image_sizes", None)
+    mask = kwargs.pop("attention_mask", None)
+    session = _session_for(handle, cache, mask if mask is not None else _assumed_mask(handle, input_ids, cache))
+    spliced = _spliced_mask(session, mask if mask is not None else _assumed_mask(handle, input_ids, cache))
+    expected = compat.cache_length(cache) + input_ids.shape[1]
+    if spliced.shape[1] != expected:
+        raise InputError(
+            f"the attention_mask covers {spliced.shape[1] - session.spliced_mask.shape[1]} tokens after the prompt, "
+            f"but the cache holds {expected - input_ids.shape[1] - session.spliced_mask.shape[1]} and "
+            f"{input_ids.shape[1]} are new; extend the mask by one column per token fed"
+        )
+    return original(input_ids=input_ids, attention_mask=spliced, **kwargs)
+
+
+def _assumed_mask(handle: Handle, input_ids: Tensor, cache: Any) -> Tensor:
+    """With no attention_mask, every token is real (as unpatched): prompt mask + ones for the rest."""
+    session = handle._session
+    if session is None:
+        return torch.ones_like(input_ids)
+    later = compat.cache_length(cache) - session.spliced_mask.shape[1] + input_ids.shape[1]
+    return torch.cat([session.caller_mask, session.caller_mask.new_ones(input_ids.shape[0], later)], dim=1)
