@@ -480,7 +480,7 @@ def _continue_generate(
             "input_ids do not start with the prompt whose cache is passed; continue with the returned sequences"
         )
     later = input_ids[:, s_c:]
-    if kwargs.pop("pixel_values", None) is not None or bool((later == handle.adapter.image_token_id).any()):
+    if kwargs.pop("pixel_values", None) is not None:
         raise InputError(
             "new images cannot be added to a cached conversation on a patched model; generate from the full "
             "conversation without the cache"
@@ -563,7 +563,7 @@ def _continue_forward(handle: Handle, original: Any, input_ids: Tensor | None, c
     spliced sequence; positions continue from the cache, as the unpatched model's do."""
     if input_ids is None or "inputs_embeds" in kwargs:
         raise InputError("a patched forward that continues from a cache takes the new tokens as input_ids")
-    if kwargs.pop("pixel_values", None) is not None or bool((input_ids == handle.adapter.image_token_id).any()):
+    if kwargs.pop("pixel_values", None) is not None:
         raise InputError(
             "new images cannot be added to a cached sequence on a patched model; run a new prefill without the cache"
         )
