@@ -122,7 +122,7 @@ def vtc_cls(
     (attentions[start_layer:-1], i.e. up to layer -2) and publishes no default; visprune's default
     -5 ensembles the last four layers before the output layer (19..22 of CLIP ViT-L/14's 24), a
     choice to be tuned rather than a published value. On a tower of another depth L the default
-    moves to the same relative depth (-round(5 L / 24), at most -2: -3 for 12 layers).
+    moves to the same relative depth (-round(5 L / 24), at most -2: -10 for 48 layers, -2 for 3).
 
     Options:
         budget: number of tokens kept per image (default 64), 1 <= budget <= N.

@@ -39,8 +39,8 @@ _OPTIONS_DOC = """
             batch-mates; use it only to reproduce the official numbers).
         weights: "unnormalized" (default, the official code) adds sum_j a_j y_j to each kept token and
             makes the extra token sum_j a_j y_j; "normalized" divides both sums by their total weight
-            sum_j a_j (the paper's "weighted average"; the official code has that division commented
-            out).
+            sum_j |a_j| (the paper's "weighted average"; the official code has that division commented
+            out); all-zero weights average plainly, so the result is finite for any finite input.
         order: "spatial" (default) emits the kept tokens in ascending original index, which suits the
             LLM's positional encoding; "score" emits them as the official code does: the top-m by
             descending score, then (PruMerge+) the uniform samples in ascending index.
@@ -128,6 +128,22 @@ def check_options(*, fence: Any, weights: Any, order: Any, neighbors: Any, extra
     check_flag(extra_token, "extra_token")
 
 
+def normalize_weights(w: Tensor, members: Tensor) -> Tensor:
+    """Weights for a weighted average over the True entries of `members` (same shape as w), along dim -1.
+
+    Each weight is divided by the row's total ABSOLUTE weight, which is >= every |w_j|, so every
+    normalised weight lies in [-1, 1] and the average stays finite for any finite input. For
+    attention probabilities (non-negative) that is exactly w_j / sum_j w_j. A row whose member
+    weights are all zero gets the plain mean (the limit of equal weights); a row without members
+    gets zeros. Entries outside `members` come back 0.
+    """
+    w = torch.where(members, w, 0.0)
+    total = w.abs().sum(dim=-1, keepdim=True)
+    count = members.sum(dim=-1, keepdim=True)
+    uniform = members / count.clamp(min=1)
+    return torch.where(total > 0, w / torch.where(total > 0, total, 1.0), uniform)
+
+
 def _prumerge(
     features: Tensor,
     cls_attn: Tensor,
@@ -198,13 +214,17 @@ def _prumerge(
     k = min(neighbors, n - 1)
     if k > 0:
         kn = F.normalize(keys.float(), dim=-1)
-        sim = kn.gather(1, sel.unsqueeze(-1).expand(-1, -1, kn.shape[-1])) @ kn.transpose(1, 2)  # [B, K, N]
+        # Similarities of every token pair, then the kept rows: an [N, N] product per image has the
+        # same shape whatever the batch-mates, so equal keys give bitwise-equal similarities in a batch
+        # and one by one ([K_max, N] rows would round differently as K_max changes with the batch).
+        full = kn @ kn.transpose(1, 2)  # [B, N, N]
+        sim = full.gather(1, sel.unsqueeze(-1).expand(-1, -1, n))  # [B, K, N]
         sim.scatter_(2, sel.unsqueeze(-1), float("-inf"))  # never pick itself
         # A stable sort rather than topk: ties go to the lower index, identically on every device.
         nb = sim.argsort(dim=2, descending=True, stable=True)[:, :, :k]  # [B, K, k]
         w = a.gather(1, nb.flatten(1)).view_as(nb)
         if weights == "normalized":
-            w = w / w.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+            w = normalize_weights(w, torch.ones_like(nb, dtype=torch.bool))
         mix = torch.zeros(b, kmax, n, device=dev).scatter_(2, nb, w)
         merged = base + mix @ x
         # A pruned token merged into kept tokens is assigned to the most similar one among them.
@@ -219,9 +239,7 @@ def _prumerge(
     assign = torch.where(pruned & ~linked, extra_slot.unsqueeze(1), assign)
 
     # The extra token: attention-weighted sum (or average) of the pruned tokens, placed at slot sizes[b].
-    pw = torch.where(pruned, a, 0.0)
-    if weights == "normalized":
-        pw = pw / pw.sum(dim=1, keepdim=True).clamp(min=torch.finfo(pw.dtype).tiny)
+    pw = normalize_weights(a, pruned) if weights == "normalized" else torch.where(pruned, a, 0.0)
     extra = (pw.unsqueeze(1) @ x).squeeze(1)  # [B, C]
     out = torch.cat([merged, merged.new_zeros(b, 1, c)], dim=1)
     out.scatter_(1, sizes.view(b, 1, 1).expand(-1, -1, c), extra.unsqueeze(1))
