@@ -83,3 +83,24 @@ def test_parse_option_docs():
     """
     assert parse_option_docs(doc) == {"alpha": "the first option, continued.", "beta": "second."}
     assert parse_option_docs("no options") == {}
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "match"),
+    [
+        ("fastervlm", {"budget": 0}, "budget=0 is out of range"),
+        ("fastervlm", {"budget": "64"}, "budget must be an int"),
+        ("prumerge", {"fence": "bogus"}, "fence='bogus' is not valid; choose one of"),
+        ("pdrop", {"keep_ratios": (0.5, 0.25)}, "give one per layer"),
+        ("pool", {"output_grid": (4,)}, "output_grid must be a pair"),
+        ("knee+text", {"text_detector": "nope"}, "text_detector='nope'"),
+    ],
+)
+def test_apply_refuses_bad_options_before_patching(method, options, match):
+    from tests.models.tiny import tiny_llava
+
+    model = tiny_llava()
+    generate = model.generate
+    with pytest.raises(InputError, match=match):
+        visprune.apply(model, method, **options)
+    assert model.generate == generate  # nothing was patched
