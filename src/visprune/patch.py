@@ -65,11 +65,7 @@ class Reducer:
 
     @property
     def budget(self) -> int | None:
-        if self.options.get("budget") is not None:
-            return int(self.options["budget"])
-        if "dominant" in self.options and "contextual" in self.options:
-            return int(self.options["dominant"]) + int(self.options["contextual"])
-        return None
+        return encoder_budget(self.options)
 
     def _options_for(self, budget: int | None) -> dict[str, Any]:
         if budget is None or budget == self.budget:
@@ -88,6 +84,15 @@ class Reducer:
         _sync(features, self.sync)
         self.stats.timings["reduce"] = self.stats.timings.get("reduce", 0.0) + time.perf_counter() - t0
         return out
+
+
+def encoder_budget(options: dict[str, Any]) -> int | None:
+    """Tokens per image a fixed-count encoder-side method keeps with these options (None: adaptive)."""
+    if options.get("budget") is not None:
+        return int(options["budget"])
+    if "dominant" in options and "contextual" in options:
+        return int(options["dominant"]) + int(options["contextual"])
+    return None
 
 
 def _sync(t: Tensor, enabled: bool) -> None:
@@ -137,12 +142,14 @@ class Handle:
 
 
 def _resolve(
-    method: str | MethodSpec | Sequence[str | MethodSpec], options: dict[str, Any]
+    method: str | MethodSpec | Sequence[str | MethodSpec], options: dict[str, Any], adapter: Adapter
 ) -> list[tuple[MethodSpec, dict]]:
-    """[(spec, resolved options)] for the requested method(s); validates placement and option names."""
+    """[(spec, options bound to the model's depth)] for the requested method(s); validates every
+    option (names, types, ranges, layers that must fit the model) and the placement of compositions."""
     items = [method] if isinstance(method, (str, MethodSpec)) else list(method)
     if not items:
-        raise InputError("no method given; pass a method name from visprune.methods() or 'none'")
+        raise InputError("no method given; pass a method name from visprune.list_methods() or 'none'")
+    depth = {"llm_layers": len(adapter.decoder_layers), "vision_layers": adapter.vision_layers}
     if items == [DENSE]:
         if options:
             raise InputError(f"method 'none' takes no options, got {sorted(options)}")
@@ -150,7 +157,7 @@ def _resolve(
     specs = [m if isinstance(m, MethodSpec) else get_method(m) for m in items]
     names = [s.name for s in specs]
     if len(names) == 1:
-        return [(specs[0], specs[0].options(**options))]
+        return [(specs[0], specs[0].bind(options, **depth))]
     unknown = set(options) - set(names)
     if unknown:
         raise InputError(
@@ -162,7 +169,7 @@ def _resolve(
         given = options.get(spec.name, {})
         if not isinstance(given, dict):
             raise InputError(f"options for {spec.name!r} must be a dict, got {type(given).__name__}")
-        resolved.append((spec, spec.options(**given)))
+        resolved.append((spec, spec.bind(given, **depth)))
     enc = [s for s, _ in resolved if s.placement in (Placement.ENCODER, Placement.BOTH)]
     llm = [s for s, _ in resolved if s.placement in (Placement.LLM, Placement.BOTH)]
     if len(enc) > 1 or len(llm) > 1:
@@ -182,7 +189,7 @@ def apply(
 ) -> Handle:
     """Patch `model` in place to feed its LLM fewer visual tokens with `method`; returns a Handle.
 
-    method: a name from visprune.methods(), 'none' (dense, same code path), or a list composing one
+    method: a name from visprune.list_methods(), 'none' (dense, same code path), or a list composing one
     encoder-side and one LLM-side method, e.g. ['visionzip', 'fastv'] with options per method
     (`visionzip={'budget': 128}`). Single-method options are plain keywords (`budget=64`).
     A MethodSpec (unregistered, e.g. a method of your own) is accepted wherever a name is.
@@ -198,7 +205,7 @@ def apply(
         raise InputError(
             f"this model is already patched with {list(current)}; call visprune.remove(model) before applying again"
         )
-    resolved = _resolve(method, options)
+    resolved = _resolve(method, options, adapter)
     if keep_positions and type(model).__name__ != "LlavaForConditionalGeneration":
         raise UnsupportedModelError(
             f"keep_positions is supported for LlavaForConditionalGeneration, not {type(model).__name__}"
@@ -219,6 +226,12 @@ def apply(
             llm, llm_opts = spec, opts
     if encoder is not None:
         adapter.check_encoder_method(encoder.signals(enc_opts))
+        budget = encoder_budget(enc_opts)
+        if budget is not None and budget > adapter.max_visual_tokens:
+            raise InputError(
+                f"{encoder.name}: a budget of {budget} tokens exceeds the {adapter.max_visual_tokens} visual tokens an "
+                f"image of this model can have; pass at most {adapter.max_visual_tokens}"
+            )
     pruner = None
     if llm is not None:
         impl = adapter.attn_implementation

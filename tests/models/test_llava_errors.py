@@ -140,23 +140,34 @@ def test_llm_method_works_on_full_strategy_model(full_model):
 
 
 @pytest.mark.parametrize(
-    ("method", "options", "layers"),
+    ("method", "options", "match"),
     [
-        ("fastv", {"layer": 4}, r"\[4\]"),
-        ("fastv", {"layer": 0}, None),
-        ("pdrop", {"layers": (1, 2, 4), "keep_ratios": (0.5, 0.25, 0.125)}, r"\[1, 2, 4\]"),
-        ("sparsevlm", {"layers": (1, 3), "keep_counts": (20, 10)}, r"\[2, 4\]"),
-        ("dart", {"layer": 7, "budget": 8}, r"\[7\]"),
-        ("knee+text", {"text_layer": 4}, r"\[4\]"),
+        ("fastv", {"layer": 4}, r"fastv': layer=4 does not fit this model's 4-layer LLM"),
+        ("fastv", {"layer": 0}, r"layer must be an int >= 1, got 0"),
+        ("pdrop", {"layers": (1, 2, 4)}, r"pdrop': layers=\(1, 2, 4\) does not fit this model's 4-layer LLM"),
+        ("sparsevlm", {"layers": (1, 3), "keep_counts": (20, 10)}, r"sparsevlm': layers=\(1, 3\) does not fit"),
+        ("dart", {"layer": 7, "budget": 8}, r"dart': layer=7 does not fit this model's 4-layer LLM"),
+        ("knee+text", {"text_layer": 4}, r"knee\+text': text_layer=4 does not fit this model's 4-layer LLM"),
     ],
 )
-def test_llm_layer_out_of_range(model, method, options, layers):
-    match = r"must lie in \[1, 3\] for this 4-layer LLM"
-    if layers:
-        match = rf"{re.escape(method)}: pruning layers {layers} " + match
+def test_llm_layer_out_of_range(model, method, options, match):
+    """An explicit layer that the model does not have is refused at apply, saying what fits."""
     with pytest.raises(visprune.InputError, match=match):
         visprune.apply(model, method, **options)
     _untouched(model)
+
+
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm", "fastv", "dart", "knee+text", "vtc-cls"])
+def test_layer_defaults_fit_any_depth(model, inputs, method):
+    """Published layer defaults move to the same relative depth of a 4-layer LLM / 3-layer tower."""
+    handle = visprune.apply(model, method)
+    try:
+        out = tiny.greedy(model, inputs, 2)
+    finally:
+        visprune.remove(model)
+    assert out.sequences.shape[0] == 3
+    if handle.pruner is not None:
+        assert all(1 <= layer <= 3 for layer in handle.pruner.stage_layers)
 
 
 def test_images_not_matching_placeholders(model, inputs):
@@ -212,10 +223,8 @@ def test_errors_are_value_or_type_errors(model):
 
 def test_signal_layer_beyond_the_tower_is_refused(model, inputs):
     assert len(model.model.vision_tower.encoder.layers) == 3
-    with pytest.raises(visprune.VisPruneError, match="layer"):
-        visprune.apply(model, "vtc-cls", budget=8)  # start_layer=-5 needs layers -5..-2
-        try:
-            with torch.no_grad():
-                model(**inputs)
-        finally:
-            visprune.remove(model)
+    with pytest.raises(visprune.InputError, match=r"start_layer=-5 does not fit"):
+        visprune.apply(model, "vtc-cls", budget=8, start_layer=-5)  # layers -5..-2 of a 3-layer tower
+    _untouched(model)
+
+

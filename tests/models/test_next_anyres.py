@@ -54,11 +54,15 @@ def test_dense_path_equals_unpatched(model, inputs):
 
 
 def test_keeping_every_token_reproduces_the_dense_packing(model, inputs):
-    """A budget above every image's token count keeps all tokens: packing must restore the dense order."""
+    """A budget at the most tokens any image can have keeps all tokens, saying so for the smaller images;
+    packing must restore the dense order. A budget above that maximum is refused at apply."""
     ref = generate(model, inputs)
-    handle = visprune.apply(model, "fastervlm", budget=10_000)
+    with pytest.raises(InputError, match="exceeds the 80 visual tokens an image of this model can have"):
+        visprune.apply(model, "fastervlm", budget=81)
+    handle = visprune.apply(model, "fastervlm", budget=80)
     try:
-        assert torch.equal(generate(model, inputs), ref)
+        with pytest.warns(UserWarning, match="all .* are kept"):
+            assert torch.equal(generate(model, inputs), ref)
         assert handle.stats.visual_tokens_out == handle.stats.visual_tokens_in
     finally:
         visprune.remove(model)
@@ -117,7 +121,8 @@ def test_split_budget_rule():
     assert _split_budget(12, [16, 8, 8]) == [6, 3, 3]
     assert _split_budget(10, [16, 16, 16]) == [4, 3, 3]
     assert sum(_split_budget(7, [5, 1, 9])) == 7
-    assert _split_budget(100, [4, 4]) == [4, 4]
+    with pytest.warns(UserWarning, match="budget=100 exceeds this image's 8 tokens"):
+        assert _split_budget(100, [4, 4]) == [4, 4]
     assert _split_budget(None, [4, 4]) == [None, None]
     with pytest.raises(InputError, match="at least the number of crops"):
         _split_budget(2, [4, 4, 4])

@@ -46,6 +46,16 @@ class Adapter(ABC):
         return self.language_model.layers
 
     @property
+    @abstractmethod
+    def vision_layers(self) -> int:
+        """Encoder layers of the vision tower (the depth relative layer defaults scale to)."""
+
+    @property
+    @abstractmethod
+    def max_visual_tokens(self) -> int:
+        """The most tokens one image can give the reducer (a budget above it can never be met)."""
+
+    @property
     def image_token_id(self) -> int:
         cfg = self.model.config
         return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)

@@ -41,6 +41,15 @@ class LlavaAdapter(Adapter):
         side = cfg.image_size // cfg.patch_size
         return side, side
 
+    @property
+    def vision_layers(self) -> int:
+        return vision.num_encoder_layers(self.vision_tower)
+
+    @property
+    def max_visual_tokens(self) -> int:
+        h, w = self.grid
+        return h * w + (self.model.config.vision_feature_select_strategy == "full")
+
     def check_encoder_method(self, requests: dict[str, SignalRequest]) -> None:
         depth = vision.num_encoder_layers(self.vision_tower)
         for name, req in requests.items():

@@ -3,7 +3,8 @@
 Each image arrives as a base crop plus tiles. Reduction runs per crop BEFORE packing, on the tokens
 that survive LLaVA-NeXT's unpadding (a rectangle of each tile's grid), with that crop's own CLS
 signals. Budget rule: a fixed per-image budget is split across the image's crops in proportion to
-their surviving token counts (largest remainder, at least one token per crop); adaptive methods
+their surviving token counts (largest remainder, at least one token per crop; a budget above the
+image's tokens keeps them all, with a warning); adaptive methods
 decide per crop. Packing keeps the dense layout: base-crop tokens first, then the tiles' kept tokens
 in the unpadded grid's row-major order with every row's newline token (newlines are always kept and
 counted as visual tokens reaching the LLM), then any extra summary tokens (PruMerge) in crop order.
@@ -11,6 +12,7 @@ counted as visual tokens reaching the LLM), then any extra summary tokens (PruMe
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,15 @@ class _Crop:
 
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
+
+    @property
+    def max_visual_tokens(self) -> int:
+        """Base crop + the most tiles any grid pinpoint gives, every token surviving unpadding."""
+        cfg = self.model.config
+        side = cfg.vision_config.image_size
+        h, w = self.grid
+        tiles = max((ph // side) * (pw // side) for ph, pw in cfg.image_grid_pinpoints)
+        return (1 + tiles) * h * w
 
     def _layout(
         self, image_sizes: Tensor, patches: list[int]
@@ -177,7 +188,13 @@ def _split_budget(budget: int | None, sizes: list[int]) -> list[int | None]:
             f"budget={budget} is smaller than this image's {len(sizes)} crops; LLaVA-NeXT keeps at least one token "
             "per crop, so use a budget of at least the number of crops"
         )
-    budget = min(budget, total)
+    if budget > total:
+        warnings.warn(
+            f"budget={budget} exceeds this image's {total} tokens (LLaVA-NeXT crops that survive unpadding): "
+            f"all {total} are kept; handle.stats.visual_tokens_out shows it",
+            stacklevel=2,
+        )
+        budget = total
     exact = [budget * s / total for s in sizes]
     shares = [max(1, int(e)) for e in exact]
     order = sorted(range(len(sizes)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
