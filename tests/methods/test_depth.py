@@ -65,6 +65,6 @@ def test_scale_layers_and_printing():
         scale_layers((8, 16, 24), 32, 2)
     text = str(get_method("pdrop").defaults["layers"])
     assert "(8, 16, 24)" in text and "32 layers" in text
-    assert "if it does not fit" in str(get_method("fastv").defaults["layer"])
+    assert "does not fit" in str(get_method("fastv").defaults["layer"])
     with pytest.raises(ValueError):
         RelativeDepth(2, reference=32, stack="tower", lowest=1, highest=-1)

@@ -43,8 +43,8 @@ class RelativeDepth:
             raise ValueError(f"stack must be one of {STACKS}, got {self.stack!r}")
 
     def __str__(self) -> str:
-        rule = "if it does not fit" if self.only_if_needed else "to the model's depth"
-        return f"{self.published} of {self.reference} layers, scaled {rule}"
+        rule = "moved only where it does not fit" if self.only_if_needed else "same relative depth elsewhere"
+        return f"{self.published} [for {self.reference} layers; {rule}]"
 
     def bounds(self, depth: int) -> tuple[int, int]:
         """The allowed (low, high) range as non-negative layer indices of a `depth`-layer stack."""
