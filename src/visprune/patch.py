@@ -320,6 +320,9 @@ def _prepare(
 ) -> Spliced:
     """Encode + reduce + splice, record stats, arm the LLM-side pruner."""
     adapter = handle.adapter
+    _check_call(input_ids, attention_mask)
+    if pixel_values is not None:
+        adapter.check_pixels(pixel_values)
     stats = Stats()
     handle.stats = stats
     if attention_mask is None:
@@ -357,6 +360,24 @@ def _prepare(
     return batch
 
 
+def _check_call(input_ids: Any, attention_mask: Any) -> None:
+    """input_ids [B, S] of integers and an optional attention_mask of the same shape, as processors give."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise InputError(
+            f"input_ids must be an integer tensor [batch, sequence] as the processor returns it, got {got}; "
+            "call the processor with return_tensors='pt' (and unsqueeze(0) a single prompt)"
+        )
+    if attention_mask is not None and (
+        not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise InputError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}; pass the "
+            "processor's attention_mask for these input_ids"
+        )
+
+
 def _check_placeholders(runs: list[list[tuple[int, int]]], tokens_in: list[int]) -> None:
     lengths = [length for sample in runs for _, length in sample]
     if lengths != tokens_in:
@@ -376,6 +397,7 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         raise InputError("pass generate's arguments other than input_ids by keyword")
     if input_ids is None or "inputs_embeds" in kwargs:
         raise InputError("the patched generate needs input_ids from the processor (inputs_embeds is not supported)")
+    _check_call(input_ids, kwargs.get("attention_mask"))
     if kwargs.get("prefill_chunk_size") is not None:
         raise InputError(
             "prefill_chunk_size is not supported on a visprune-patched model: the reduced prompt is prefilled in one "

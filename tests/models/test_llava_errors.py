@@ -228,3 +228,48 @@ def test_signal_layer_beyond_the_tower_is_refused(model, inputs):
     _untouched(model)
 
 
+def _bad_calls(inputs):
+    px = inputs["pixel_values"]
+    return {
+        "pixels of another size": ({**inputs, "pixel_values": px[..., :56, :56]}, "pixel_values must be a floating"),
+        "pixels without a batch dim": ({**inputs, "pixel_values": px[0]}, "pixel_values must be a floating"),
+        "integer pixels": ({**inputs, "pixel_values": px.long()}, "pixel_values must be a floating"),
+        "NaN pixels": ({**inputs, "pixel_values": torch.full_like(px, float("nan"))}, "NaN or inf"),
+        "mask one column short": (
+            {**inputs, "attention_mask": inputs["attention_mask"][:, 1:]},
+            "attention_mask must have the shape of input_ids",
+        ),
+        "ids as a list": ({**inputs, "input_ids": inputs["input_ids"].tolist()}, "input_ids must be an integer tensor"),
+        "one prompt without batch dim": (
+            {**inputs, "input_ids": inputs["input_ids"][0], "attention_mask": inputs["attention_mask"][0]},
+            "input_ids must be an integer tensor",
+        ),
+        "float ids": ({**inputs, "input_ids": inputs["input_ids"].float()}, "input_ids must be an integer tensor"),
+    }
+
+
+BAD_CALLS = [
+    "pixels of another size",
+    "pixels without a batch dim",
+    "integer pixels",
+    "NaN pixels",
+    "mask one column short",
+    "ids as a list",
+    "one prompt without batch dim",
+    "float ids",
+]
+
+
+@pytest.mark.parametrize("method", ["prumerge+", "fastv"])
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_malformed_call_inputs_are_input_errors(model, inputs, method, case):
+    """Ordinary mistakes in what is passed to generate / forward raise visprune's error, not torch's."""
+    call, match = _bad_calls(inputs)[case]
+    tiny.apply_method(model, method)
+    try:
+        with pytest.raises(visprune.InputError, match=match):
+            model.generate(**call, max_new_tokens=2)
+        with pytest.raises(visprune.InputError, match=match):
+            model(**call)
+    finally:
+        visprune.remove(model)

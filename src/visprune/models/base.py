@@ -68,6 +68,10 @@ class Adapter(ABC):
         return self.model.get_input_embeddings()(input_ids)
 
     @abstractmethod
+    def check_pixels(self, pixel_values: Tensor) -> None:
+        """Raise InputError unless `pixel_values` has the shape and values this model's processor gives."""
+
+    @abstractmethod
     def check_encoder_method(self, requests: dict[str, SignalRequest]) -> None:
         """Raise a clear error if the vision tower cannot provide what an encoder method needs."""
 

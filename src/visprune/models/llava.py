@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from visprune.errors import UnsupportedModelError
+from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods.base import Reduction, SignalRequest
 from visprune.models import vision
 from visprune.models.base import Adapter, ImageTokens, Reducer
@@ -49,6 +49,10 @@ class LlavaAdapter(Adapter):
     def max_visual_tokens(self) -> int:
         h, w = self.grid
         return h * w + (self.model.config.vision_feature_select_strategy == "full")
+
+    def check_pixels(self, pixel_values: Tensor) -> None:
+        side = self.model.config.vision_config.image_size
+        check_image_tensor(pixel_values, (3, side, side), "[images, 3, H, W]")
 
     def check_encoder_method(self, requests: dict[str, SignalRequest]) -> None:
         depth = vision.num_encoder_layers(self.vision_tower)
@@ -93,6 +97,27 @@ class LlavaAdapter(Adapter):
             tokens_in=[n] * len(reductions),
             reductions=[[r] for r in reductions],
         )
+
+
+def check_image_tensor(pixel_values: Tensor, image_shape: tuple[int, ...], layout: str) -> None:
+    """pixel_values must be a finite floating tensor whose trailing dims are `image_shape`."""
+    ok = isinstance(pixel_values, Tensor) and pixel_values.is_floating_point()
+    if (
+        not ok
+        or tuple(pixel_values.shape[-len(image_shape) :]) != image_shape
+        or pixel_values.dim() != len(layout.split(","))
+    ):
+        got = (
+            f"shape {tuple(pixel_values.shape)}, {pixel_values.dtype}"
+            if isinstance(pixel_values, Tensor)
+            else type(pixel_values).__name__
+        )
+        raise InputError(
+            f"pixel_values must be a floating tensor {layout} with images of {image_shape} as this model's processor "
+            f"returns them, got {got}; build the inputs with the model's own processor"
+        )
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise InputError("pixel_values contain NaN or inf values; check the image loading and normalisation")
 
 
 def _square(n: int) -> tuple[int, int]:

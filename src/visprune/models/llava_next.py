@@ -26,7 +26,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 from visprune.errors import InputError
 from visprune.methods.base import Reduction
 from visprune.models.base import ImageTokens, Reducer
-from visprune.models.llava import LlavaAdapter, dense_reduction
+from visprune.models.llava import LlavaAdapter, check_image_tensor, dense_reduction
 
 
 @dataclass
@@ -52,6 +52,15 @@ class LlavaNextAdapter(LlavaAdapter):
         h, w = self.grid
         tiles = max((ph // side) * (pw // side) for ph, pw in cfg.image_grid_pinpoints)
         return (1 + tiles) * h * w
+
+    def check_pixels(self, pixel_values: Tensor) -> None:
+        side = self.model.config.vision_config.image_size
+        layout = (
+            "[images, crops, 3, H, W]"
+            if isinstance(pixel_values, Tensor) and pixel_values.dim() == 5
+            else "[crops, 3, H, W]"
+        )
+        check_image_tensor(pixel_values, (3, side, side), layout)
 
     def _layout(
         self, image_sizes: Tensor, patches: list[int]
