@@ -134,3 +134,13 @@ def test_training_example_targets() -> None:
     eos = token_ids()["</s>"]
     assert all(ex["q_ids"][i, ex["q_len"][i] - 1] == eos for i in range(n))
     assert ex["cap_ids"][ex["cap_len"] - 1] == eos
+
+
+def test_training_export_names_the_architecture(tmp_path):
+    """A retrained model's folder loads through the Auto classes, as the bundled one does."""
+    import json
+
+    from visprune.train.tiny import export
+
+    export(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]

@@ -645,6 +645,7 @@ def export(dest: Path, cfg: TinyConfig | None = None) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     config = build_config(cfg)
     config.dtype = "float16"
+    config.architectures = ["LlavaForConditionalGeneration"]  # what AutoModel* classes load it as
     config.save_pretrained(dest)
     text = config.text_config
     GenerationConfig(
