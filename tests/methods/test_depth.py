@@ -68,3 +68,11 @@ def test_scale_layers_and_printing():
     assert "does not fit" in str(get_method("fastv").defaults["layer"])
     with pytest.raises(ValueError):
         RelativeDepth(2, reference=32, stack="tower", lowest=1, highest=-1)
+
+
+def test_stages_pack_below_the_top_of_a_shallow_llm():
+    # sparsevlm scores at most at layer L - 2 (it prunes from the next layer on): three stages in a
+    # 4-layer LLM need layers 0, 1, 2
+    assert get_method("sparsevlm").bind({}, llm_layers=4, vision_layers=None)["layers"] == (0, 1, 2)
+    assert scale_layers((30, 31), 32, 4) == (2, 3)
+    assert scale_layers((2, 6, 15), 32, 4, (0, 2)) == (0, 1, 2)

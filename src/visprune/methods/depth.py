@@ -77,7 +77,8 @@ def scale_layers(
     `depth`-layer one: index i becomes sign(i) * max(1, round(|i| * depth / reference)) (negative
     indices keep counting from the end; a positive index never moves to layer 0), clamped into
     `bounds` (non-negative (low, high); default [1, depth - 1]), then made strictly increasing by
-    moving later ones up. Raises InputError when they cannot all fit.
+    moving later ones up (and, where that passes `high`, packed just below it). Raises InputError
+    when they cannot all fit.
     """
     if depth < 1:
         raise InputError(f"a stack must have at least 1 layer, got {depth}")
@@ -89,7 +90,9 @@ def scale_layers(
         if out and pos <= out[-1]:
             pos = out[-1] + 1
         out.append(pos)
-    if out[-1] > high or out[0] < low:
+    # Where the upward moves overflow the top, pack the last ones just below it instead.
+    out = [min(p, high - (len(out) - 1 - i)) for i, p in enumerate(out)]
+    if out[0] < low:
         raise InputError(
             f"cannot place the layers {tuple(layers)} (chosen for {reference} layers) in a {depth}-layer model: "
             f"they must be distinct layers in [{low}, {high}]"
