@@ -119,3 +119,19 @@ def test_two_images_in_one_prompt_reach_the_llm_in_order(model):
         assert not torch.allclose(a.logits[0], b.logits[0])
     finally:
         visprune.remove(model)
+
+
+@pytest.mark.parametrize("fill", [0.0, 1.5], ids=["zeros", "constant"])
+def test_flat_images_work_for_every_method(model, inputs, fill):
+    """All-equal pixels make every score tie: every method still runs, keeps what its budget says,
+    and hands the LLM finite features (no NaN from normalising flat scores)."""
+    flat = {**inputs, "pixel_values": torch.full_like(inputs["pixel_values"], fill)}
+    for name in ALL:
+        handle = tiny.apply_method(model, name)
+        try:
+            out = tiny.greedy(model, flat, 2)
+        finally:
+            visprune.remove(model)
+        assert all(torch.isfinite(step).all() for step in out.logits), name
+        if name in tiny.FIXED_BUDGET:
+            assert handle.stats.visual_tokens_out == [tiny.FIXED_BUDGET[name]] * 3, name
