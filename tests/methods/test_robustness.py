@@ -148,7 +148,9 @@ def test_prumerge_batch_equals_one_by_one_with_exact_ties(fn, weights):
             one = fn(feats[row], cls_attn=scores[row], keys=keys[row], weights=weights, neighbors=5)[0]
             assert torch.equal(one.sources, r.sources), seed
             assert torch.equal(one.assignment, r.assignment), seed
-            assert torch.equal(one.features, r.features), seed
+            # The same merge; the weighted sums may differ in the last bit where a CPU's BLAS blocks a
+            # batched product differently from a single one.
+            torch.testing.assert_close(one.features, r.features, rtol=1e-6, atol=1e-6)
 
 
 # Layouts (system, visual, query) per sample, left padding + `extra` padding slots, integer q/k
