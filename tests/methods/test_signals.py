@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from visprune.errors import InputError
-from visprune.methods.signals import cls_attention, patch_keys
+from visprune.methods.signals import cls_attention, mean_received_attention, patch_keys
 
 
 def full_attention(x_q, x_k, heads):
@@ -52,3 +52,77 @@ def test_errors():
         cls_attention(torch.randn(1, 4), torch.randn(1, 3, 5), 1)
     with pytest.raises(InputError, match="divisible"):
         cls_attention(torch.randn(1, 6), torch.randn(1, 3, 6), 4)
+
+
+def naive_received(q, k, heads, mode, skip=0):
+    """Column mean over query rows skip.. of the full [n, H, T, T] map, heads combined; CLS columns dropped."""
+    h = 1 if mode == "single" else heads
+    attn = full_attention(q.float(), k.float(), h)[:, :, skip:, skip:]  # softmax over all T keys first
+    per_head = attn.mean(dim=2)  # [n, H, T - skip]
+    return per_head.sum(1) if mode == "sum" else per_head.mean(1)
+
+
+@pytest.mark.parametrize("mode", ["single", "mean", "sum"])
+@pytest.mark.parametrize("chunk", [None, 1, 3, 7, 40])
+@pytest.mark.parametrize("skip", [0, 1])
+def test_mean_received_matches_full_map(mode, chunk, skip):
+    torch.manual_seed(1)
+    q, k = torch.randn(3, 11, 8), torch.randn(3, 11, 8)
+    got = mean_received_attention(q, k, 4, mode, skip=skip, chunk=chunk)
+    assert got.shape == (3, 11 - skip) and got.dtype == torch.float32
+    torch.testing.assert_close(got, naive_received(q, k, 4, mode, skip))
+
+
+def test_mean_received_without_skip_sums_to_one_per_head():
+    q, k = torch.randn(2, 9, 8), torch.randn(2, 9, 8)
+    torch.testing.assert_close(mean_received_attention(q, k, 2, "mean").sum(-1), torch.ones(2))
+    torch.testing.assert_close(mean_received_attention(q, k, 2, "sum").sum(-1), torch.full((2,), 2.0))
+
+
+def test_mean_received_bf16_inputs_agree_with_float32_reference():
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 17, 16, dtype=torch.bfloat16), torch.randn(2, 17, 16, dtype=torch.bfloat16)
+    got = mean_received_attention(q, k, 4, "mean", skip=1, chunk=5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, naive_received(q, k, 4, "mean", 1), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4, 6, 13, 100])
+@pytest.mark.parametrize("skip", [0, 1])
+@pytest.mark.parametrize("mode", ["single", "mean"])
+def test_mean_received_packed_segments_equal_each_image_alone(chunk, skip, mode):
+    torch.manual_seed(3)
+    lengths = [5, 12, 2, 9]
+    q, k = torch.randn(sum(lengths), 8), torch.randn(sum(lengths), 8)
+    cu = torch.tensor([0, 5, 17, 19, 28], dtype=torch.int32)
+    got = mean_received_attention(q, k, 2, mode, skip=skip, cu_seqlens=cu, chunk=chunk)
+    parts = [
+        naive_received(qi[None], ki[None], 2, mode, skip)[0]
+        for qi, ki in zip(q.split(lengths), k.split(lengths), strict=True)
+    ]
+    assert got.shape == (sum(lengths) - len(lengths) * skip,)
+    torch.testing.assert_close(got, torch.cat(parts))
+
+
+def test_mean_received_packed_single_segment_equals_batched():
+    q, k = torch.randn(1, 10, 8), torch.randn(1, 10, 8)
+    packed = mean_received_attention(q[0], k[0], 2, cu_seqlens=torch.tensor([0, 10]), chunk=3)
+    torch.testing.assert_close(packed, mean_received_attention(q, k, 2)[0])
+
+
+def test_mean_received_errors():
+    q = torch.randn(2, 4, 8)
+    with pytest.raises(InputError, match="heads"):
+        mean_received_attention(q, q, 2, "max")
+    with pytest.raises(InputError, match=r"\[n, T, C\]"):
+        mean_received_attention(q, q[:, :3], 2)
+    with pytest.raises(InputError, match="no token"):
+        mean_received_attention(q, q, 2, skip=4)
+    with pytest.raises(InputError, match="chunk"):
+        mean_received_attention(q, q, 2, chunk=0)
+    with pytest.raises(InputError, match="cu_seqlens must rise"):
+        mean_received_attention(q[0], q[0], 2, cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(InputError, match="cu_seqlens must rise"):
+        mean_received_attention(q[0], q[0], 2, cu_seqlens=torch.tensor([0, 1, 4]), skip=1)
+    with pytest.raises(InputError, match="1-D integer"):
+        mean_received_attention(q[0], q[0], 2, cu_seqlens=torch.tensor([0.0, 4.0]))

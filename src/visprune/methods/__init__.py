@@ -5,7 +5,7 @@ Importing this package registers every method; see `list_methods()` / `visprune.
 
 from visprune.methods.base import MethodSpec, Placement, Reduction, SignalRequest, TokenLayout, select_tokens
 from visprune.methods.registry import get_method, list_methods, register, resolve_options
-from visprune.methods.signals import cls_attention, patch_keys
+from visprune.methods.signals import cls_attention, mean_received_attention, patch_keys
 
 __all__ = [
     "MethodSpec",
@@ -16,6 +16,7 @@ __all__ = [
     "cls_attention",
     "get_method",
     "list_methods",
+    "mean_received_attention",
     "patch_keys",
     "register",
     "resolve_options",

@@ -6,6 +6,10 @@ here, in pure tensor code, so tests can check them against a plain attention com
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
+import torch
 from torch import Tensor
 
 from visprune.errors import InputError
@@ -50,3 +54,117 @@ def patch_keys(keys: Tensor, num_heads: int, heads: str = "mean", has_cls: bool 
     if heads == "single":
         return k
     return _split_heads(k, num_heads).mean(dim=1)
+
+
+# Default bound on the elements of one chunk's score block [n, H, rows, keys] (128 MiB in float32).
+CHUNK_ELEMENTS = 1 << 25
+
+
+def mean_received_attention(
+    q: Tensor,
+    k: Tensor,
+    num_heads: int,
+    heads: str = "mean",
+    *,
+    skip: int = 0,
+    cu_seqlens: Tensor | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """Attention each token RECEIVES, averaged over the query rows (and heads) of one block.
+
+    The CLS-free score ("mean-received"): for every key token j, the mean over query rows i of
+    softmax_j(q_i k^T / sqrt(d)), i.e. a column mean of the block's attention map, computed in chunks
+    of query rows so that the map is never materialised. Computed in float32; returns float32.
+
+    q, k: the block's query and key projections (RoPE applied where the model applies it), width
+    C = num_heads * head_dim. Per-head tensors [..., T, H, d] go in as `x.flatten(-2)`.
+      - batched: [n, T, C] -> returns [n, T - skip]; every image attends over its own T tokens.
+      - packed (cu_seqlens given): [T_total, C] several images in one sequence, as the Qwen-VL towers
+        pack them; cu_seqlens [S + 1] the cumulative segment lengths (0 first, T_total last). Tokens
+        attend only within their own segment (block-diagonal mask). Returns [T_total - S * skip]: each
+        segment's tokens in order, its first `skip` dropped. Chunks may span segments (no loop over
+        images); the segment bounds are read on the host once.
+    heads: "single" treats the full width C as one head (scale C^-1/2); "mean"/"sum" split into
+        `num_heads` heads (scale (C/H)^-1/2) and average/sum the per-head received attention.
+    skip: leading special tokens per image (1 for CLIP's CLS). Their key columns stay in the softmax
+        (the model's own attention) but are dropped from the output, and their query rows are not
+        averaged: the result is the attention each patch receives from the patch queries.
+    chunk: query rows per step (default: as many as keep a step's [n, H, rows, keys] scores within
+        CHUNK_ELEMENTS elements).
+    """
+    check_choice(heads, "heads", ("single", "mean", "sum"))
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise InputError(f"skip must be an int >= 0, got {skip!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise InputError(f"chunk must be an int >= 1 or None, got {chunk!r}")
+    h = 1 if heads == "single" else num_heads
+    if cu_seqlens is None:
+        if q.dim() != 3 or q.shape != k.shape:
+            raise InputError(f"q and k must both be [n, T, C]; got {tuple(q.shape)} and {tuple(k.shape)}")
+        if q.shape[1] <= skip:
+            raise InputError(f"{q.shape[1]} tokens leave no token after skipping {skip}")
+        total = _received_batched(_split_heads(q.float(), h), _split_heads(k.float(), h), skip, chunk)
+        rows: Tensor | int = q.shape[1] - skip
+    else:
+        if q.dim() != 2 or q.shape != k.shape:
+            raise InputError(f"with cu_seqlens, q and k must both be [T, C]; got {tuple(q.shape)} and {tuple(k.shape)}")
+        bounds = _check_cu_seqlens(cu_seqlens, q.shape[0], skip)
+        qh = _split_heads(q.float().unsqueeze(0), h)[0]  # [H, T, d]
+        kh = _split_heads(k.float().unsqueeze(0), h)[0]
+        total, rows = _received_packed(qh, kh, bounds, skip, chunk)
+    mean = total / rows  # averaged over query rows, summed over heads
+    return mean if heads == "sum" else mean / h
+
+
+def _received_batched(qh: Tensor, kh: Tensor, skip: int, chunk: int | None) -> Tensor:
+    """[n, T - skip]: column sums over query rows skip.. and over heads of [n, H, T, T] attention."""
+    n, h, t, d = qh.shape
+    step = chunk or max(1, CHUNK_ELEMENTS // (n * h * t))
+    acc = qh.new_zeros(n, t)
+    scale = d**-0.5
+    for r0 in range(skip, t, step):
+        probs = ((qh[:, :, r0 : r0 + step] @ kh.transpose(-1, -2)) * scale).softmax(dim=-1)
+        acc += probs.sum(dim=(1, 2))
+    return acc[:, skip:]
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, total: int, skip: int) -> list[int]:
+    """The segment bounds as a host list (the one synchronisation), validated."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise InputError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens!r}")
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    if not lengths or bounds[0] != 0 or bounds[-1] != total or min(lengths) <= skip:
+        raise InputError(
+            f"cu_seqlens must rise from 0 to T={total} with every segment longer than skip={skip}; got {bounds}"
+        )
+    return bounds
+
+
+def _received_packed(qh: Tensor, kh: Tensor, bounds: list[int], skip: int, chunk: int | None) -> tuple[Tensor, Tensor]:
+    """(column sums over heads and query rows [T_kept], query rows per kept column [T_kept]).
+
+    A chunk of query rows [r0, r1) sees the keys from the start of r0's segment to the end of
+    (r1 - 1)'s segment; keys of other segments are masked out of each row's softmax.
+    """
+    h, t, d = qh.shape
+    dev = qh.device
+    starts = torch.tensor(bounds[:-1], device=dev)
+    lengths = torch.tensor(bounds, device=dev).diff()
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths, output_size=t)  # [T]
+    pos = torch.arange(t, device=dev) - starts[seg]  # position within the segment
+    row_weight = (pos >= skip).float()
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
+    step = chunk or max(1, min(longest, CHUNK_ELEMENTS // (h * min(t, 3 * longest))))
+    acc = qh.new_zeros(t)
+    scale = d**-0.5
+    for r0 in range(0, t, step):
+        r1 = min(r0 + step, t)
+        lo = bounds[bisect.bisect_right(bounds, r0) - 1]
+        hi = bounds[bisect.bisect_left(bounds, r1)]
+        scores = (qh[:, r0:r1] @ kh[:, lo:hi].transpose(-1, -2)) * scale  # [H, c, w]
+        other = seg[r0:r1].unsqueeze(1) != seg[lo:hi].unsqueeze(0)
+        probs = scores.masked_fill(other, float("-inf")).softmax(dim=-1)
+        acc[lo:hi] += (probs.sum(dim=0) * row_weight[r0:r1].unsqueeze(1)).sum(dim=0)
+    keep = pos >= skip
+    return acc[keep], (lengths - skip)[seg][keep].float()
