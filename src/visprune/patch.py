@@ -206,9 +206,10 @@ def apply(
             f"this model is already patched with {list(current)}; call visprune.remove(model) before applying again"
         )
     resolved = _resolve(method, options, adapter)
-    if keep_positions and type(model).__name__ != "LlavaForConditionalGeneration":
+    if keep_positions and not adapter.supports_keep_positions:
         raise UnsupportedModelError(
-            f"keep_positions is supported for LlavaForConditionalGeneration, not {type(model).__name__}"
+            f"keep_positions is not supported for {type(model).__name__}; it is for LlavaForConditionalGeneration "
+            "(models with M-RoPE always keep every token's dense position)"
         )
     stats = Stats()
     encoder = llm = None
@@ -315,7 +316,7 @@ def _prepare(
     input_ids: Tensor,
     attention_mask: Tensor | None,
     pixel_values: Tensor | None,
-    image_sizes: Tensor | None,
+    image_kwargs: dict[str, Any],
     labels: Tensor | None,
 ) -> Spliced:
     """Encode + reduce + splice, record stats, arm the LLM-side pruner."""
@@ -335,7 +336,7 @@ def _prepare(
             reducer = Reducer(handle.encoder, handle.encoder_options, handle.sync_timings, stats)
         _sync(pixel_values, handle.sync_timings)
         t0 = time.perf_counter()
-        tokens = adapter.image_tokens(pixel_values, reducer, image_sizes)
+        tokens = adapter.image_tokens(pixel_values, reducer, image_kwargs)
         _sync(pixel_values, handle.sync_timings)
         stats.timings["vision"] = time.perf_counter() - t0 - stats.timings.get("reduce", 0.0)
         features = tokens.features
@@ -343,14 +344,10 @@ def _prepare(
         stats.visual_tokens_out = [f.shape[0] for f in features]
         stats.reductions = tokens.reductions
         _check_placeholders(runs, tokens.tokens_in)
-    offsets = None
-    if handle.keep_positions:
-        offsets = [
-            torch.where(crops[0].sources >= 0, crops[0].sources, n - 1)
-            for crops, n in zip(stats.reductions, stats.visual_tokens_in, strict=True)
-        ]
+    offsets = adapter.placeholder_offsets(stats.reductions, stats.visual_tokens_in)
     embeds = adapter.embed(input_ids)
     batch = splice(input_ids, attention_mask, embeds, adapter.image_token_id, features, runs, labels, offsets)
+    batch.position_ids = adapter.position_ids(input_ids, attention_mask, image_kwargs, batch, handle.keep_positions)
     stats.position_map = batch.position_map
     real = batch.attention_mask.sum(1).tolist()
     n_layers = len(adapter.decoder_layers)
@@ -358,6 +355,12 @@ def _prepare(
     if handle.pruner is not None:
         handle.pruner.begin(batch.layout)
     return batch
+
+
+def _pop_image_kwargs(adapter: Adapter, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the per-image inputs the adapter consumes (image_sizes, image_grid_thw, ...) out of a call's
+    keyword arguments; the model then runs on the spliced embeddings without them."""
+    return {name: kwargs.pop(name, None) for name in adapter.image_inputs}
 
 
 def _check_call(input_ids: Any, attention_mask: Any) -> None:
@@ -415,8 +418,8 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     if compat.cache_length(compat.find_cache(kwargs)) > 0:
         return _continue_generate(handle, original, input_ids, attention_mask, kwargs)
     pixel_values = kwargs.pop("pixel_values", None)
-    image_sizes = kwargs.pop("image_sizes", None)
-    batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_sizes, None)
+    image_kwargs = _pop_image_kwargs(handle.adapter, kwargs)
+    batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_kwargs, None)
     handle._session = handle._generate_cache = None
     handle._in_generate = True
     try:
@@ -520,7 +523,7 @@ def _continue_generate(
             "new images cannot be added to a cached conversation on a patched model; generate from the full "
             "conversation without the cache"
         )
-    kwargs.pop("image_sizes", None)
+    _pop_image_kwargs(handle.adapter, kwargs)
     ids = torch.cat([session.spliced_ids, later], dim=1)
     handle._in_generate = True
     try:
@@ -557,11 +560,11 @@ def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         return original(**kwargs)
     pixel_values = kwargs.pop("pixel_values", None)
     attention_mask = kwargs.pop("attention_mask", None)
-    image_sizes = kwargs.pop("image_sizes", None)
+    image_kwargs = _pop_image_kwargs(handle.adapter, kwargs)
     labels = kwargs.pop("labels", None)
     if kwargs.get("position_ids") is not None:
         raise InputError("the patched forward builds its own position_ids; do not pass them")
-    batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_sizes, labels)
+    batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_kwargs, labels)
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
     out = original(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
@@ -604,7 +607,7 @@ def _continue_forward(handle: Handle, original: Any, input_ids: Tensor | None, c
         )
     if kwargs.get("position_ids") is not None:
         raise InputError("the patched forward builds its own position_ids; do not pass them")
-    kwargs.pop("image_sizes", None)
+    _pop_image_kwargs(handle.adapter, kwargs)
     mask = kwargs.pop("attention_mask", None)
     session = _session_for(handle, cache, mask if mask is not None else _assumed_mask(handle, input_ids, cache))
     spliced = _spliced_mask(session, mask if mask is not None else _assumed_mask(handle, input_ids, cache))

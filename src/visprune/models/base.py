@@ -5,10 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from visprune.methods.base import Reduction, SignalRequest
+from visprune.models.splice import Spliced
 
 # A reducer: (features [n, N, C], grid, signals, budget=None) -> one Reduction per image or crop; it has
 # `requests` (the signals it needs) and `budget` (tokens per image, None when adaptive).
@@ -25,9 +28,20 @@ class ImageTokens:
 
 
 class Adapter(ABC):
-    """Knows where a model family keeps its parts and how its image features are formed."""
+    """Knows where a model family keeps its parts and how its image features are formed.
+
+    The contract a model family fills in (one file per family; nothing else branches on it):
+    where the vision tower and decoder layers are (`vision_tower`, `language_model`,
+    `decoder_layers`), the per-image inputs it consumes besides pixel_values (`image_inputs`), how to
+    check pixels and encode + reduce + project images (`check_pixels`, `image_tokens`), which tokens
+    can be reduced at most (`max_visual_tokens`, `vision_layers`), where each kept row stands in its
+    image's placeholder run (`placeholder_offsets`), and the position ids of a spliced sequence
+    (`position_ids`: None for the model's own 1-D numbering, gathered dense positions for M-RoPE).
+    """
 
     model_classes: tuple[str, ...] = ()
+    image_inputs: tuple[str, ...] = ()  # per-image keyword inputs the adapter consumes (e.g. image_sizes)
+    supports_keep_positions: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -76,5 +90,32 @@ class Adapter(ABC):
         """Raise a clear error if the vision tower cannot provide what an encoder method needs."""
 
     @abstractmethod
-    def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_sizes: Tensor | None) -> ImageTokens:
+    def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         """Encode the images, reduce them with `reducer` (None = dense) and project them."""
+
+    def placeholder_offsets(self, reductions: list[list[Reduction]], tokens_in: list[int]) -> list[Tensor] | None:
+        """Per image, each output row's offset in the image's placeholder run, for images of one crop
+        (a summary token with no source stands at the run's last slot); None when images have crops
+        whose packing has no such mapping."""
+        if any(len(crops) != 1 for crops in reductions):
+            return None
+        return [
+            torch.where(crops[0].sources >= 0, crops[0].sources, n - 1)
+            for crops, n in zip(reductions, tokens_in, strict=True)
+        ]
+
+    def position_ids(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_kwargs: dict[str, Any],
+        batch: Spliced,
+        keep_positions: bool,
+    ) -> Tensor | None:
+        """Position ids for the spliced sequence. Default: with keep_positions, every token's position in
+        the dense sequence (gathered through `batch.source_index`); otherwise None (the model numbers the
+        shorter sequence itself)."""
+        if not keep_positions or batch.source_index is None:
+            return None
+        dense = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        return dense.gather(1, batch.source_index)

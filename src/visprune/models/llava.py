@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,8 @@ def dense_reduction(features: Tensor) -> list[Reduction]:
 
 class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
+    image_inputs = ("image_sizes",)
+    supports_keep_positions = True
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -81,7 +84,7 @@ class LlavaAdapter(Adapter):
             self.vision_tower, pixel_values, cfg.vision_feature_layer, cfg.vision_feature_select_strategy, requests
         )
 
-    def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_sizes: Tensor | None) -> ImageTokens:
+    def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         requests = getattr(reducer, "requests", {}) if reducer is not None else {}
         out = self.encode(pixel_values, requests)
         n = out.features.shape[1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ class _Crop:
 
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
+    supports_keep_positions = False
 
     @property
     def max_visual_tokens(self) -> int:
@@ -102,8 +104,9 @@ class LlavaNextAdapter(LlavaAdapter):
             offset += n_patches
         return crops, newlines, dense
 
-    def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_sizes: Tensor | None) -> ImageTokens:
+    def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         cfg = self.model.config
+        image_sizes = image_kwargs.get("image_sizes")
         if image_sizes is None:
             raise InputError("LLaVA-NeXT needs image_sizes from its processor; pass the processor's full output")
         patches = [

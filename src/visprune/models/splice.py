@@ -29,7 +29,8 @@ class Spliced:
     layout: TokenLayout
     labels: Tensor | None
     position_map: Tensor  # [B, S] long
-    position_ids: Tensor | None = None  # [B, S'] the dense sequence's positions (with image_offsets)
+    source_index: Tensor | None = None  # [B, S'] each token's index in the caller's sequence (with image_offsets)
+    position_ids: Tensor | None = None  # the adapter's position ids for this sequence (None: the model's default)
 
 
 def image_runs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> list[list[tuple[int, int]]]:
@@ -59,9 +60,10 @@ def splice(
 
     image_features[i] is [K_i, D] for the i-th run in batch order (sample 0's runs first). The result is
     left-padded (generation appends on the right), with zero embeddings at padding.
-    image_offsets[i] ([K_i] long), when given, is each row's offset inside its image's dense run; the
-    result then carries `position_ids` that give every token the position it has in the DENSE sequence
-    (text after an image keeps its place; kept visual tokens keep theirs).
+    image_offsets[i] ([K_i] long), when given, is each row's offset inside its image's placeholder run;
+    the result then carries `source_index`: for every token, the index in the caller's sequence of the
+    token it stands at (text: itself; a kept visual token: its placeholder; padding: 0), from which
+    adapters gather the DENSE sequence's position ids.
     """
     b, s = input_ids.shape
     if attention_mask is None:
@@ -76,7 +78,6 @@ def splice(
     device = text_embeds.device
     feats = iter(image_features)
     offsets = iter(image_offsets) if image_offsets is not None else None
-    dense_pos = real.long().cumsum(1) - 1  # position of each caller token in the dense sequence
     seq_embeds, seq_ids, seq_visual, seq_labels, seq_text_pos, seq_pos = [], [], [], [], [], []
     for i in range(b):
         pieces, ids, visual, labs, text_pos, pos = [], [], [], [], [], []
@@ -88,13 +89,13 @@ def splice(
             ids.append(input_ids[i, seg])
             visual.append(torch.zeros(seg.numel(), dtype=torch.bool, device=device))
             text_pos.append(seg)
-            pos.append(dense_pos[i, seg])
+            pos.append(seg)
             if labels is not None:
                 labs.append(labels[i, seg])
             if length:
                 f = next(feats).to(text_embeds.dtype)
                 if offsets is not None:
-                    pos.append(dense_pos[i, start] + next(offsets).to(device))
+                    pos.append(start + next(offsets).to(device))
                 pieces.append(f)
                 ids.append(torch.full((f.shape[0],), image_token_id, dtype=input_ids.dtype, device=device))
                 visual.append(torch.ones(f.shape[0], dtype=torch.bool, device=device))
@@ -119,7 +120,7 @@ def splice(
     visual_mask = torch.zeros(b, width, dtype=torch.bool, device=device)
     new_labels = None if labels is None else labels.new_full((b, width), IGNORE_INDEX)
     position_map = torch.full((b, s), -1, dtype=torch.long, device=device)
-    position_ids = torch.zeros(b, width, dtype=torch.long, device=device) if offsets is not None else None
+    source_index = torch.zeros(b, width, dtype=torch.long, device=device) if offsets is not None else None
     for i, n in enumerate(lengths):
         off = width - n
         embeds[i, off:] = seq_embeds[i]
@@ -128,8 +129,8 @@ def splice(
         visual_mask[i, off:] = seq_visual[i]
         if new_labels is not None:
             new_labels[i, off:] = seq_labels[i]
-        if position_ids is not None:
-            position_ids[i, off:] = seq_pos[i]
+        if source_index is not None:
+            source_index[i, off:] = seq_pos[i]
         src = seq_text_pos[i]
         is_text = src >= 0
         position_map[i, src[is_text]] = torch.arange(off, width, device=device)[is_text]
@@ -140,7 +141,7 @@ def splice(
         layout=layout_from_masks(mask.bool(), visual_mask),
         labels=new_labels,
         position_map=position_map,
-        position_ids=position_ids,
+        source_index=source_index,
     )
 
 
