@@ -108,14 +108,19 @@ def test_registered_specs():
     f = get_method("fastervlm")
     assert f.fn is fastervlm
     assert f.placement is Placement.ENCODER and f.adaptive is False
-    assert f.defaults == {"budget": 64}
-    assert f.signals(f.defaults) == {"cls_attn": SignalRequest("cls_attn", (-2,), "mean")}
+    assert f.defaults == {"budget": 64, "signal": None}
+    assert f.signals(f.defaults) == {"cls_attn": SignalRequest("cls_attn", (-2,), "mean", fallback="mean_received")}
     v = get_method("vtc-cls")
     assert v.fn is vtc_cls
     assert v.placement is Placement.ENCODER and v.adaptive is False
-    assert v.bind({}, llm_layers=None, vision_layers=24) == {"budget": 64, "start_layer": -5}
-    assert set(v.param_docs) == {"budget", "start_layer"}
-    assert v.signals(v.defaults) == {"cls_attn_layers": SignalRequest("cls_attn_layers", (-5, -4, -3, -2), "mean")}
+    assert v.bind({}, llm_layers=None, vision_layers=24) == {"budget": 64, "start_layer": -5, "signal": None}
+    assert set(v.param_docs) == {"budget", "start_layer", "signal"}
+    assert v.signals(v.defaults) == {
+        "cls_attn_layers": SignalRequest("cls_attn_layers", (-5, -4, -3, -2), "mean", fallback="mean_received_layers")
+    }
+    assert v.signals(v.options(signal="mean-received")) == {
+        "cls_attn_layers": SignalRequest("mean_received_layers", (-5, -4, -3, -2), "mean")
+    }
     assert v.signals(v.options(start_layer=-13))["cls_attn_layers"].layers == tuple(range(-13, -1))
     with pytest.raises(InputError, match="does not take"):
         f.options(budgett=3)

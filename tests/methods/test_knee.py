@@ -62,10 +62,24 @@ def test_registered_spec():
     spec = get_method("knee")
     assert spec.fn is knee
     assert spec.placement is Placement.ENCODER and spec.adaptive
-    assert spec.defaults == {"detector": "kneedle", "smooth": 1, "k_min": 16, "k_max": None, "attention": "single"}
+    assert spec.defaults == {
+        "detector": "kneedle",
+        "smooth": 1,
+        "k_min": 16,
+        "k_max": None,
+        "attention": "single",
+        "signal": None,
+    }
     assert set(spec.param_docs) == set(spec.defaults)
-    assert spec.signals(spec.defaults) == {"cls_attn": SignalRequest("cls_attn", (-1,), heads="single")}
-    assert spec.signals(spec.options(attention="mean")) == {"cls_attn": SignalRequest("cls_attn", (-1,), heads="mean")}
+    assert spec.signals(spec.defaults) == {
+        "cls_attn": SignalRequest("cls_attn", (-1,), heads="single", fallback="mean_received")
+    }
+    assert spec.signals(spec.options(attention="mean", signal="cls")) == {
+        "cls_attn": SignalRequest("cls_attn", (-1,), heads="mean")
+    }
+    assert spec.signals(spec.options(signal="mean-received")) == {
+        "cls_attn": SignalRequest("mean_received", (-1,), heads="single")
+    }
 
 
 # --------------------------------------------------------------------------- known knees

@@ -10,9 +10,14 @@ from visprune.methods import Placement, get_method, list_methods
 
 # method -> option -> bad values (wrong type, out of range, unknown choice, wrong tuple length ...)
 BAD: dict[str, dict[str, list]] = {
-    "fastervlm": {"budget": [0, -3, "64", 2.5, True, None]},
-    "vtc-cls": {"budget": [0, "8"], "start_layer": [-1, 3, 0, "-5", -4.0, True]},
-    "visionzip": {"dominant": [0, "54", 1.5], "contextual": [-1, "10"], "budget": [0, "64", 3.0]},
+    "fastervlm": {"budget": [0, -3, "64", 2.5, True, None], "signal": ["CLS", "mean_received", 1]},
+    "vtc-cls": {"budget": [0, "8"], "start_layer": [-1, 3, 0, "-5", -4.0, True], "signal": ["attn"]},
+    "visionzip": {
+        "dominant": [0, "54", 1.5],
+        "contextual": [-1, "10"],
+        "budget": [0, "64", 3.0],
+        "signal": ["received", True],
+    },
     "tome": {"budget": [0, "64", None]},
     "random": {"budget": [0, None], "seed": ["0", 1.5, None]},
     "pool": {"budget": [0, "64"], "output_grid": [(4,), (4, 0), (4, 4, 4), "4x4", (2.0, 2)]},
@@ -22,6 +27,7 @@ BAD: dict[str, dict[str, list]] = {
         "k_min": [0, "16"],
         "k_max": [0, "32", 4],  # 4 < k_min = 16
         "attention": ["multi", None],
+        "signal": ["mean", ""],
     },
     "prumerge": {
         "fence": ["bogus", None],
@@ -30,6 +36,7 @@ BAD: dict[str, dict[str, list]] = {
         "neighbors": [-1, 2.0, True, "32"],
         "extra_token": [1, "yes", None],
         "attention": ["sum", "Single"],
+        "signal": ["cls_attn", 0],
     },
     "fastv": {"layer": [0, -1, "2", 2.0, True], "keep_ratio": [0, 1.5, -0.5, "0.5", None]},
     "dart": {"layer": [0, "2"], "budget": [0, "64"], "pivots": [0, 4.0]},

@@ -121,14 +121,19 @@ def test_registered_spec(name):
         "neighbors": 32,
         "extra_token": True,
         "attention": "single",
+        "signal": None,
     }
     assert set(spec.param_docs) == set(spec.defaults)
     assert spec.signals(spec.defaults) == {
-        "cls_attn": SignalRequest("cls_attn", (-1,), heads="single"),
+        "cls_attn": SignalRequest("cls_attn", (-1,), heads="single", fallback="mean_received"),
         "keys": SignalRequest("keys", (-1,), heads="single"),
     }
-    assert spec.signals(spec.options(attention="mean")) == {
+    assert spec.signals(spec.options(attention="mean", signal="cls")) == {
         "cls_attn": SignalRequest("cls_attn", (-1,), heads="mean"),
+        "keys": SignalRequest("keys", (-1,), heads="mean"),
+    }
+    assert spec.signals(spec.options(attention="mean", signal="mean-received")) == {
+        "cls_attn": SignalRequest("mean_received", (-1,), heads="mean"),
         "keys": SignalRequest("keys", (-1,), heads="mean"),
     }
     with pytest.raises(InputError, match="does not take"):

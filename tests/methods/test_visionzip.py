@@ -127,11 +127,14 @@ def test_registered_spec():
     spec = get_method("visionzip")
     assert spec.fn is visionzip
     assert spec.placement is Placement.ENCODER and spec.adaptive is False
-    assert spec.defaults == {"dominant": 54, "contextual": 10, "budget": None}
+    assert spec.defaults == {"dominant": 54, "contextual": 10, "budget": None, "signal": None}
     assert spec.signals(spec.defaults) == {
-        "cls_attn": SignalRequest("cls_attn", (-2,), "sum"),
+        "cls_attn": SignalRequest("cls_attn", (-2,), "sum", fallback="mean_received"),
         "keys": SignalRequest("keys", (-2,), "mean"),
     }
+    assert spec.signals(spec.options(signal="mean-received"))["cls_attn"] == SignalRequest(
+        "mean_received", (-2,), "sum"
+    )
     with pytest.raises(InputError, match="does not take"):
         spec.options(dominat=3)
 

@@ -6,13 +6,16 @@ Methods are pure tensor code: nothing in this package imports transformers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from visprune.errors import UnsupportedModelError
+from visprune.methods.checks import check_choice
 
 
 class Placement(str, Enum):
@@ -110,6 +113,11 @@ class SignalRequest:
         "cls_attn"  -> [B, N] CLS-query attention probabilities over the N patch keys at `layers[0]`
                        (softmax over CLS + patches, CLS column dropped), heads combined by `heads`.
         "cls_attn_layers" -> [B, len(layers), N], the same for several layers.
+        "mean_received" -> [B, N] the CLS-free score: the attention each patch token RECEIVES at
+                       `layers[0]`, averaged over the patch query rows, heads combined by `heads`
+                       (`signals.mean_received_attention`: softmax over all keys the block attends
+                       to, special tokens' rows and columns excluded). Any tower can provide it.
+        "mean_received_layers" -> [B, len(layers), N], the same for several layers.
         "keys"      -> [B, N, D] patch keys (CLS dropped) at `layers[0]`; heads="mean" averages the
                        per-head keys (D = C / H), heads="single" keeps the full width (D = C).
         "q", "k"    -> LLM layer queries [B, H, S, d] / keys [B, H_kv, S, d] with RoPE applied.
@@ -120,12 +128,66 @@ class SignalRequest:
     rows: for "q", the only query rows the method reads, so the adapter may compute just those
         (other rows are zeros): "all", "last" (last real token), "query" (the question tokens, or the
         last real token when there are none) or "text" (every real non-visual token).
+    fallback: the kind to compute instead when the model cannot provide `kind` (a method's
+        `signal=None`, "best available": "cls_attn" falls back to "mean_received" on a tower
+        without CLS). Adapters call `resolve` with the kinds they provide; the result has the same
+        shape either way, and the method receives it under the same keyword.
     """
 
     kind: str
     layers: tuple[int, ...] = ()
     heads: str = "mean"
     rows: str = "all"
+    fallback: str | None = None
+
+    def resolve(self, available: Collection[str]) -> SignalRequest:
+        """The request to compute on a model that provides the kinds in `available`: this one, or
+        its fallback kind; either way with no fallback left. UnsupportedModelError when neither
+        is provided."""
+        if self.kind in available:
+            return replace(self, fallback=None)
+        if self.fallback is not None and self.fallback in available:
+            return replace(self, kind=self.fallback, fallback=None)
+        wanted = repr(self.kind) if self.fallback is None else f"{self.kind!r} or {self.fallback!r}"
+        raise UnsupportedModelError(f"signal {wanted} is not available on this model; it provides {sorted(available)}")
+
+
+# A method's `signal` option: which per-token score ranks the patches (None: the best available).
+SCORE_SIGNALS = ("cls", "mean-received")
+
+
+def score_request(signal: str | None, layers: tuple[int, ...], heads: str, *, several: bool = False) -> SignalRequest:
+    """The request behind a method's `signal` option, for per-token scores at `layers`.
+
+    signal "cls" -> "cls_attn" (CLS-query attention; towers with a CLS token only), "mean-received"
+    -> "mean_received" (any tower), None -> "cls_attn" with fallback "mean_received" (the best the
+    tower offers). several=True asks for the "_layers" kinds ([B, len(layers), N]).
+    """
+    check_signal_option(signal)
+    suffix = "_layers" if several else ""
+    received = "mean_received" + suffix
+    if signal == "mean-received":
+        return SignalRequest(received, layers, heads)
+    return SignalRequest("cls_attn" + suffix, layers, heads, fallback=None if signal == "cls" else received)
+
+
+def check_signal_option(signal: object) -> None:
+    """A method's `signal` option: None or one of SCORE_SIGNALS."""
+    if signal is not None:
+        check_choice(signal, "signal", SCORE_SIGNALS)
+
+
+SIGNAL_DOC = """which per-token score ranks the patches: None (default) = the best the
+            tower offers: "cls" where it has a CLS token, "mean-received" otherwise; "cls" = the
+            CLS query's attention (refused on a tower without CLS); "mean-received" = the attention
+            each patch receives, averaged over all patch queries (and heads as the method combines
+            them) of the same layer, the CLS-free substitute of VisPruner's and VisionZip's Qwen code."""
+
+
+def document_signal(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Put the shared description of the `signal` option where the docstring says {SIGNAL}."""
+    fn.__doc__ = (fn.__doc__ or "").replace("{SIGNAL}", SIGNAL_DOC)
+    return fn
 
 
 @dataclass(frozen=True)

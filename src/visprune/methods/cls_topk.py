@@ -2,7 +2,9 @@
 
 Both keep the top-`budget` patch tokens ranked by the attention the vision tower's CLS query pays to
 them, in spatial (ascending index) order, and drop the rest. They differ only in the score:
-FasterVLM reads one layer, VTC-CLS sums several.
+FasterVLM reads one layer, VTC-CLS sums several. On a tower without a CLS token (or with
+signal="mean-received") the score is the attention each patch receives, averaged over the patch
+queries (`signals.mean_received_attention`), at the same layer(s).
 
 Ties in the score are broken towards the lower token index (a stable descending sort), so the
 selection is the same on every device.
@@ -15,7 +17,14 @@ from typing import Any
 from torch import Tensor
 
 from visprune.errors import InputError
-from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
+from visprune.methods.base import (
+    Placement,
+    Reduction,
+    check_signal_option,
+    document_signal,
+    score_request,
+    select_tokens,
+)
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid, check_tensor
 from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.registry import register
@@ -42,14 +51,16 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     return scores.float().sort(dim=1, descending=True, stable=True).indices[:, :k]
 
 
-def check_fastervlm(*, budget: Any) -> None:
+def check_fastervlm(*, budget: Any, signal: Any) -> None:
     """FasterVLM's options (the budget <= N check needs the features)."""
     check_count(budget, "budget")
+    check_signal_option(signal)
 
 
-def check_vtc_cls(*, budget: Any, start_layer: Any) -> None:
+def check_vtc_cls(*, budget: Any, start_layer: Any, signal: Any) -> None:
     """VTC-CLS's options: a budget >= 1 and a negative start layer <= -2 (or the default)."""
     check_count(budget, "budget")
+    check_signal_option(signal)
     if isinstance(start_layer, RelativeDepth):
         return
     if isinstance(start_layer, bool) or not isinstance(start_layer, int) or start_layer > -2:
@@ -66,28 +77,33 @@ def _check_grid_if_given(grid: tuple[int, int] | None, n: int) -> None:
     description="FasterVLM: keep the top-K patch tokens by head-averaged CLS attention of layer -2 (fixed K).",
     placement=Placement.ENCODER,
     adaptive=False,
-    signals=lambda o: {"cls_attn": SignalRequest("cls_attn", (-2,), "mean")},
+    signals=lambda o: {"cls_attn": score_request(o["signal"], (-2,), "mean")},
     check=check_fastervlm,
 )
+@document_signal
 def fastervlm(
     features: Tensor,
     *,
     cls_attn: Tensor,
     grid: tuple[int, int] | None = None,
     budget: int = 64,
+    signal: str | None = None,
 ) -> list[Reduction]:
     """FasterVLM (Zhang et al., arXiv 2412.01818): top-`budget` tokens by [CLS] attention.
 
-    features [B, N, C]; cls_attn [B, N], the head-averaged CLS->patch attention probabilities of
-    encoder layer -2 (the layer whose output LLaVA uses), CLS column dropped. Keeps exactly `budget`
+    features [B, N, C]; cls_attn [B, N], the score chosen by `signal` at encoder layer -2 (the
+    layer whose output LLaVA uses): with "cls" the head-averaged CLS->patch attention probabilities,
+    CLS column dropped; on a tower without CLS ("mean-received") the head-averaged attention each
+    patch receives, averaged over the patch queries. Keeps exactly `budget`
     tokens per image, in spatial order; `assignment` marks the dropped ones with -1. The grid is not
     needed and only validated when given. Same as the official code except that the kept tokens are
     emitted in spatial order with ties broken by lower index (the official code uses torch.topk).
 
     Options:
         budget: number of tokens kept per image (default 64), 1 <= budget <= N.
+        signal: {SIGNAL}
     """
-    check_fastervlm(budget=budget)
+    check_fastervlm(budget=budget, signal=signal)
     b, n, _ = check_features(features)
     _check_grid_if_given(grid, n)
     k = check_budget(budget, n)
@@ -101,10 +117,13 @@ def fastervlm(
     placement=Placement.ENCODER,
     adaptive=False,
     signals=lambda o: {
-        "cls_attn_layers": SignalRequest("cls_attn_layers", tuple(range(published(o["start_layer"]), -1)), "mean")
+        "cls_attn_layers": score_request(
+            o["signal"], tuple(range(published(o["start_layer"]), -1)), "mean", several=True
+        )
     },
     check=check_vtc_cls,
 )
+@document_signal
 def vtc_cls(
     features: Tensor,
     *,
@@ -112,11 +131,14 @@ def vtc_cls(
     grid: tuple[int, int] | None = None,
     budget: int = 64,
     start_layer: int | RelativeDepth = START_LAYER,
+    signal: str | None = None,
 ) -> list[Reduction]:
     """VTC-CLS (Wang et al., arXiv 2412.05819): top-`budget` tokens by a multi-layer [CLS] score.
 
-    features [B, N, C]; cls_attn_layers [B, L, N], head-averaged CLS->patch attention rows of the
-    encoder layers start_layer, ..., -2 (L = -1 - start_layer rows). The score of a token is the sum
+    features [B, N, C]; cls_attn_layers [B, L, N], per layer the score chosen by `signal` for the
+    encoder layers start_layer, ..., -2 (L = -1 - start_layer rows): head-averaged CLS->patch
+    attention rows ("cls"), or on a tower without CLS ("mean-received") the head-averaged attention
+    each patch receives from the patch queries of that layer. The score of a token is the sum
     of its rows (the paper's layer ensemble); the top-`budget` tokens are kept in spatial order, ties
     to the lower index. The official code takes the first ensembled layer as a command-line argument
     (attentions[start_layer:-1], i.e. up to layer -2) and publishes no default; visprune's default
@@ -130,8 +152,9 @@ def vtc_cls(
             alone equals fastervlm). Default: -5 (layers -5..-2) for a 24-layer tower, moved to the
             same relative depth of the model's tower when applied; an explicit value is used as
             given and must fit the tower.
+        signal: {SIGNAL} Summed over the same layers.
     """
-    check_vtc_cls(budget=budget, start_layer=start_layer)
+    check_vtc_cls(budget=budget, start_layer=start_layer, signal=signal)
     b, n, _ = check_features(features)
     _check_grid_if_given(grid, n)
     k = check_budget(budget, n)

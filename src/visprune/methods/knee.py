@@ -2,7 +2,8 @@
 
 Per image: sort the CLS-attention scores descending, cut the curve at its knee (see
 `visprune.methods.knee_point.knee_count`), clamp the count to [k_min, k_max] and keep the top-k*
-tokens in spatial order. No merging. k* varies per image.
+tokens in spatial order. No merging. k* varies per image. On a tower without a CLS token the score
+is the attention each patch receives, averaged over the patch queries of the same layer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from visprune.errors import InputError
-from visprune.methods.base import Placement, Reduction, SignalRequest
+from visprune.methods.base import Placement, Reduction, check_signal_option, document_signal, score_request
 from visprune.methods.checks import check_choice, check_count, check_features, check_grid, check_tensor
 from visprune.methods.knee_point import DETECTORS, knee_count
 from visprune.methods.registry import register
@@ -21,10 +22,11 @@ from visprune.methods.registry import register
 ATTENTIONS = ("single", "mean")
 
 
-def check_options(*, detector: Any, smooth: Any, k_min: Any, k_max: Any, attention: Any) -> None:
+def check_options(*, detector: Any, smooth: Any, k_min: Any, k_max: Any, attention: Any, signal: Any) -> None:
     """The knee method's options (also the encoder-stage options of knee+text)."""
     check_choice(detector, "detector", DETECTORS)
     check_choice(attention, "attention", ATTENTIONS)
+    check_signal_option(signal)
     check_count(smooth, "smooth")
     check_count(k_min, "k_min")
     if k_max is not None:
@@ -39,9 +41,10 @@ def check_options(*, detector: Any, smooth: Any, k_min: Any, k_max: Any, attenti
     "score curve, per image (adaptive, no merging)",
     placement=Placement.ENCODER,
     adaptive=True,
-    signals=lambda o: {"cls_attn": SignalRequest("cls_attn", (-1,), heads=o["attention"])},
+    signals=lambda o: {"cls_attn": score_request(o["signal"], (-1,), o["attention"])},
     check=check_options,
 )
+@document_signal
 def knee(
     features: Tensor,
     *,
@@ -52,11 +55,15 @@ def knee(
     k_min: int = 16,
     k_max: int | None = None,
     attention: str = "single",
+    signal: str | None = None,
 ) -> list[Reduction]:
     """Keep the tokens above the knee of the sorted CLS-attention curve (Yu, Chen & Xu, stage 1).
 
-    features [B, N, C] are the patch features (CLS dropped); cls_attn [B, N] the CLS-query attention
-    probabilities over the patches of the last encoder layer (as PruMerge's score); grid is accepted
+    features [B, N, C] are the patch features (CLS dropped); cls_attn [B, N] the score chosen by
+    `signal` at the last encoder layer: the CLS-query attention probabilities over the patches (as
+    PruMerge's score), or on a tower without CLS ("mean-received") the attention each patch
+    receives, averaged over the patch queries (one full-width head or head-averaged, per
+    `attention`); grid is accepted
     for uniformity and only validated. Per image the scores are sorted descending, k* = the knee
     count of that curve, clamped to [k_min, k_max], and the top-k* tokens are kept unchanged in
     ascending (spatial) order. Assignment: kept tokens map to their slot, the others to -1.
@@ -75,6 +82,7 @@ def knee(
         k_max: the most tokens kept per image, default None (= N, no upper clamp). Must be >= k_min.
         attention: which CLS attention the adapter computes: "single" (default, PruMerge's official
             full-width one-head attention) or "mean" (head-averaged).
+        signal: {SIGNAL}
     """
     b, n, c = check_features(features)
     if grid is not None:
@@ -84,7 +92,7 @@ def knee(
         raise InputError(f"cls_attn must be a floating point tensor, got {cls_attn.dtype}")
     if cls_attn.device != features.device:
         raise InputError(f"features ({features.device}) and cls_attn ({cls_attn.device}) must be on the same device")
-    check_options(detector=detector, smooth=smooth, k_min=k_min, k_max=k_max, attention=attention)
+    check_options(detector=detector, smooth=smooth, k_min=k_min, k_max=k_max, attention=attention, signal=signal)
 
     dev = features.device
     a = cls_attn.float()

@@ -2,7 +2,8 @@
 
 Both act on the vision tower's output, before the projector:
 
-1. score every patch by the CLS attention `a` [B, N] of the last encoder layer;
+1. score every patch by the CLS attention `a` [B, N] of the last encoder layer (on a tower without a
+   CLS token: the attention each patch receives, averaged over the patch queries of that layer);
 2. keep the IQR outliers of `a` (m = #{a > Q3 + 1.5 IQR}, at least 1), i.e. the top-m tokens;
 3. PruMerge+ only: add spatially uniform samples, stride max(1, floor(floor(1/r) / 3)) with r = m / N;
 4. merge: every kept token p becomes y_p + sum_j a_j y_j over its `neighbors` most key-similar OTHER
@@ -22,7 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.errors import InputError
-from visprune.methods.base import Placement, Reduction, SignalRequest
+from visprune.methods.base import (
+    SIGNAL_DOC,
+    Placement,
+    Reduction,
+    SignalRequest,
+    check_signal_option,
+    score_request,
+)
 from visprune.methods.checks import check_choice, check_features, check_flag, check_grid, check_tensor
 from visprune.methods.registry import register
 
@@ -52,17 +60,18 @@ _OPTIONS_DOC = """
         attention: which attention the adapter computes for the score and which keys it hands over:
             "single" (default, the official code) treats the full-width q/k projections as one head
             (keys of width C); "mean" averages the per-head attention rows and the per-head keys.
+        signal: {SIGNAL}
 """
 
 
 def _with_options_doc(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + _OPTIONS_DOC
+    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + _OPTIONS_DOC.replace("{SIGNAL}", SIGNAL_DOC)
     return fn
 
 
 def _signals(o: dict[str, Any]) -> dict[str, SignalRequest]:
     return {
-        "cls_attn": SignalRequest("cls_attn", (-1,), heads=o["attention"]),
+        "cls_attn": score_request(o["signal"], (-1,), o["attention"]),
         "keys": SignalRequest("keys", (-1,), heads="single" if o["attention"] == "single" else "mean"),
     }
 
@@ -117,8 +126,11 @@ def uniform_stride(count: Tensor, n: int, images: int = 1) -> Tensor:
     return (step // 3).clamp(min=1)
 
 
-def check_options(*, fence: Any, weights: Any, order: Any, neighbors: Any, extra_token: Any, attention: Any) -> None:
+def check_options(
+    *, fence: Any, weights: Any, order: Any, neighbors: Any, extra_token: Any, attention: Any, signal: Any
+) -> None:
     """The options of prumerge and prumerge+."""
+    check_signal_option(signal)
     check_choice(fence, "fence", FENCES)
     check_choice(weights, "weights", WEIGHTS)
     check_choice(order, "order", ORDERS)
@@ -157,6 +169,7 @@ def _prumerge(
     neighbors: int,
     extra_token: bool,
     attention: str,
+    signal: str | None,
 ) -> list[Reduction]:
     b, n, c = check_features(features)
     if grid is not None:
@@ -173,7 +186,13 @@ def _prumerge(
             "must be on the same device"
         )
     check_options(
-        fence=fence, weights=weights, order=order, neighbors=neighbors, extra_token=extra_token, attention=attention
+        fence=fence,
+        weights=weights,
+        order=order,
+        neighbors=neighbors,
+        extra_token=extra_token,
+        attention=attention,
+        signal=signal,
     )
 
     dev = features.device
@@ -276,12 +295,15 @@ def prumerge(
     neighbors: int = 32,
     extra_token: bool = True,
     attention: str = "single",
+    signal: str | None = None,
 ) -> list[Reduction]:
     """PruMerge (Shang, Cai et al., arXiv 2403.15388): adaptive outlier selection and merging.
 
     features [B, N, C] are the patch features LLaVA hands the projector (CLS dropped); cls_attn [B, N]
-    the CLS-query attention probabilities over the patches of the last encoder layer (CLS column
-    dropped); keys [B, N, D] that layer's patch keys (CLS dropped); grid is accepted for uniformity
+    the score chosen by `signal` at the last encoder layer: the CLS-query attention probabilities
+    over the patches (CLS column dropped), or on a tower without CLS ("mean-received") the attention
+    each patch receives, averaged over the patch queries, which also weights the merge; keys
+    [B, N, D] that layer's patch keys (CLS dropped); grid is accepted for uniformity
     and only validated. Returns one Reduction per image: the m >= 1 kept tokens, each updated to
     y_p + sum_j a_j y_j over its `neighbors` most key-similar other tokens (original, unmerged y_j),
     then the extra summary token of the pruned tokens (source -1). Assignment: kept tokens map to
@@ -305,6 +327,7 @@ def prumerge(
         neighbors=neighbors,
         extra_token=extra_token,
         attention=attention,
+        signal=signal,
     )
 
 
@@ -330,13 +353,15 @@ def prumerge_plus(
     neighbors: int = 32,
     extra_token: bool = True,
     attention: str = "single",
+    signal: str | None = None,
 ) -> list[Reduction]:
     """PruMerge+ (Shang, Cai et al., arXiv 2403.15388): PruMerge with added uniform samples.
 
     Arguments and output as `prumerge`. After the m IQR outliers are chosen (r = m / N per image, or
     r = #outliers in the batch / (B N) with fence="batch", floored at 1 / N), the tokens at indices
     range(0, N, max(1, floor(floor(1 / r) / 3))) that are not already kept are added, and the merge
-    runs over the enlarged kept set; the extra token sums the tokens still pruned.
+    runs over the enlarged kept set; the extra token sums the tokens still pruned. On a tower without
+    CLS the score (and merge weight) is the mean-received attention, as in `prumerge`.
 
     Deviations from the official code: works for batch > 1 (the official code crashes, its issue
     #11): the uniform samples are computed per image; r = 0 (flat attention, no outliers) counts as
@@ -357,4 +382,5 @@ def prumerge_plus(
         neighbors=neighbors,
         extra_token=extra_token,
         attention=attention,
+        signal=signal,
     )

@@ -120,7 +120,8 @@ def text_stage(
     real token (BOS, the attention sink), which is always kept. Query tokens and other text are
     never dropped; padding positions come back False. The knee makes the kept count adaptive per
     sample. Options of the encoder stage may be passed along (the merged option dict) and are
-    ignored here.
+    ignored here; its `signal` option picks stage 1's score (on a tower without CLS the attention
+    each patch receives, averaged over the patch queries; this stage is the same on every tower).
 
     Options:
         text_layer: decoder layer K (>= 1) whose input is pruned, scored with layer K's own q/k.

@@ -1,5 +1,6 @@
 """VisionZip (Yang et al., arXiv 2412.04467): dominant tokens by CLS attention plus contextual
-tokens merged from the rest by key similarity."""
+tokens merged from the rest by key similarity. On a tower without a CLS token the dominant tokens are
+ranked by the attention each patch receives, summed over heads and averaged over the patch queries."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.errors import InputError
-from visprune.methods.base import Placement, Reduction, SignalRequest
+from visprune.methods.base import (
+    Placement,
+    Reduction,
+    SignalRequest,
+    check_signal_option,
+    document_signal,
+    score_request,
+)
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.cls_topk import check_signal, top_indices
 from visprune.methods.registry import register
@@ -24,9 +32,10 @@ def split_budget(budget: int) -> tuple[int, int]:
     return dominant, budget - dominant
 
 
-def check_options(*, dominant: object, contextual: object, budget: object) -> None:
+def check_options(*, dominant: object, contextual: object, budget: object, signal: object) -> None:
     """VisionZip's options: dominant >= 1, contextual >= 0, budget None or >= 1 (the sums against N
-    are checked on the features)."""
+    are checked on the features), signal None or a SCORE_SIGNALS choice."""
+    check_signal_option(signal)
     check_count(dominant, "dominant", 1)
     check_count(contextual, "contextual", 0)
     if budget is not None:
@@ -39,11 +48,12 @@ def check_options(*, dominant: object, contextual: object, budget: object) -> No
     placement=Placement.ENCODER,
     adaptive=False,
     signals=lambda o: {
-        "cls_attn": SignalRequest("cls_attn", (-2,), "sum"),
+        "cls_attn": score_request(o["signal"], (-2,), "sum"),
         "keys": SignalRequest("keys", (-2,), "mean"),
     },
     check=check_options,
 )
+@document_signal
 def visionzip(
     features: Tensor,
     *,
@@ -53,11 +63,14 @@ def visionzip(
     dominant: int = 54,
     contextual: int = 10,
     budget: int | None = None,
+    signal: str | None = None,
 ) -> list[Reduction]:
     """VisionZip: keep D dominant tokens, merge the rest into C contextual tokens; D + C outputs.
 
-    features [B, N, C]; cls_attn [B, N] CLS->patch attention of layer -2 summed over heads; keys
-    [B, N, Dk] head-averaged patch keys of layer -2 (CLS dropped).
+    features [B, N, C]; cls_attn [B, N] the score chosen by `signal` at layer -2, summed over heads:
+    CLS->patch attention ("cls"), or on a tower without CLS ("mean-received") the attention each
+    patch receives, averaged over the patch queries; keys [B, N, Dk] head-averaged patch keys of
+    layer -2 (CLS dropped).
     1. Dominant: the top-D tokens by cls_attn (ties to the lower index).
     2. Contextual: the N - D remaining tokens, in spatial order, have their keys L2-normalised
        (float32). Targets are the remaining tokens at positions 0, s, 2s, ... (s = max(1, (N-D) // C)),
@@ -80,8 +93,9 @@ def visionzip(
             splits are (54, 10), (108, 20), (162, 30) for 64, 128, 192 tokens.
         budget: total D + C (default None: use dominant and contextual). When given it overrides
             both and is split 54:10 (dominant = round(budget * 54 / 64), contextual = the rest).
+        signal: {SIGNAL}
     """
-    check_options(dominant=dominant, contextual=contextual, budget=budget)
+    check_options(dominant=dominant, contextual=contextual, budget=budget, signal=signal)
     b, n, c = check_features(features)
     if grid is not None:
         check_grid(grid, n)
