@@ -62,8 +62,8 @@ def make_inputs(model, prompt_lengths: list[int], images_per_prompt: list[int] |
     g = torch.Generator().manual_seed(seed)
     cfg = model.config.vision_config
     n_tokens = (cfg.image_size // cfg.patch_size) ** 2
-    if model.config.vision_feature_select_strategy == "full":
-        n_tokens += 1  # the CLS token is fed too
+    if model.config.vision_feature_select_strategy == "full" and cfg.model_type == "clip_vision_model":
+        n_tokens += 1  # the CLS token is fed too (SigLIP has none)
     images_per_prompt = images_per_prompt or [1] * len(prompt_lengths)
     rows = []
     for length, n_img in zip(prompt_lengths, images_per_prompt, strict=True):
@@ -222,3 +222,25 @@ def varied_pixels(model, n: int = 3, seed: int = 1) -> torch.Tensor:
     while len(images) < n:
         images.append(torch.randn(3, size, size, generator=g) * (len(images) % 3 + 1))
     return torch.stack(images[:n])
+
+
+def tiny_llava_siglip(attn: str = "sdpa", seed: int = 0, **kw) -> LlavaForConditionalGeneration:
+    """A tiny LLaVA whose vision tower is a SiglipVisionModel: no CLS token, so the projector gets every
+    token (vision_feature_select_strategy "full"). `kw` as tiny_llava_config."""
+    from transformers import SiglipVisionConfig
+
+    cfg = tiny_llava_config(attn, select_strategy="full", **kw)
+    cfg.vision_config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=cfg.vision_config.image_size,
+        patch_size=cfg.vision_config.patch_size,
+    )
+    cfg.vision_config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model

@@ -50,8 +50,11 @@ class LlavaAdapter(Adapter):
 
     @property
     def max_visual_tokens(self) -> int:
+        """The patch grid, plus the CLS token where the tower has one and the strategy is "full", minus
+        the first token where the strategy is "default" on a tower without CLS (it drops a patch)."""
         h, w = self.grid
-        return h * w + (self.model.config.vision_feature_select_strategy == "full")
+        all_tokens = h * w + vision.has_cls_token(self.vision_tower)
+        return all_tokens - (self.model.config.vision_feature_select_strategy == "default")
 
     def check_pixels(self, pixel_values: Tensor) -> None:
         side = self.model.config.vision_config.image_size
@@ -67,16 +70,14 @@ class LlavaAdapter(Adapter):
                     f"{depth} layers (valid indices {-depth}..{depth - 1}); adjust the method's layer option"
                 )
         strategy = self.model.config.vision_feature_select_strategy
-        if strategy != "default":
+        patches_only = "default" if vision.has_cls_token(self.vision_tower) else "full"
+        if strategy != patches_only:
             raise UnsupportedModelError(
-                f"encoder-side methods need vision_feature_select_strategy='default' (CLS dropped, a full patch grid); "
+                f"encoder-side methods need the features to be exactly the patch grid: on this vision tower "
+                f"({type(self.vision_tower).__name__}) that is vision_feature_select_strategy={patches_only!r}, but "
                 f"this model uses {strategy!r}. Use an LLM-side method (e.g. 'fastv') instead"
             )
-        if any(r.kind.startswith("cls") for r in requests.values()) and not vision.has_cls_token(self.vision_tower):
-            raise UnsupportedModelError(
-                f"this method needs the CLS token's attention, but the vision tower {type(self.vision_tower).__name__} "
-                "has no CLS token; choose one that needs no CLS signal ('pool', 'random', 'tome' or an LLM-side method)"
-            )
+        vision.resolve_requests(self.vision_tower, requests)
 
     def encode(self, pixel_values: Tensor, requests: dict[str, SignalRequest]) -> vision.VisionOutput:
         cfg = self.model.config

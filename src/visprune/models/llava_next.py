@@ -24,7 +24,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from visprune.errors import InputError
+from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods.base import Reduction
 from visprune.models.base import ImageTokens, Reducer
 from visprune.models.llava import LlavaAdapter, check_image_tensor, dense_reduction
@@ -181,12 +181,16 @@ class LlavaNextAdapter(LlavaAdapter):
 
 
 def _take_tokens(signal: Tensor, local: Tensor, kind: str) -> Tensor:
-    """Select tokens `local` [n, N'] from a signal: cls_attn [n, N], keys [n, N, D], cls_attn_layers [n, L, N]."""
-    if kind == "cls_attn":
+    """Select tokens `local` [n, N'] from a signal of the requested `kind` (its fallback has the same
+    shape): cls_attn / mean_received [n, N], keys [n, N, D], cls_attn_layers / mean_received_layers
+    [n, L, N]."""
+    if kind in ("cls_attn", "mean_received"):
         return signal.gather(1, local)
     if kind == "keys":
         return signal.gather(1, local.unsqueeze(-1).expand(-1, -1, signal.shape[-1]))
-    return signal.gather(2, local.unsqueeze(1).expand(-1, signal.shape[1], -1))
+    if kind in ("cls_attn_layers", "mean_received_layers"):
+        return signal.gather(2, local.unsqueeze(1).expand(-1, signal.shape[1], -1))
+    raise UnsupportedModelError(f"signal {kind!r} is not an encoder signal")
 
 
 def _split_budget(budget: int | None, sizes: list[int]) -> list[int | None]:

@@ -2,8 +2,8 @@
 
 Running the layers ourselves (instead of `tower(..., output_hidden_states=True)`) lets us stop at the
 last layer anyone needs: LLaVA reads hidden_states[-2], so the final layer is never run, and the
-CLS-attention rows are computed from one layer's q/k projections (no attention map materialised,
-so the tower keeps SDPA / FlashAttention).
+CLS-attention rows and the CLS-free mean-received scores are computed from one layer's q/k
+projections (no attention map materialised, so the tower keeps SDPA / FlashAttention).
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from torch import Tensor, nn
 
 from visprune.errors import UnsupportedModelError
 from visprune.methods.base import SignalRequest
-from visprune.methods.signals import cls_attention, patch_keys
+from visprune.methods.signals import cls_attention, mean_received_attention, patch_keys
+
+CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers"})
+CLS_FREE_KINDS = frozenset({"mean_received", "mean_received_layers", "keys"})
 
 
 @dataclass
@@ -27,7 +30,9 @@ class VisionOutput:
 
 
 def _parts(tower: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.ModuleList]:
-    """(embeddings, pre-norm or None, encoder layers) of a CLIP-like tower (CLIPVisionModel and kin)."""
+    """(embeddings, pre-norm or None, encoder layers) of a CLIP-like tower (CLIPVisionModel, and
+    SiglipVisionModel, which has no pre-norm; a final `post_layernorm` is never applied: LLaVA reads
+    hidden states, which are taken before it)."""
     body = getattr(tower, "vision_model", tower)
     embeddings = getattr(body, "embeddings", None)
     encoder = getattr(body, "encoder", None)
@@ -44,15 +49,38 @@ def has_cls_token(tower: nn.Module) -> bool:
     return hasattr(_parts(tower)[0], "class_embedding")
 
 
+def available_signals(tower: nn.Module) -> frozenset[str]:
+    """The encoder signal kinds `encode` computes for this tower (SignalRequest.resolve's argument)."""
+    return CLS_FREE_KINDS | CLS_KINDS if has_cls_token(tower) else CLS_FREE_KINDS
+
+
 def num_encoder_layers(tower: nn.Module) -> int:
     return len(_parts(tower)[2])
 
 
-def _layer_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, int]:
-    """CLS query [n, C] and keys [n, T, C] of `layer` for its input `hidden`, plus its head count."""
-    attn = layer.self_attn
-    x = layer.layer_norm1(hidden)
-    return attn.q_proj(x[:, 0]), attn.k_proj(x), attn.num_heads
+class _LayerQK:
+    """One layer's normalised input and the projections computed from it on first use."""
+
+    def __init__(self, layer: nn.Module, hidden: Tensor):
+        self.attn = layer.self_attn
+        self.x = layer.layer_norm1(hidden)
+        self.heads: int = self.attn.num_heads
+        self._keys: Tensor | None = None
+
+    @property
+    def keys(self) -> Tensor:
+        """[n, T, C] the keys of every token."""
+        if self._keys is None:
+            self._keys = self.attn.k_proj(self.x)
+        return self._keys
+
+    def cls_query(self) -> Tensor:
+        """[n, C] the CLS token's query."""
+        return self.attn.q_proj(self.x[:, 0])
+
+    def queries(self) -> Tensor:
+        """[n, T, C] the queries of every token."""
+        return self.attn.q_proj(self.x)
 
 
 def encode(
@@ -67,29 +95,28 @@ def encode(
     feature_layers: LLaVA's `vision_feature_layer` (index into hidden_states: -2 is the output of the
     second-to-last layer); a list concatenates several along channels as LLaVA does.
     Signal layers index encoder LAYERS (SignalRequest docs): their input hidden state is used.
+    Each request is first resolved for the tower (`SignalRequest.resolve` with `available_signals`):
+    a CLS request with a fallback becomes "mean_received" on a tower without CLS.
     """
     embeddings, pre_norm, layers = _parts(tower)
     n_layers = len(layers)
+    cls = has_cls_token(tower)
+    requests = resolve_requests(tower, requests)
     feats = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
     feat_idx = [f % (n_layers + 1) for f in feats]  # hidden_states index: 0 = embeddings
     signal_layers = {r.layers[i] % n_layers for r in requests.values() for i in range(len(r.layers))}
-    if any(r.kind.startswith("cls") for r in requests.values()) and not has_cls_token(tower):
-        raise UnsupportedModelError(
-            f"this method needs the CLS token's attention, but the vision tower {type(tower).__name__} has no CLS "
-            "token; choose a method that needs no CLS signal (e.g. 'pool', 'random', 'tome', 'fastv')"
-        )
     last_needed = max([*feat_idx, *signal_layers])
 
     hidden = embeddings(pixel_values.to(dtype=next(tower.parameters()).dtype))
     if pre_norm is not None:
         hidden = pre_norm(hidden)
     states: dict[int, Tensor] = {}
-    qk: dict[int, tuple[Tensor, Tensor, int]] = {}
+    qk: dict[int, _LayerQK] = {}
     for i in range(last_needed + 1):
         if i in feat_idx:
             states[i] = hidden
         if i in signal_layers:
-            qk[i] = _layer_qk(layers[i], hidden)
+            qk[i] = _LayerQK(layers[i], hidden)
         if i < last_needed:
             out = layers[i](hidden, None)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -104,12 +131,31 @@ def encode(
     signals: dict[str, Tensor] = {}
     for name, req in requests.items():
         idx = [layer % n_layers for layer in req.layers]
-        if req.kind in ("cls_attn", "cls_attn_layers"):
-            rows = [cls_attention(qk[i][0], qk[i][1], qk[i][2], req.heads) for i in idx]
+        if req.kind in CLS_KINDS:
+            rows = [cls_attention(qk[i].cls_query(), qk[i].keys, qk[i].heads, req.heads) for i in idx]
             signals[name] = rows[0] if req.kind == "cls_attn" else torch.stack(rows, dim=1)
+        elif req.kind in ("mean_received", "mean_received_layers"):
+            rows = [
+                mean_received_attention(qk[i].queries(), qk[i].keys, qk[i].heads, req.heads, skip=int(cls)) for i in idx
+            ]
+            signals[name] = rows[0] if req.kind == "mean_received" else torch.stack(rows, dim=1)
         elif req.kind == "keys":
-            _, keys, heads = qk[idx[0]]
-            signals[name] = patch_keys(keys, heads, req.heads, has_cls=has_cls_token(tower))
+            signals[name] = patch_keys(qk[idx[0]].keys, qk[idx[0]].heads, req.heads, has_cls=cls)
         else:
             raise UnsupportedModelError(f"signal {req.kind!r} is not an encoder signal")
     return VisionOutput(features=features, signals=signals)
+
+
+def resolve_requests(tower: nn.Module, requests: dict[str, SignalRequest]) -> dict[str, SignalRequest]:
+    """Every request resolved for this tower (its fallback kind where it lacks the requested one); a CLS
+    signal asked for explicitly on a tower without CLS raises UnsupportedModelError saying what to use."""
+    available = available_signals(tower)
+    resolved = {}
+    for name, req in requests.items():
+        if req.kind in CLS_KINDS and req.kind not in available and req.fallback not in available:
+            raise UnsupportedModelError(
+                f"signal='cls' needs the CLS token's attention, but the vision tower {type(tower).__name__} has no "
+                "CLS token; pass signal='mean-received' (or leave signal unset: it resolves to 'mean-received' here)"
+            )
+        resolved[name] = req.resolve(available)
+    return resolved
