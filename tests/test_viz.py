@@ -47,3 +47,26 @@ def test_viz_cli_writes_png(tmp_path) -> None:
 def test_viz_missing_image_is_an_error(tmp_path, capsys) -> None:
     assert cli.main(["viz", "--image", str(tmp_path / "nope.png"), "--out", str(tmp_path / "v.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_score_attention_uses_the_best_signal_of_the_tower(tower) -> None:
+    from tests.models import tiny
+    from visprune.methods import SignalRequest
+    from visprune.models import vision
+    from visprune.viz import score_attention
+
+    model = tiny.tiny_llava() if tower == "clip" else tiny.tiny_llava_siglip()
+    pixels = tiny.varied_pixels(model, 2)
+    scores, label = score_attention(model, pixels)
+    kind = "cls_attn" if tower == "clip" else "mean_received"
+    assert label == ("CLS attention" if tower == "clip" else "mean-received attention")
+    strategy = model.config.vision_feature_select_strategy
+    with torch.no_grad():
+        ref = vision.encode(
+            model.model.vision_tower, pixels[:1], -2, strategy, {"s": SignalRequest(kind, (-1,), "single")}
+        )
+    torch.testing.assert_close(scores, ref.signals["s"][0])
+    assert summarize_attention(scores, label).label == label
+    received, label = score_attention(model, pixels, "mean-received")
+    assert label == "mean-received attention" and received.shape == (64,)

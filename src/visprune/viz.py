@@ -3,8 +3,9 @@
 Each method's panel shows the image as the model sees it (after the processor) on the patch grid:
 tokens kept as tokens of their own are outlined and coloured by output slot, tokens merged into a
 kept token carry that slot's colour faintly, dropped tokens are dimmed. A last pair of panels shows
-the CLS attention (the last encoder layer's CLS-query row that PruMerge and the knee methods score
-with) as a heat map, and its sorted curve with PruMerge's IQR fence (Q3 + 1.5 IQR) and the knee.
+the score that PruMerge and the knee methods rank with by default (the last encoder layer's CLS
+attention, or on a tower without CLS the attention each patch receives) as a heat map, and its
+sorted curve with PruMerge's IQR fence (Q3 + 1.5 IQR) and the knee.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 import visprune
 from visprune.errors import InputError
 from visprune.methods import Placement, Reduction, get_method
-from visprune.methods.base import SignalRequest
+from visprune.methods.base import score_request
 from visprune.methods.knee_point import knee_count
 from visprune.methods.prumerge import outlier_counts
 
@@ -98,42 +99,50 @@ def token_overlay(image: np.ndarray, reduction: Reduction | None, grid: tuple[in
     return canvas
 
 
-def cls_attention(model: Any, pixel_values: Tensor) -> Tensor:
-    """[N] the last encoder layer's CLS-query attention over the patches of the first image (base crop),
-    full-width single head as PruMerge scores it."""
+SIGNAL_LABELS = {"cls": "CLS attention", "mean-received": "mean-received attention"}
+
+
+def score_attention(model: Any, pixel_values: Tensor, signal: str | None = None) -> tuple[Tensor, str]:
+    """([N], label): the last encoder layer's score over the patches of the first image (base crop),
+    full-width single head as PruMerge scores it; `signal` as the methods' option (None: CLS attention
+    where the tower has a CLS token, mean-received attention otherwise). The label names the one used."""
     from visprune.models import adapter_for
+    from visprune.models.vision import available_signals
 
     adapter = adapter_for(model)
+    request = score_request(signal, (-1,), "single").resolve(available_signals(adapter.vision_tower))
     pv = pixel_values[:1]
     if pv.dim() == 5:
         pv = pv[:, 0]
     with torch.inference_mode():
-        out = adapter.encode(pv, {"cls_attn": SignalRequest("cls_attn", (-1,), heads="single")})
-    return out.signals["cls_attn"][0].float().cpu()
+        out = adapter.encode(pv, {"score": request})
+    label = SIGNAL_LABELS["cls" if request.kind == "cls_attn" else "mean-received"]
+    return out.signals["score"][0].float().cpu(), label
 
 
 @dataclass
 class AttentionSummary:
-    """The CLS-attention curve and the cuts the methods make on it."""
+    """The score curve (CLS or mean-received attention) and the cuts the methods make on it."""
 
     scores: Tensor  # [N]
     fence: float  # Q3 + 1.5 IQR
     outliers: int  # tokens above the fence (PruMerge's m, before the m >= 1 guard)
     knee: int  # tokens before the Kneedle knee of the sorted curve
+    label: str = SIGNAL_LABELS["cls"]  # which score it is
 
 
-def summarize_attention(scores: Tensor) -> AttentionSummary:
-    """Fence and knee of a CLS-attention row, computed with visprune's own helpers."""
+def summarize_attention(scores: Tensor, label: str = SIGNAL_LABELS["cls"]) -> AttentionSummary:
+    """Fence and knee of a score row (CLS or mean-received attention), with visprune's own helpers."""
     q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75])).tolist()
     m = int(outlier_counts(scores.unsqueeze(0))[0])
     k = int(knee_count(scores.sort(descending=True).values.unsqueeze(0))[0])
-    return AttentionSummary(scores=scores, fence=q3 + 1.5 * (q3 - q1), outliers=m, knee=k)
+    return AttentionSummary(scores=scores, fence=q3 + 1.5 * (q3 - q1), outliers=m, knee=k, label=label)
 
 
 def draw_attention(
     ax_map: Any, ax_curve: Any, image: np.ndarray, summary: AttentionSummary, grid: tuple[int, int]
 ) -> None:
-    """Heat map of the CLS attention over the image, and the sorted curve with the fence and the knee."""
+    """Heat map of the score over the image, and the sorted curve with the fence and the knee."""
     h, w = grid
     ax_map.imshow(image)
     from matplotlib.colors import LogNorm
@@ -142,7 +151,7 @@ def draw_attention(
     norm = LogNorm(vmin=max(float(heat.min()), float(heat.max()) * 1e-3), vmax=float(heat.max()))
     extent = (0, image.shape[1], image.shape[0], 0)
     ax_map.imshow(heat, cmap="inferno", norm=norm, alpha=0.65, extent=extent, interpolation="nearest")
-    ax_map.set_title("CLS attention, last layer (log scale)", fontsize=9)
+    ax_map.set_title(f"{summary.label}, last layer (log scale)", fontsize=9)
     ax_map.axis("off")
     curve = summary.scores.sort(descending=True).values.numpy()
     ax_curve.plot(np.arange(1, len(curve) + 1), curve, color="black", lw=1.2)
@@ -151,7 +160,7 @@ def draw_attention(
     ax_curve.set_xscale("log")
     ax_curve.set_xlabel("rank", fontsize=8)
     ax_curve.set_ylabel("attention", fontsize=8)
-    ax_curve.set_title("sorted CLS attention", fontsize=9)
+    ax_curve.set_title(f"sorted {summary.label}", fontsize=9)
     ax_curve.legend(fontsize=7)
     ax_curve.tick_params(labelsize=7)
 
@@ -259,7 +268,7 @@ def run_viz(
     out: str | Path = "visprune-viz.png",
     device: str = "cpu",
 ) -> Path:
-    """Draw each method's kept / merged tokens on `image` side by side, plus the CLS attention panels."""
+    """Draw each method's kept / merged tokens on `image` side by side, plus the score panels."""
     from visprune import bundled
 
     methods = list(methods or VIZ_METHODS)
@@ -272,7 +281,7 @@ def run_viz(
     pixel_values = processor(images=[picture], text=["<image>"], return_tensors="pt")["pixel_values"]
     seen = model_view(pixel_values[0], processor)
     grid = _grid_of(net)
-    summary = summarize_attention(cls_attention(net, pixel_values.to(device, next(net.parameters()).dtype)))
+    summary = summarize_attention(*score_attention(net, pixel_values.to(device, next(net.parameters()).dtype)))
 
     plt = _pyplot()
     panels = len(methods) + 2
