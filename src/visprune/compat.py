@@ -87,3 +87,17 @@ def generation_attention_mask(input_ids: Tensor, pad: int | None, eos: int | lis
     if int(pad) in eos_ids or not bool((input_ids == pad).any()):
         return ones
     return (input_ids != pad).long()
+
+
+def vision_window_index(tower: nn.Module, grid_thw: Tensor) -> Tensor:
+    """Qwen2.5-VL: the permutation (in merged-token units) the tower applies to group tokens into its
+    attention windows; the tower's merged output is in this order until it undoes it."""
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(
+        grid_thw,
+        spatial_merge_size=tower.spatial_merge_size,
+        window_size=tower.window_size,
+        patch_size=tower.patch_size,
+    )
+    return window_index

@@ -228,7 +228,7 @@ def apply(
     if encoder is not None:
         adapter.check_encoder_method(encoder.signals(enc_opts))
         budget = encoder_budget(enc_opts)
-        if budget is not None and budget > adapter.max_visual_tokens:
+        if budget is not None and adapter.max_visual_tokens is not None and budget > adapter.max_visual_tokens:
             raise InputError(
                 f"{encoder.name}: a budget of {budget} tokens exceeds the {adapter.max_visual_tokens} visual tokens an "
                 f"image of this model can have; pass at most {adapter.max_visual_tokens}"
@@ -324,6 +324,7 @@ def _prepare(
     _check_call(input_ids, attention_mask)
     if pixel_values is not None:
         adapter.check_pixels(pixel_values)
+    adapter.check_image_inputs(image_kwargs)
     stats = Stats()
     handle.stats = stats
     if attention_mask is None:

@@ -8,8 +8,10 @@ from visprune.errors import UnsupportedModelError
 from visprune.models.base import Adapter, ImageTokens, Reducer
 from visprune.models.llava import LlavaAdapter
 from visprune.models.llava_next import LlavaNextAdapter
+from visprune.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from visprune.models.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
 
 
 def supported_model_classes() -> list[str]:

@@ -66,8 +66,12 @@ class Adapter(ABC):
 
     @property
     @abstractmethod
-    def max_visual_tokens(self) -> int:
-        """The most tokens one image can give the reducer (a budget above it can never be met)."""
+    def max_visual_tokens(self) -> int | None:
+        """The most tokens one image can give the reducer (a budget above it can never be met); None
+        when images of any size are accepted (budgets are then checked per image)."""
+
+    def check_image_inputs(self, image_kwargs: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Raise InputError for per-image inputs this adapter cannot handle (default: none)."""
 
     @property
     def image_token_id(self) -> int:

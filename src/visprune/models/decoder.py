@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def rotate_half(x: Tensor) -> Tensor:
+    """The rotation partner of RoPE: (-x2, x1) for the two halves of the last dimension."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -30,15 +31,15 @@ def layer_qk(
     d = attn.head_dim
     cos, sin = (t.unsqueeze(1) for t in position_embeddings)
     k = attn.k_proj(x).view(b, s, -1, d).transpose(1, 2)
-    k = k * cos + _rotate_half(k) * sin
+    k = k * cos + rotate_half(k) * sin
     if q_rows is None:
         q = attn.q_proj(x).view(b, s, -1, d).transpose(1, 2)
-        return q * cos + _rotate_half(q) * sin, k
+        return q * cos + rotate_half(q) * sin, k
     take = q_rows.unsqueeze(-1)
     xr = x.gather(1, take.expand(-1, -1, x.shape[-1]))
     qr = attn.q_proj(xr).view(b, q_rows.shape[1], -1, d).transpose(1, 2)  # [B, H, R, d]
     index = take.unsqueeze(1).expand(-1, 1, -1, d)
-    qr = qr * cos.gather(2, index) + _rotate_half(qr) * sin.gather(2, index)
+    qr = qr * cos.gather(2, index) + rotate_half(qr) * sin.gather(2, index)
     q = qr.new_zeros(b, qr.shape[1], s, d)
     q.scatter_(2, take.unsqueeze(1).expand(-1, qr.shape[1], -1, d), qr)
     return q, k
