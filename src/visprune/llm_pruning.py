@@ -275,6 +275,12 @@ class DecoderPruner:
         )
         return gather3(hidden)
 
+    def sequence_at(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """(index, valid) of the sequence decoder layer `layer` runs on at prefill into the prefill sequence,
+        or None while it is the whole prefill sequence."""
+        group = self._group_for(layer)
+        return None if group is None else (group.index, group.valid)
+
     @property
     def final_index(self) -> tuple[Tensor, Tensor] | None:
         """(index, valid) of the last stage's sequence into the prefill sequence, or None if none ran."""

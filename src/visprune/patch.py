@@ -117,6 +117,48 @@ class _Session:
 
 
 @dataclass
+class _LayerAdditions:
+    """Rows an adapter adds to the visual tokens' hidden states after some decoder layers at prefill
+    (`Adapter.layer_additions`, e.g. Qwen3-VL's DeepStack features): armed by `_prepare`, applied during
+    the language model's next call only, through forward hooks; under an LLM-side stage they follow the
+    tokens it kept."""
+
+    pruner: DecoderPruner | None = field(default=None, repr=False)
+    rows: dict[int, Tensor] = field(default_factory=dict)  # layer -> [V, D], the V visual tokens in batch order
+    visual: Tensor | None = None  # [B, S'] visual tokens of the spliced prefill sequence
+    armed: bool = False
+    live: bool = False
+
+    def arm(self, rows: dict[int, Tensor], visual: Tensor) -> None:
+        self.rows, self.visual, self.armed, self.live = rows, visual, bool(rows), False
+
+    def clear(self) -> None:
+        self.rows, self.visual, self.armed, self.live = {}, None, False, False
+
+    def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.live, self.armed = self.armed, False
+
+    def model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.clear()
+
+    def layer_hook(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        rows = self.rows.get(layer_idx) if self.live else None
+        if rows is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        repeat = hidden.shape[0] // self.visual.shape[0]  # generate expanded the batch (beams, return sequences)
+        visual = self.visual.repeat_interleave(repeat, dim=0)
+        slot = (self.visual.flatten().long().cumsum(0) - 1).view_as(self.visual).repeat_interleave(repeat, dim=0)
+        kept = self.pruner.sequence_at(layer_idx) if self.pruner is not None else None
+        if kept is not None:
+            index, valid = kept
+            visual, slot = visual.gather(1, index) & valid, slot.gather(1, index)
+        hidden = hidden.clone()
+        hidden[visual] = hidden[visual] + rows.to(hidden.device, hidden.dtype)[slot[visual]]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@dataclass
 class Handle:
     """Returned by `apply`: the active method(s), their options and the last call's `stats`."""
 
@@ -135,6 +177,7 @@ class Handle:
     _in_generate: bool = field(default=False, repr=False)
     _session: _Session | None = field(default=None, repr=False)
     _generate_cache: Any = field(default=None, repr=False)  # the cache generate passed to the prefill
+    _additions: _LayerAdditions = field(default_factory=_LayerAdditions, repr=False)
 
     def remove(self) -> None:
         """Undo `apply` (same as visprune.remove(model))."""
@@ -258,10 +301,18 @@ def apply(
         pruner=pruner,
         sync_timings=sync_timings,
         keep_positions=keep_positions,
+        _additions=_LayerAdditions(pruner=pruner),
     )
     handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
     model.generate = _Patched(model, "generate", model.generate)
     model.forward = _Patched(model, "forward", model.forward)
+    if adapter.addition_layers:
+        additions, lm = handle._additions, adapter.language_model
+        handle._hooks.append(lm.register_forward_pre_hook(additions.model_pre_hook, with_kwargs=True))
+        handle._hooks.append(lm.register_forward_hook(additions.model_post_hook, with_kwargs=True))
+        for idx in adapter.addition_layers:
+            hook = functools.partial(additions.layer_hook, idx)
+            handle._hooks.append(adapter.decoder_layers[idx].register_forward_hook(hook, with_kwargs=True))
     if pruner is not None:
         lm = adapter.language_model
         handle._hooks.append(lm.register_forward_pre_hook(pruner.model_pre_hook, with_kwargs=True))
@@ -331,6 +382,7 @@ def _prepare(
         attention_mask = torch.ones_like(input_ids)
     runs = image_runs(input_ids, attention_mask, adapter.image_token_id)
     features: list[Tensor] = []
+    extras: dict[str, list[Tensor]] = {}
     if pixel_values is not None:
         reducer = None
         if handle.encoder is not None:
@@ -340,7 +392,7 @@ def _prepare(
         tokens = adapter.image_tokens(pixel_values, reducer, image_kwargs)
         _sync(pixel_values, handle.sync_timings)
         stats.timings["vision"] = time.perf_counter() - t0 - stats.timings.get("reduce", 0.0)
-        features = tokens.features
+        features, extras = tokens.features, tokens.extras
         stats.visual_tokens_in = tokens.tokens_in
         stats.visual_tokens_out = [f.shape[0] for f in features]
         stats.reductions = tokens.reductions
@@ -349,6 +401,7 @@ def _prepare(
     embeds = adapter.embed(input_ids)
     batch = splice(input_ids, attention_mask, embeds, adapter.image_token_id, features, runs, labels, offsets)
     batch.position_ids = adapter.position_ids(input_ids, attention_mask, image_kwargs, batch, handle.keep_positions)
+    handle._additions.arm(adapter.layer_additions(extras), batch.layout.visual)
     stats.position_map = batch.position_map
     real = batch.attention_mask.sum(1).tolist()
     n_layers = len(adapter.decoder_layers)
@@ -431,6 +484,7 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         )
     finally:
         handle._in_generate = False
+        handle._additions.clear()
     if handle._generate_cache is not None:
         handle._session = _Session(
             cache=handle._generate_cache,
@@ -568,7 +622,10 @@ def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_kwargs, labels)
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
-    out = original(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
+    try:
+        out = original(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
+    finally:
+        handle._additions.clear()
     handle._session = _Session(
         cache=compat.output_cache(out) or cache,
         caller_ids=input_ids,

@@ -133,3 +133,84 @@ def test_videos_and_missing_grids_are_refused(model, inputs):
             _generate(model, no_grid)
     finally:
         visprune.remove(model)
+
+
+def _deepstack_added(model, inputs, **apply_kw):
+    """Per DeepStack level i, what visprune added to the hidden states after LLM layer i at prefill
+    ([B, S', D]: the layer's output after the additions minus before), and the handle's stats."""
+    layers = model.model.language_model.layers
+    levels = len(model.model.visual.deepstack_merger_list)
+    before, after = {}, {}
+
+    def grab(store, i):
+        def hook(module, args, out):
+            store.setdefault(i, out.clone())
+
+        return hook
+
+    hooks = [layers[i].register_forward_hook(grab(before, i)) for i in range(levels)]
+    handle = visprune.apply(model, **apply_kw)
+    hooks += [layers[i].register_forward_hook(grab(after, i)) for i in range(levels)]
+    try:
+        _generate(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        visprune.remove(model)
+    return [after[i] - before[i] for i in range(levels)], handle.stats
+
+
+def test_deepstack_features_reach_the_llm_reduced_with_the_kept_set():
+    """Qwen3-VL: each DeepStack level is added after its LLM layer at the visual tokens only, and equals the
+    model's own dense DeepStack features of the image at the kept indices (method 'random')."""
+    model = tiny_qwen.tiny_qwen("qwen3-vl")
+    inputs = tiny_qwen.make_inputs(model, GRIDS, LENGTHS, seed=3)
+    with torch.no_grad():
+        dense = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features
+    added, stats = _deepstack_added(model, inputs, method="random", budget=4)
+    assert len(added) == len(dense) == 2
+    for level, rows in enumerate(added):
+        image = 0
+        for b, grid in enumerate(GRIDS):
+            visual = rows[b].abs().sum(-1) > 0
+            if grid is None:
+                assert not visual.any()
+                continue
+            kept = stats.reductions[image][0].kept
+            per_image = dense[level][image] if isinstance(dense[level], tuple) else None
+            if per_image is None:  # transformers 5.17: one tensor per level for all images
+                start = sum(stats.visual_tokens_in[:image])
+                per_image = dense[level][start : start + stats.visual_tokens_in[image]]
+            assert int(visual.sum()) == 4
+            torch.testing.assert_close(rows[b][visual], per_image[kept], rtol=1e-5, atol=1e-5)
+            image += 1
+
+
+def test_layer_qk_applies_the_qwen3_qk_norms():
+    """layer_qk gives a Qwen3 decoder layer's real queries and keys (q_norm / k_norm per head before RoPE):
+    attention from them reproduces the layer's own attention output, and q_rows picks rows of the same q."""
+    from visprune.models.decoder import layer_qk
+
+    model = tiny_qwen.tiny_qwen("qwen3-vl")
+    lm = model.model.language_model
+    layer, attn = lm.layers[1], lm.layers[1].self_attn
+    torch.manual_seed(0)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(2, 7, 64)
+        cos, sin = lm.rotary_emb(x, torch.arange(7).view(1, 1, -1).expand(3, 2, -1))
+        q, k = layer_qk(layer, x, (cos, sin))
+        normed = layer.input_layernorm(x)
+        v = attn.v_proj(normed).view(2, 7, -1, attn.head_dim).transpose(1, 2)
+        groups = attn.num_key_value_groups
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), is_causal=True
+        )
+        want, _ = attn(normed, position_embeddings=(cos, sin), attention_mask=None)
+        rows = torch.tensor([[6], [3]])
+        q_part, k_part = layer_qk(layer, x, (cos, sin), rows)
+    torch.testing.assert_close(attn.o_proj(out.transpose(1, 2).reshape(2, 7, -1)), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_part, k)
+    for b, r in enumerate(rows[:, 0].tolist()):
+        torch.testing.assert_close(q_part[b, :, r], q[b, :, r])

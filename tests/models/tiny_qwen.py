@@ -9,11 +9,13 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 IMAGE, VIDEO, START, END, PAD = 100, 101, 102, 103, 0
 VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3, "num_heads": 4}
-FAMILIES = ("qwen2-vl", "qwen2.5-vl")
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 
 def tiny_qwen(family: str, attn: str = "sdpa", seed: int = 0):
@@ -22,6 +24,8 @@ def tiny_qwen(family: str, attn: str = "sdpa", seed: int = 0):
         return tiny_qwen2_vl(attn, seed)
     if family == "qwen2.5-vl":
         return tiny_qwen2_5_vl(attn, seed)
+    if family == "qwen3-vl":
+        return tiny_qwen3_vl(attn, seed)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -46,7 +50,22 @@ def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForCondition
     return _build(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
-def _build(config_class, model_class, vision: dict, attn: str, seed: int):
+def tiny_qwen3_vl(attn: str = "sdpa", seed: int = 0) -> Qwen3VLForConditionalGeneration:
+    """A 3-block tower (width 32, 14-px patches, a 4 x 4 learned position grid) with DeepStack mergers after
+    blocks 0 and 1 (added after LLM layers 0 and 1), and a 4-layer Qwen3 LLM (q/k norms) of width 64."""
+    vision = {
+        **VISION,
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_position_embeddings": 16,
+        "deepstack_visual_indexes": [0, 1],
+    }
+    return _build(Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, attn, seed, head_dim=16)
+
+
+def _build(config_class, model_class, vision: dict, attn: str, seed: int, **text):
     cfg = config_class(
         vision_config=vision,
         text_config={
@@ -61,6 +80,7 @@ def _build(config_class, model_class, vision: dict, attn: str, seed: int):
             "pad_token_id": PAD,
             "bos_token_id": 1,
             "eos_token_id": 2,
+            **text,
         },
         image_token_id=IMAGE,
         video_token_id=VIDEO,

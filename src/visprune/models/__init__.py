@@ -10,8 +10,15 @@ from visprune.models.llava import LlavaAdapter
 from visprune.models.llava_next import LlavaNextAdapter
 from visprune.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from visprune.models.qwen2_vl import Qwen2VLAdapter
+from visprune.models.qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+)
 
 
 def supported_model_classes() -> list[str]:

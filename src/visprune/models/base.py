@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,9 @@ class ImageTokens:
     features: list[Tensor]  # [K_i, D] LLM-width rows per image (projected; newline rows included)
     tokens_in: list[int]  # visual tokens the dense model would feed for this image
     reductions: list[list[Reduction]]  # per image, one Reduction per crop (one crop for LLaVA-1.5)
+    # Per name, per image: more per-row tensors [K_i, ...] reduced with the same Reductions as `features`
+    # (Qwen3-VL's DeepStack features); `Adapter.layer_additions` turns them into language-model inputs.
+    extras: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
 class Adapter(ABC):
@@ -36,7 +39,9 @@ class Adapter(ABC):
     check pixels and encode + reduce + project images (`check_pixels`, `image_tokens`), which tokens
     can be reduced at most (`max_visual_tokens`, `vision_layers`), where each kept row stands in its
     image's placeholder run (`placeholder_offsets`), and the position ids of a spliced sequence
-    (`position_ids`: None for the model's own 1-D numbering, gathered dense positions for M-RoPE).
+    (`position_ids`: None for the model's own 1-D numbering, gathered dense positions for M-RoPE), and,
+    where the model feeds visual features into the LLM beyond its input rows (DeepStack), the rows added
+    to the visual tokens' hidden states after some decoder layers (`addition_layers`, `layer_additions`).
     """
 
     model_classes: tuple[str, ...] = ()
@@ -123,3 +128,14 @@ class Adapter(ABC):
             return None
         dense = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         return dense.gather(1, batch.source_index)
+
+    @property
+    def addition_layers(self) -> tuple[int, ...]:
+        """Decoder layers after which `layer_additions` may add rows (default: none)."""
+        return ()
+
+    def layer_additions(self, extras: dict[str, list[Tensor]]) -> dict[int, Tensor]:
+        """At prefill, {decoder layer: rows [V, D]} added to the hidden states of the V visual tokens of the
+        spliced batch (in batch order: sample by sample, images in prompt order) after that layer, built from
+        `ImageTokens.extras`. Default: none."""
+        return {}

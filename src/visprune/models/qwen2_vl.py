@@ -88,11 +88,21 @@ class Qwen2VLAdapter(Adapter):
             return req.resolve(self.signal_kinds).kind
         except UnsupportedModelError:
             raise UnsupportedModelError(
-                f"Qwen2-VL's vision tower has no CLS token, so the {req.kind!r} signal does not exist; leave the "
+                f"the Qwen-VL vision tower has no CLS token, so the {req.kind!r} signal does not exist; leave the "
                 "method's `signal` option unset or pass signal='mean-received'"
             ) from None
 
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
+        reductions, counts = self._reductions(pixel_values, reducer, image_kwargs)
+        outs = [r.features for r in reductions]
+        projected = self.vision_tower.merger.mlp(torch.cat(outs)).split([o.shape[0] for o in outs])
+        return ImageTokens(features=list(projected), tokens_in=counts, reductions=[[r] for r in reductions])
+
+    def _reductions(
+        self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]
+    ) -> tuple[list[Reduction], list[int]]:
+        """Encode the images and reduce their features (`_features`) with `reducer` (None = dense), images of
+        one grid together; return one Reduction per image and each image's merged-token count."""
         grids = _grids(image_kwargs.get("image_grid_thw"), pixel_values.shape[0])
         requests = getattr(reducer, "requests", {}) if reducer is not None else {}
         merged, signals = self._encode(pixel_values, grids, requests)
@@ -115,14 +125,12 @@ class Qwen2VLAdapter(Adapter):
                 reds = reducer(feats, (t * h // 2, w // 2), sig, budget=_image_budget(reducer, feats.shape[1]))
             for i, r in zip(members, reds, strict=True):
                 reductions[i] = r
-        outs = [r.features for r in reductions]
-        projected = self.vision_tower.merger.mlp(torch.cat(outs)).split([o.shape[0] for o in outs])
-        return ImageTokens(features=list(projected), tokens_in=counts, reductions=[[r] for r in reductions])
+        return reductions, counts
 
     def _encode(
         self, pixel_values: Tensor, grids: list[tuple[int, int, int]], requests: dict[str, SignalRequest]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Run the tower; return the merger's MLP input [sum N_i, 4C] and each request's signal per patch
+        """Run the tower; return the features (`_features`) [sum N_i, F] and each request's signal per patch
         pooled onto merged tokens ([sum N_i] or [L, sum N_i] or [sum N_i, D])."""
         tower = self.vision_tower
         wanted = sorted({block for req in requests.values() for block in self._blocks(req)})
@@ -135,21 +143,31 @@ class Qwen2VLAdapter(Adapter):
             return hook
 
         handles = [tower.blocks[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in wanted]
-        handles.append(tower.merger.register_forward_pre_hook(capture("merger"), with_kwargs=True))
+        mergers = self._mergers()
+        handles += [m.register_forward_pre_hook(capture(key), with_kwargs=True) for key, m in mergers.items()]
         grid_thw = torch.tensor(grids, device=pixel_values.device)
         try:
-            tower(pixel_values.to(tower.merger.ln_q.weight.dtype), grid_thw=grid_thw)
+            tower(pixel_values.to(tower.dtype), grid_thw=grid_thw)
         finally:
             for h in handles:
                 h.remove()
         order = self._natural_order(grid_thw)
-        hidden = captured["merger"][0]
-        merged = tower.merger.ln_q(hidden).reshape(-1, MERGED * hidden.shape[-1])[order]
+        merged = self._features({key: captured[key][0] for key in mergers})[order]
         signals = {}
         for name, req in requests.items():
             rows = [self._signal(tower.blocks[i], *captured[i], req)[order] for i in self._blocks(req)]
             signals[name] = rows[0] if self._kind(req) != "mean_received_layers" else torch.stack(rows)
         return merged, signals
+
+    def _mergers(self) -> dict[str, nn.Module]:
+        """The tower's modules whose inputs (per patch, in the tower's order) the features are formed from."""
+        return {"merger": self.vision_tower.merger}
+
+    def _features(self, inputs: dict[str, Tensor]) -> Tensor:
+        """The features [sum N_i, F] the methods reduce, from the captured `_mergers` inputs: the merger's MLP
+        input (its ln_q of each merged token's four patches, concatenated)."""
+        hidden = inputs["merger"]
+        return self.vision_tower.merger.ln_q(hidden).reshape(-1, MERGED * hidden.shape[-1])
 
     def _natural_order(self, grid_thw: Tensor) -> Tensor | slice:
         """Index that puts the tower's merged tokens in row-major grid order (Qwen2-VL: already so)."""
