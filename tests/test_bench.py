@@ -1,5 +1,6 @@
-"""`visprune bench` end to end on a tiny config on the CPU: the timing numbers are not checked (they
-are measured on the GPU machine), the bookkeeping is: cases, token counts, ideal, outputs."""
+"""`visprune bench` end to end on tiny LLaVA and Qwen2.5-VL configs on the CPU: the timing numbers are
+not checked (they are measured on the GPU machine), the bookkeeping is: cases, token counts, ideal,
+outputs, budgets as shares of each image's tokens."""
 
 import json
 
@@ -7,9 +8,13 @@ import pytest
 import torch
 
 from tests.models.tiny import tiny_llava_config
-from visprune.bench.model import build_model
+from tests.models.tiny_qwen import END, IMAGE, START, VIDEO, tiny_qwen2_5_vl
+from visprune import configs
+from visprune.bench import BenchConfig
+from visprune.bench.model import build_model, family_for
+from visprune.bench.runner import _not_measured
 from visprune.bench.static import stages_from_tokens
-from visprune.budgets import options_for_budget
+from visprune.budgets import budget_for_share, options_for_budget, options_for_share
 from visprune.cli import main
 from visprune.errors import InputError
 
@@ -133,3 +138,126 @@ def test_layer_defaults_move_to_the_same_relative_depth():
     assert options_for_budget("pdrop", 192, 576, 8)["layers"] == (2, 4, 6)
     with pytest.raises(InputError, match="cannot average"):
         options_for_budget("pdrop", 32, 576, 8)  # the first layer alone runs 576 / 8 = 72 tokens on average
+
+
+QWEN_ARGS = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--repeats",
+    "2",
+    "--warmup",
+    "0",
+    "--new-tokens",
+    "3",
+    "--decode-runs",
+    "1",
+    "--batch",
+    "2",
+    "--image-size",
+    "56",
+    "112",
+    "--budget-shares",
+    "0.5",
+    "0.25",
+    "--methods",
+    "fastervlm",
+    "fastv",
+    "--name",
+    "qwen",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench-qwen")
+    tiny_qwen2_5_vl().config.save_pretrained(folder / "cfg")
+    assert main(["bench", "--config", str(folder / "cfg"), *QWEN_ARGS, "--out", str(folder / "out")]) == 0
+    return json.loads((folder / "out" / "qwen.json").read_text())
+
+
+def test_qwen_runs_every_size_and_batch_with_shares(qwen_results):
+    assert qwen_results["model"]["family"] == "qwen-vl"
+    assert qwen_results["model"]["dense_visual_tokens"] == {"56": 4, "112": 16}
+    assert [(r["image_size"], r["batch"]) for r in qwen_results["runs"]] == [(56, 2), (112, 2)]
+    assert "not measured on Qwen-VL" in qwen_results["not_measured"]["materialized"]
+    assert "graph" not in qwen_results["not_measured"]  # batch 1 was not asked for
+    for run in qwen_results["runs"]:
+        dense = run["dense_visual_tokens"]
+        assert run["text_tokens"] == 35 + 16 + 2
+        names = [(c["method"], c.get("share")) for c in run["cases"]]
+        assert names == [("dense", None), ("fastervlm", 0.5), ("fastervlm", 0.25), ("fastv", 0.5), ("fastv", 0.25)]
+        assert all("error" not in c for c in run["cases"]), run["cases"]
+        assert run["cases"][0]["visual_tokens"] == dense
+        for c in run["cases"][1:]:
+            assert c["budget"] == round(c["share"] * dense)
+            assert c["ideal"]["median_ms"] > 0 and c["efficiency"] > 0 and c["speedup"] > 0
+            assert c["decode_tokens_per_s"] > 0
+            if c["method"] == "fastervlm":
+                assert c["visual_tokens"] == c["budget"] and c["options"]["budget"] == c["budget"]
+                assert c["tokens_per_layer"] == [c["budget"] + run["text_tokens"]] * 4
+                assert c["vision"]["repeats"] == 2 and c["reduce"]["repeats"] == 2
+            else:
+                assert c["options"]["keep_ratio"] == c["share"]
+                assert c["visual_tokens"] == dense
+                assert c["tokens_per_layer"][-1] == c["budget"] + run["text_tokens"]
+        assert "materialized" not in run and "graph" not in run
+
+
+def test_qwen_inputs_are_shaped_like_the_processors():
+    model = tiny_qwen2_5_vl()
+    family = family_for(model.config)
+    inputs = family.make_inputs(model, 2, 448)
+    assert inputs["pixel_values"].shape == (2 * 32 * 32, 3 * 2 * 14 * 14)
+    assert inputs["image_grid_thw"].tolist() == [[1, 32, 32]] * 2
+    ids = inputs["input_ids"]
+    assert ids.shape == (2, 35 + 1 + 256 + 1 + 16)
+    assert ids[:, 35].eq(START).all() and ids[:, 36 + 256].eq(END).all()
+    assert ids.eq(IMAGE).sum(1).tolist() == [256, 256]
+    assert torch.equal(inputs["mm_token_type_ids"], ids.eq(IMAGE).long())
+    assert not torch.isin(ids[:, :35], torch.tensor([IMAGE, VIDEO, START, END])).any()
+
+
+def test_bundled_qwen_config_has_the_released_dimensions():
+    cfg = configs.load("qwen2.5-vl-7b")
+    vis, text = cfg.vision_config, cfg.text_config
+    assert (vis.depth, vis.hidden_size, vis.intermediate_size, vis.num_heads, vis.out_hidden_size) == (
+        32,
+        1280,
+        3420,
+        16,
+        3584,
+    )
+    assert list(vis.fullatt_block_indexes) == [7, 15, 23, 31] and vis.window_size == 112
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.vocab_size) == (
+        3584,
+        28,
+        4,
+        152064,
+    )
+    assert list(text.rope_parameters["mrope_section"]) == [16, 24, 24]
+    family = family_for(cfg)
+    assert [family.dense_tokens(s) for s in (448, 1008)] == [256, 1296]
+    with pytest.raises(InputError, match="multiples of 28"):
+        family.image_sizes((450,))
+    with pytest.raises(InputError, match="exactly 336"):
+        family_for(configs.load("llava-1.5-7b")).image_sizes((448,))
+
+
+def test_budget_shares():
+    assert budget_for_share(0.0625, 1296) == 81 and budget_for_share(0.01, 16) == 1
+    assert options_for_share("fastv", 0.25, 1296, 28) == {"keep_ratio": 0.25}
+    assert options_for_share("visionzip", 0.125, 256, 28) == options_for_budget("visionzip", 32, 256, 28)
+    assert options_for_share("prumerge+", None, 256, 28) == options_for_budget("prumerge+", None, 256, 28)
+    with pytest.raises(InputError, match="share"):
+        budget_for_share(1.5, 256)
+
+
+def test_parts_a_family_cannot_measure_are_named():
+    qwen = family_for(configs.load("qwen2.5-vl-7b"))
+    both = _not_measured(BenchConfig(config="qwen2.5-vl-7b", batches=(1, 8)), qwen)
+    assert set(both) == {"graph", "materialized"} and "CUDA graph" in both["graph"]
+    assert _not_measured(BenchConfig(batches=(1, 8), graph=False, materialize=False), qwen) == {}
+    assert _not_measured(BenchConfig(batches=(1, 16)), family_for(configs.load("llava-1.5-7b"))) == {}

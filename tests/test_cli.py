@@ -121,6 +121,10 @@ def test_ordinary_mistakes_are_one_line_errors(case, tmp_path, capsys):
         ["eval", "--max-new-tokens", "-1"],
         ["bench", "--batch", "0", "16"],
         ["bench", "--repeats", "many"],
+        ["bench", "--budget-shares", "0", "0.5"],
+        ["bench", "--budget-shares", "1.5"],
+        ["bench", "--budgets", "64", "--budget-shares", "0.25"],
+        ["bench", "--image-size", "0"],
     ],
 )
 def test_bad_numbers_are_one_line_usage_errors(argv, capsys):

@@ -11,6 +11,9 @@ Rules (documented in the README):
   cannot reach move the stages to EARLY_PDROP_LAYERS); sparsevlm scales its published
   (300, 200, 110) counts by one factor.
 - adaptive methods (prumerge, prumerge+, knee, knee+text) take no budget: use their defaults.
+- a budget given as a SHARE of each image's visual tokens (models whose images differ in size, e.g.
+  Qwen-VL: 25% / 12.5% / 6.25%) is the token budget round(share * dense) under the rules above
+  (`options_for_share`), so fastv's keep_ratio is the share whenever share * dense is whole.
 Layer defaults of the multi-stage methods are published for 32-layer LLMs (7B); for another depth
 they are moved to the same relative depth (e.g. pdrop's 8/16/24 become 2/4/6 in an 8-layer LLM), and
 a single pruning layer (fastv, dart, knee+text) moves only when the LLM is too shallow for it. That
@@ -118,3 +121,17 @@ def options_for_budget(method: str, budget: int | None, dense: int = 576, num_la
                 return {**options, "layers": stage_layers, "keep_ratios": ratios}
         raise InputError(f"pdrop cannot average {budget} tokens in a {num_layers}-layer LLM")
     raise InputError(f"no budget rule for method {method!r}")
+
+
+def budget_for_share(share: float, dense: int) -> int:
+    """Tokens per image that keep `share` (0 < share <= 1) of an image's `dense` visual tokens (at least 1)."""
+    if not 0 < share <= 1:
+        raise InputError(f"a budget share must be in (0, 1], got {share}")
+    return max(1, round(share * dense))
+
+
+def options_for_share(method: str, share: float | None, dense: int, num_layers: int = 32) -> dict[str, Any]:
+    """Options that make `method` feed about `share` of the `dense` visual tokens of each image (None: its
+    defaults): `options_for_budget` at `budget_for_share(share, dense)`."""
+    budget = None if share is None else budget_for_share(share, dense)
+    return options_for_budget(method, budget, dense, num_layers)

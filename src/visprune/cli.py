@@ -33,6 +33,17 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _share(text: str) -> float:
+    """An argparse type: a share of an image's visual tokens, 0 < share <= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def _format_default(value: object) -> str:
     return "None" if value is None else repr(value) if isinstance(value, str) else str(value)
 
@@ -111,7 +122,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config=args.config,
         pretrained=args.model,
         batches=tuple(args.batch),
-        budgets=tuple(args.budgets),
+        budgets=tuple(args.budgets or BenchConfig.budgets),
+        budget_shares=tuple(args.budget_shares or ()),
+        image_sizes=tuple(args.image_size or ()),
         methods=tuple(args.methods or ()),
         repeats=args.repeats,
         warmup=args.warmup,
@@ -247,7 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="llava-1.5-7b", help="bundled architecture name or a config path")
     p.add_argument("--model", default=None, help="benchmark a local checkpoint folder instead of a config")
     p.add_argument("--batch", type=_at_least(1), nargs="+", default=[1, 16])
-    p.add_argument("--budgets", type=_at_least(1), nargs="+", default=[64, 128, 192])
+    budgets = p.add_mutually_exclusive_group()
+    budgets.add_argument(
+        "--budgets", type=_at_least(1), nargs="+", default=None, help="visual tokens per image (default 64 128 192)"
+    )
+    budgets.add_argument(
+        "--budget-shares",
+        type=_share,
+        nargs="+",
+        default=None,
+        help="budgets as shares of each image's visual tokens, e.g. 0.25 0.125 0.0625 (Qwen-VL)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_at_least(1),
+        nargs="+",
+        default=None,
+        help="square image sides in pixels (Qwen-VL: multiples of 28, default 448 1008; LLaVA: its own size)",
+    )
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--repeats", type=_at_least(1), default=20)
     p.add_argument("--warmup", type=_at_least(0), default=3)

@@ -16,6 +16,21 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _budget(r: dict[str, Any]) -> str:
+    """The budget cell: '-' for dense, 'adaptive', tokens, or tokens (share %) when given as a share."""
+    if r["method"] == "dense":
+        return "-"
+    if r["budget"] is None:
+        return "adaptive"
+    return f"{r['budget']} ({100 * r['share']:g}%)" if r.get("share") is not None else str(r["budget"])
+
+
+def _run_title(run: dict[str, Any]) -> str:
+    size = run.get("image_size")
+    image = f", {size}x{size} px images ({run['dense_visual_tokens']} visual tokens each)" if size else ""
+    return f"batch {run['batch']}{image}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     lines = [
@@ -32,7 +47,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for run in results["runs"]:
         lines += [
-            f"## batch {run['batch']} ({run['text_tokens']} text tokens per sample)",
+            f"## {_run_title(run)} ({run['text_tokens']} text tokens per sample)",
             "",
             "| method | budget | visual tokens | mean LLM tokens | vision ms | reduce ms | prefill ms | ideal ms "
             "| efficiency | speed-up | decode tok/s | peak GiB |",
@@ -40,10 +55,10 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for r in run["cases"]:
             if "error" in r:
-                lines.append(f"| {r['method']} | {r['budget']} | error: {r['error']} |||||||||")
+                lines.append(f"| {r['method']} | {_budget(r)} | error: {r['error']} |||||||||")
                 continue
             lines.append(
-                f"| {r['method']} | {r['budget'] or 'adaptive' if r['method'] != 'dense' else '-'} "
+                f"| {r['method']} | {_budget(r)} "
                 f"| {r['visual_tokens']:.1f} | {_num(r.get('mean_llm_tokens'), '{:.1f}')} "
                 f"| {_ms(r.get('vision'))} | {_ms(r.get('reduce'))} | {_ms(r['prefill'])} | {_ms(r.get('ideal'))} "
                 f"| {_num(r.get('efficiency'), '{:.3f}')} | {_num(r.get('speedup'))} "
@@ -84,8 +99,13 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {g['reduce_ms']:.2f} | {g['llm_graph_ms']:.2f} | {g['prefill_graph_ms']:.2f} |"
                 )
         lines.append("")
+    if results.get("not_measured"):
+        lines += ["Not measured:", ""] + [f"- {part}: {why}" for part, why in results["not_measured"].items()] + [""]
     if results.get("skipped"):
-        lines += ["Skipped:", ""] + [f"- {s['method']} @ {s['budget']}: {s['reason']}" for s in results["skipped"]]
+        lines += ["Skipped:", ""]
+        for s in results["skipped"]:
+            where = f" ({s['image_size']} px images)" if "image_size" in s else ""
+            lines.append(f"- {s['method']} @ {s['budget']}{where}: {s['reason']}")
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +129,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.plot(*zip(*pts, strict=True), marker=marker, ms=9 if method == "dense" else 5, label=method)
         ax.set_xlabel("visual tokens to the LLM (per image)")
         ax.set_ylabel("prefill (TTFT) ms, median")
-        ax.set_title(f"{results['model']['config']}, batch {run['batch']}")
+        ax.set_title(f"{results['model']['config']}, {_run_title(run)}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()

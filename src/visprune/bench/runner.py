@@ -1,5 +1,25 @@
 """The benchmark loop: dense, every method x budget, their ideals, decode, memory, graph mode and the
-attention-materialising variants, all in one run on one model."""
+attention-materialising variants, all in one run on one model, for every image size and batch size.
+
+Families (bench/model.py): LLaVA-1.5 (one 336-px image, budgets in tokens) and Qwen2-VL / Qwen2.5-VL
+(square images of chosen sizes, budgets usually as shares of each image's visual tokens). The CUDA-graph
+batch-1 mode and the attention-materialising variants are LLaVA-only; on Qwen-VL the output JSON says
+why they were not measured (`not_measured`).
+
+Qwen2.5-VL-7B on the GPU machine (one H200, bf16), in two commands that each fit a 9-minute slot
+(estimated ~7.5 and ~7.5 minutes with model build; `timeout` keeps the partial results if they run long):
+
+    timeout 530 visprune bench --config qwen2.5-vl-7b --image-size 448 --batch 1 8 \
+        --budget-shares 0.25 0.125 0.0625 --dtype bfloat16 --repeats 10 --warmup 2 --decode-runs 1 \
+        --new-tokens 32 --methods fastervlm visionzip vtc-cls tome random pool prumerge+ fastv dart pdrop \
+        --out docs/bench/qwen2.5-vl-7b --name qwen2.5-vl-7b-448 --quiet
+    timeout 530 visprune bench --config qwen2.5-vl-7b --image-size 1008 --batch 1 8 \
+        --budget-shares 0.25 0.125 0.0625 --dtype bfloat16 --repeats 4 --warmup 1 --decode-runs 1 \
+        --new-tokens 16 --methods fastervlm visionzip tome random fastv \
+        --out docs/bench/qwen2.5-vl-7b --name qwen2.5-vl-7b-1008 --quiet
+
+Partial results (JSON + Markdown) are written after every case, so a run cut short keeps what it measured.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +34,16 @@ import transformers
 from tqdm import tqdm
 
 import visprune
-from visprune.bench.model import QUESTION_TOKENS, SYSTEM_TOKENS, build_model, make_inputs
+from visprune.bench.model import Family, build_model, family_for
 from visprune.bench.static import stages_from_tokens, static_encoder, static_llm
 from visprune.bench.timing import CallTimer, summarize, time_fn
-from visprune.budgets import ADAPTIVE, options_for_budget
+from visprune.budgets import ADAPTIVE, budget_for_share, options_for_budget
 from visprune.bundled import resolve_device
 from visprune.errors import InputError
-from visprune.methods import Placement, get_method
+from visprune.methods import MethodSpec, Placement, Reduction, get_method
+from visprune.methods.base import select_tokens
 from visprune.models import adapter_for
+from visprune.patch import Reducer, Stats
 
 # Methods whose published code materialises attention maps: where (vision tower or LLM) it does so.
 MATERIALIZING = {
@@ -42,6 +64,8 @@ class BenchConfig:
     pretrained: str | None = None
     batches: tuple[int, ...] = (1, 16)
     budgets: tuple[int, ...] = (64, 128, 192)
+    budget_shares: tuple[float, ...] = ()  # non-empty: budgets are these shares of each image's tokens
+    image_sizes: tuple[int, ...] = ()  # square image sides in pixels; empty: the family's default
     methods: tuple[str, ...] = ()  # empty: every registered method
     repeats: int = 20
     warmup: int = 3
@@ -59,6 +83,14 @@ class Case:
     method: str  # "dense" or a registered name
     budget: int | None
     options: dict[str, Any] = field(default_factory=dict)
+    share: float | None = None  # the share of the image's visual tokens the budget was derived from
+
+
+def budget_list(cfg: BenchConfig, dense: int) -> list[tuple[int, float | None]]:
+    """(tokens per image, share or None) for every budget of `cfg` on images of `dense` visual tokens."""
+    if cfg.budget_shares:
+        return [(budget_for_share(share, dense), share) for share in cfg.budget_shares]
+    return [(budget, None) for budget in cfg.budgets]
 
 
 def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], list[dict[str, Any]]]:
@@ -67,12 +99,12 @@ def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], li
     out, skipped = [Case("dense", None)], []
     for name in names:
         get_method(name)
-        budgets: tuple[int | None, ...] = (None,) if name in ADAPTIVE else cfg.budgets
-        for budget in budgets:
+        budgets: list[tuple[int | None, float | None]] = [(None, None)] if name in ADAPTIVE else budget_list(cfg, dense)
+        for budget, share in budgets:
             try:
-                out.append(Case(name, budget, options_for_budget(name, budget, dense, num_layers)))
+                out.append(Case(name, budget, options_for_budget(name, budget, dense, num_layers), share))
             except InputError as err:
-                skipped.append({"method": name, "budget": budget, "reason": str(err)})
+                skipped.append({"method": name, "budget": budget, "share": share, "reason": str(err)})
     return out, skipped
 
 
@@ -91,14 +123,37 @@ def environment(device: torch.device, dtype: str) -> dict[str, Any]:
     return env
 
 
-class Bench:
-    """One model, one batch size: measures cases."""
+class _Probe(Reducer):
+    """An encoder method's reducer whose reduction is replaced by keeping each image's first token:
+    through the adapter contract (`image_tokens`) it times the vision tower plus the signals the method
+    requests, and it records what the real reducer receives (while `calls` is a list)."""
 
-    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], cfg: BenchConfig):
-        self.model, self.inputs, self.cfg = model, inputs, cfg
+    def __init__(self, spec: MethodSpec, options: dict[str, Any]):
+        super().__init__(spec, options, False, Stats())
+        self.calls: list[tuple[torch.Tensor, tuple[int, int], dict[str, torch.Tensor], int | None]] | None = []
+
+    def __call__(
+        self,
+        features: torch.Tensor,
+        grid: tuple[int, int],
+        signals: dict[str, torch.Tensor],
+        budget: int | None = None,
+    ) -> list[Reduction]:
+        if self.calls is not None:
+            self.calls.append((features, grid, signals, budget))
+        first = torch.zeros(features.shape[0], 1, dtype=torch.long, device=features.device)
+        return select_tokens(features, first)
+
+
+class Bench:
+    """One model, one image size, one batch size: measures cases."""
+
+    def __init__(self, model: torch.nn.Module, family: Family, inputs: dict[str, torch.Tensor], cfg: BenchConfig):
+        self.model, self.family, self.inputs, self.cfg = model, family, inputs, cfg
+        self.adapter = adapter_for(model)
         self.device = inputs["input_ids"].device
         self.batch = inputs["input_ids"].shape[0]
-        self.text_tokens = SYSTEM_TOKENS + QUESTION_TOKENS
+        self.text_tokens = family.text_tokens()
         self.attn = model.config.text_config._attn_implementation or "sdpa"
 
     def _time(self, fn: Callable[[], Any]) -> dict[str, Any]:
@@ -111,7 +166,7 @@ class Bench:
     def _decode(self) -> dict[str, Any]:
         """Per-step decode latency over `new_tokens` greedy tokens, and the peak memory of the generate."""
         n = self.cfg.new_tokens
-        lm = self.model.model.language_model
+        lm = self.adapter.language_model
         with torch.inference_mode():
             self.model.generate(**self.inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
             if self.device.type == "cuda":
@@ -133,6 +188,8 @@ class Bench:
 
     def run_case(self, case: Case) -> dict[str, Any]:
         res: dict[str, Any] = {"method": case.method, "budget": case.budget, "options": _jsonable(case.options)}
+        if case.share is not None:
+            res["share"] = case.share
         if case.method == "dense":
             res["prefill"] = self._time(self._prefill)
             res["visual_tokens"] = float(self.inputs["input_ids"].eq(self.model.config.image_token_id).sum(1)[0])
@@ -156,14 +213,20 @@ class Bench:
         return res
 
     def _encoder_parts(self, handle: visprune.Handle) -> dict[str, Any]:
+        """'vision': the tower plus the method's signals (and the projection of one token per image), via
+        the adapter's `image_tokens` with the reduction stubbed out; 'reduce': the method's reducer on
+        exactly the features and signals it receives in the patched forward."""
         adapter, spec, opts = handle.adapter, handle.encoder, handle.encoder_options
-        requests = spec.signals(opts)
+        probe = _Probe(spec, opts)
+        reducer = Reducer(spec, opts, False, Stats())
         pixels = self.inputs["pixel_values"]
+        image_kwargs = {k: self.inputs[k] for k in adapter.image_inputs if k in self.inputs}
         with torch.inference_mode():
-            out = adapter.encode(pixels, requests)
+            adapter.image_tokens(pixels, probe, image_kwargs)
+        calls, probe.calls = probe.calls or [], None
         return {
-            "vision": self._time(lambda: adapter.encode(pixels, requests)),
-            "reduce": self._time(lambda: spec.fn(out.features, grid=adapter.grid, **out.signals, **opts)),
+            "vision": self._time(lambda: adapter.image_tokens(pixels, probe, image_kwargs)),
+            "reduce": self._time(lambda: [reducer(f, g, s, budget=b) for f, g, s, b in calls]),
         }
 
     def _ideal(self, visual_out: list[int], tokens: list[list[int]]) -> dict[str, Any]:
@@ -184,7 +247,7 @@ class Bench:
         where = MATERIALIZING[case.method]
         res: dict[str, Any] = {"method": case.method, "budget": case.budget, "where": where}
         pixels = self.inputs["pixel_values"]
-        tower = self.model.model.vision_tower
+        tower = self.adapter.vision_tower
         if where == "vision":
             handle = visprune.apply(self.model, case.method, **case.options)
             try:
@@ -220,7 +283,7 @@ class Bench:
     def graph_mode(self, case_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Batch-1 prefill with launch overhead removed: the vision tower and the LLM at each measured
         token count replayed as CUDA graphs; the reduction itself timed plainly (it syncs the host)."""
-        lm = self.model.model.language_model
+        lm = self.adapter.language_model
         hidden = self.model.config.text_config.hidden_size
         pixels = self.inputs["pixel_values"]
         adapter = adapter_for(self.model)
@@ -283,48 +346,102 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 def run_benchmark(
     cfg: BenchConfig, progress: bool = True, on_update: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
-    """Run every case for every batch size; returns the JSON-ready results. `on_update` is called with
-    the partial results after every case (so an interrupted run still leaves its measurements)."""
+    """Run every case for every image size and batch size; returns the JSON-ready results. `on_update` is
+    called with the partial results after every case (so an interrupted run still leaves its measurements)."""
     device = torch.device(resolve_device(cfg.device))
     dtype = getattr(torch, cfg.dtype)
+    for share in cfg.budget_shares:
+        budget_for_share(share, 1)  # an out-of-range share fails before the model is built
     model = build_model(cfg.config, dtype, device, pretrained=cfg.pretrained, seed=cfg.seed)
+    family = family_for(model.config)
+    sizes = family.image_sizes(cfg.image_sizes)
     num_layers = model.config.text_config.num_hidden_layers
-    vis = model.config.vision_config
-    dense = (vis.image_size // vis.patch_size) ** 2
-    todo, skipped = cases(cfg, num_layers, dense)
+    dense = {size: family.dense_tokens(size) for size in sizes}
+    plans = {size: cases(cfg, num_layers, dense[size]) for size in sizes}
     results: dict[str, Any] = {
         "environment": environment(device, cfg.dtype),
         "config": asdict(cfg),
-        "model": {"config": cfg.pretrained or cfg.config, "llm_layers": num_layers, "dense_visual_tokens": dense},
-        "skipped": skipped,
+        "model": {
+            "config": cfg.pretrained or cfg.config,
+            "family": family.name,
+            "llm_layers": num_layers,
+            "image_sizes": list(sizes),
+            "dense_visual_tokens": dense[sizes[0]] if len(sizes) == 1 else {str(k): v for k, v in dense.items()},
+        },
+        "skipped": [
+            {**entry, "image_size": size} if len(sizes) > 1 else entry for size in sizes for entry in plans[size][1]
+        ],
+        "not_measured": _not_measured(cfg, family),
         "runs": [],
     }
-    for batch in cfg.batches:
-        bench = Bench(model, make_inputs(model, batch, cfg.seed), cfg)
-        run: dict[str, Any] = {"batch": batch, "text_tokens": bench.text_tokens, "cases": []}
-        results["runs"].append(run)
-        for case in tqdm(todo, desc=f"batch {batch}", disable=not progress):
-            try:
-                run["cases"].append(bench.run_case(case))
-                dense_ms = run["cases"][0]["prefill"]["median_ms"]
-                run["cases"][-1]["speedup"] = dense_ms / run["cases"][-1]["prefill"]["median_ms"]
-            except Exception as err:
-                error = f"{type(err).__name__}: {err}"
-                run["cases"].append({"method": case.method, "budget": case.budget, "error": error})
-            if on_update is not None:
-                on_update(results)
-
-        if cfg.materialize:
-            run["materialized"] = []
-            middle = cfg.budgets[len(cfg.budgets) // 2] if cfg.budgets else None
-            for case in todo:
-                if case.method in MATERIALIZING and case.budget == middle:
-                    try:
-                        run["materialized"].append(bench.materialized(case))
-                    except Exception as err:
-                        run["materialized"].append({"method": case.method, "error": f"{type(err).__name__}: {err}"})
-        if cfg.graph and batch == 1 and device.type == "cuda":
-            run["graph"] = bench.graph_mode([r for r in run["cases"] if "prefill" in r])
-        if on_update is not None:
-            on_update(results)
+    for size in sizes:
+        todo = plans[size][0]
+        for batch in cfg.batches:
+            bench = Bench(model, family, family.make_inputs(model, batch, size, cfg.seed), cfg)
+            run: dict[str, Any] = {
+                "batch": batch,
+                "image_size": size,
+                "dense_visual_tokens": dense[size],
+                "text_tokens": bench.text_tokens,
+                "cases": [],
+            }
+            results["runs"].append(run)
+            _run_cases(bench, todo, run, f"{size}px batch {batch}", progress, lambda: _notify(on_update, results))
+            _run_extras(bench, cfg, todo, run, budget_list(cfg, dense[size]), device)
+            _notify(on_update, results)
     return results
+
+
+def _not_measured(cfg: BenchConfig, family: Family) -> dict[str, str]:
+    """The requested parts of the benchmark that do not apply to the model's family, with the reason."""
+    out = {}
+    if cfg.materialize and family.materialize_skip:
+        out["materialized"] = family.materialize_skip
+    if cfg.graph and 1 in cfg.batches and family.graph_skip:
+        out["graph"] = family.graph_skip
+    return out
+
+
+def _notify(on_update: Callable[[dict[str, Any]], None] | None, results: dict[str, Any]) -> None:
+    if on_update is not None:
+        on_update(results)
+
+
+def _run_cases(
+    bench: Bench, todo: list[Case], run: dict[str, Any], desc: str, progress: bool, saved: Callable[[], None]
+) -> None:
+    """Every case in order (an error is a result); `saved` after each one."""
+    for case in tqdm(todo, desc=desc, disable=not progress):
+        try:
+            run["cases"].append(bench.run_case(case))
+            dense_ms = run["cases"][0]["prefill"]["median_ms"]
+            run["cases"][-1]["speedup"] = dense_ms / run["cases"][-1]["prefill"]["median_ms"]
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
+            failed = {"method": case.method, "budget": case.budget, "error": error}
+            run["cases"].append(failed if case.share is None else {**failed, "share": case.share})
+        saved()
+
+
+def _run_extras(
+    bench: Bench,
+    cfg: BenchConfig,
+    todo: list[Case],
+    run: dict[str, Any],
+    budgets: list[tuple[int, float | None]],
+    device: torch.device,
+) -> None:
+    """The attention-materialising variants (at the middle budget) and the batch-1 CUDA-graph mode, where
+    they apply to the model's family (where they do not, results["not_measured"] says why)."""
+    family = bench.family
+    if cfg.materialize and not family.materialize_skip:
+        run["materialized"] = []
+        middle = budgets[len(budgets) // 2][0] if budgets else None
+        for case in todo:
+            if case.method in MATERIALIZING and case.budget == middle:
+                try:
+                    run["materialized"].append(bench.materialized(case))
+                except Exception as err:
+                    run["materialized"].append({"method": case.method, "error": f"{type(err).__name__}: {err}"})
+    if cfg.graph and not family.graph_skip and run["batch"] == 1 and device.type == "cuda":
+        run["graph"] = bench.graph_mode([r for r in run["cases"] if "prefill" in r])

@@ -1,7 +1,9 @@
 """Bundled architecture configs (no weights) for models visprune knows by name.
 
-Each JSON file here is a `LlavaConfig` dict matching the llava-hf checkpoint of the same name, so the
-FLOPs calculator and tests can reason about real model shapes without downloading anything.
+Each JSON file here is a transformers config dict (its `model_type` says which class: `llava` for the
+llava-hf checkpoints, `qwen2_5_vl` for Qwen2.5-VL-7B-Instruct) matching the released checkpoint of the
+same name, so the FLOPs calculator, the benchmark and tests can reason about real model shapes without
+downloading anything.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from visprune.errors import InputError, closest
 
 
 def available() -> list[str]:
-    """Names of the bundled configs, e.g. ``["llava-1.5-13b", "llava-1.5-7b"]``."""
+    """Names of the bundled configs, e.g. ``["llava-1.5-13b", "llava-1.5-7b", "qwen2.5-vl-7b"]``."""
     files = resources.files(__name__).iterdir()
     return sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json"))
 
@@ -28,9 +30,9 @@ def load_dict(name: str) -> dict[str, Any]:
 
 
 def load(name: str) -> Any:
-    """The bundled config `name` ("llava-1.5-7b" or "llava-1.5-13b") as a `transformers.LlavaConfig`."""
-    from transformers import LlavaConfig
+    """The bundled config `name` as the transformers config class its `model_type` names (e.g. a
+    `LlavaConfig` for "llava-1.5-7b", a `Qwen2_5_VLConfig` for "qwen2.5-vl-7b")."""
+    from transformers import AutoConfig
 
     data = load_dict(name)
-    data.pop("model_type", None)
-    return LlavaConfig(**data)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
