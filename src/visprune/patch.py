@@ -398,7 +398,7 @@ def _prepare(
         stats.reductions = tokens.reductions
         _check_placeholders(runs, tokens.tokens_in)
     offsets = adapter.placeholder_offsets(stats.reductions, stats.visual_tokens_in)
-    embeds = adapter.embed(input_ids)
+    embeds = adapter.embed(input_ids, image_kwargs)
     batch = splice(input_ids, attention_mask, embeds, adapter.image_token_id, features, runs, labels, offsets)
     batch.position_ids = adapter.position_ids(input_ids, attention_mask, image_kwargs, batch, handle.keep_positions)
     handle._additions.arm(adapter.layer_additions(extras), batch.layout.visual)

@@ -127,3 +127,58 @@ def test_bad_inputs_raise_visprune_errors(model, inputs):
     finally:
         if getattr(model, "_visprune_handle", None) is not None:
             visprune.remove(model)
+
+
+def _with_video(model, inputs: dict, frames: int = 2) -> dict:
+    """`inputs` with a video of `frames` x 8 x 8 patches prepended to the first prompt (left padding kept)."""
+    vc = model.config.vision_config
+    width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    t, h, w = frames, 8, 8
+    n = t * h * w // vc.spatial_merge_size**2
+    run = torch.tensor([tiny_qwen.START] + [tiny_qwen.VIDEO] * n + [tiny_qwen.END])
+    rows = [
+        torch.cat([run, r[m.bool()]]) if i == 0 else r[m.bool()]
+        for i, (r, m) in enumerate(zip(inputs["input_ids"], inputs["attention_mask"], strict=True))
+    ]
+    size = max(len(r) for r in rows)
+    ids = torch.full((len(rows), size), tiny_qwen.PAD)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, size - len(r) :], mask[i, size - len(r) :] = r, 1
+    g = torch.Generator().manual_seed(9)
+    types = (ids == tiny_qwen.IMAGE).long() + 2 * (ids == tiny_qwen.VIDEO).long()
+    return {
+        **inputs,
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": types,
+        "pixel_values_videos": torch.randn(t * h * w, width, generator=g),
+        "video_grid_thw": torch.tensor([[t, h, w]]),
+    }
+
+
+def test_videos_pass_through_unreduced(family, model, inputs):
+    """A prompt with a video next to prompts with images: with 'none' the patched model gives exactly
+    the unpatched tokens; with a method the images are reduced and the video is not."""
+    video = _with_video(model, inputs)
+    if family == "qwen3-vl":
+        visprune.apply(model, "random", budget=4)
+        try:
+            with pytest.raises(visprune.InputError, match="video inputs are not supported yet"):
+                _generate(model, video)
+        finally:
+            visprune.remove(model)
+        return
+    ref = _generate(model, video)
+    visprune.apply(model, "none")
+    try:
+        assert torch.equal(_generate(model, video), ref)
+    finally:
+        visprune.remove(model)
+    handle = visprune.apply(model, "random", budget=4)
+    try:
+        out = _generate(model, video)
+    finally:
+        visprune.remove(model)
+    assert handle.stats.visual_tokens_out == [4, 4]
+    assert out.shape == ref.shape

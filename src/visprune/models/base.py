@@ -87,7 +87,9 @@ class Adapter(ABC):
     def attn_implementation(self) -> str:
         return self.model.config.text_config._attn_implementation or "eager"
 
-    def embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, image_kwargs: dict[str, Any]) -> Tensor:
+        """Embeddings of the caller's tokens before images are spliced in (adapters may fill in inputs
+        that pass through unreduced here, e.g. video features at their placeholders)."""
         return self.model.get_input_embeddings()(input_ids)
 
     @abstractmethod

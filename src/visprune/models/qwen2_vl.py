@@ -14,7 +14,8 @@ above an image's merged tokens keeps all of them, with a warning.
 Positions: every token keeps its dense M-RoPE position (text its place, a kept visual token the
 position of its grid cell, a summary token the image's last cell); row 0 of the 4-row position ids
 numbers the shorter sequence (the causal mask's positions), and `rope_deltas` is set so that decoding
-from a cache continues at the dense positions. Videos are not supported yet (refused).
+from a cache continues at the dense positions. Videos pass through unreduced: their dense features
+go to their placeholders before splicing, and they keep their dense positions.
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ MERGED = 4  # patches per merged token (spatial_merge_size ** 2 with the release
 
 class Qwen2VLAdapter(Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration",)
-    image_inputs = ("image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw")
+    image_inputs = (
+        "image_grid_thw",
+        "mm_token_type_ids",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    )
     signal_kinds = ("keys", "mean_received", "mean_received_layers")
 
     @property
@@ -193,12 +200,26 @@ class Qwen2VLAdapter(Adapter):
         )
         return received.reshape(t // MERGED, MERGED).mean(1)
 
-    def check_image_inputs(self, image_kwargs: dict[str, Any]) -> None:
-        if image_kwargs.get("pixel_values_videos") is not None or image_kwargs.get("video_grid_thw") is not None:
+    def embed(self, input_ids: Tensor, image_kwargs: dict[str, Any]) -> Tensor:
+        """Text embeddings with any videos' dense features at their placeholders: videos pass through
+        unreduced (methods act on images only)."""
+        embeds = super().embed(input_ids, image_kwargs)
+        videos = image_kwargs.get("pixel_values_videos")
+        if videos is None:
+            return embeds
+        grid = image_kwargs.get("video_grid_thw")
+        if not isinstance(grid, Tensor):
+            raise InputError("videos need video_grid_thw from the processor; pass the processor's full output")
+        out = self.model.model.get_video_features(videos, video_grid_thw=grid)
+        pooled = out.pooler_output if hasattr(out, "pooler_output") else out
+        feats = torch.cat(list(pooled)).to(embeds)
+        slots = input_ids == self.model.config.video_token_id
+        if int(slots.sum()) != feats.shape[0]:
             raise InputError(
-                "video inputs are not supported yet on a visprune-patched Qwen-VL model; run videos on the "
-                "unpatched model (visprune.remove(model)) or pass images"
+                f"the prompts hold {int(slots.sum())} video placeholders but the videos give {feats.shape[0]} "
+                "tokens; build the inputs with the model's own processor"
             )
+        return embeds.masked_scatter(slots.unsqueeze(-1), feats)
 
     def position_ids(
         self,
@@ -212,9 +233,12 @@ class Qwen2VLAdapter(Adapter):
         grid = image_kwargs.get("image_grid_thw")
         types = image_kwargs.get("mm_token_type_ids")
         if types is None:
-            types = (input_ids == self.image_token_id).long()
+            types = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.model.config.video_token_id)
+        videos = {
+            k: image_kwargs[k] for k in ("video_grid_thw", "second_per_grid_ts") if image_kwargs.get(k) is not None
+        }
         dense, _ = self.model.model.get_rope_index(
-            input_ids, image_grid_thw=grid, attention_mask=attention_mask, mm_token_type_ids=types
+            input_ids, image_grid_thw=grid, attention_mask=attention_mask, mm_token_type_ids=types, **videos
         )
         rows = batch.attention_mask.long()
         text = (rows.cumsum(1) - 1).clamp(min=0)

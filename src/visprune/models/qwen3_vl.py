@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visprune.errors import InputError
 from visprune.models.base import ImageTokens, Reducer
 from visprune.models.qwen2_vl import MERGED, Qwen2VLAdapter
 
@@ -34,6 +35,14 @@ DEEPSTACK = "deepstack"
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration",)
+
+    def check_image_inputs(self, image_kwargs: dict[str, Any]) -> None:
+        """Videos are refused: their DeepStack features would need the same injection as images'."""
+        if image_kwargs.get("pixel_values_videos") is not None or image_kwargs.get("video_grid_thw") is not None:
+            raise InputError(
+                "video inputs are not supported yet on a visprune-patched Qwen3-VL model; run videos on the "
+                "unpatched model (visprune.remove(model)) or pass images"
+            )
 
     @property
     def addition_layers(self) -> tuple[int, ...]:
