@@ -124,7 +124,7 @@ def test_mismatched_videos_and_missing_grids_are_refused(model, inputs):
     """Video patches without video placeholders (Qwen3-VL: any video) and images without their grid."""
     visprune.apply(model, "random", budget=4)
     try:
-        with pytest.raises(visprune.InputError, match="video placeholders|video inputs are not supported yet"):
+        with pytest.raises(visprune.InputError, match=r"video placeholders|video inputs are not supported yet"):
             _generate(
                 model,
                 {**inputs, "pixel_values_videos": inputs["pixel_values"], "video_grid_thw": inputs["image_grid_thw"]},

@@ -10,6 +10,7 @@ from transformers import AutoModelForImageTextToText
 
 import visprune
 from tests.models import tiny_qwen
+from tests.models.tiny import left_pad
 from visprune import compat
 
 GRIDS = [(1, 8, 8), (1, 6, 10)]
@@ -140,11 +141,7 @@ def _with_video(model, inputs: dict, frames: int = 2) -> dict:
         torch.cat([run, r[m.bool()]]) if i == 0 else r[m.bool()]
         for i, (r, m) in enumerate(zip(inputs["input_ids"], inputs["attention_mask"], strict=True))
     ]
-    size = max(len(r) for r in rows)
-    ids = torch.full((len(rows), size), tiny_qwen.PAD)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, size - len(r) :], mask[i, size - len(r) :] = r, 1
+    ids, mask = left_pad(rows)
     g = torch.Generator().manual_seed(9)
     types = (ids == tiny_qwen.IMAGE).long() + 2 * (ids == tiny_qwen.VIDEO).long()
     return {

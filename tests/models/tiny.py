@@ -49,12 +49,32 @@ def tiny_llava_config(
     return cfg
 
 
-def tiny_llava(attn: str = "sdpa", seed: int = 0, **kw) -> LlavaForConditionalGeneration:
+def build(model_class: type, cfg, attn: str, seed: int):
+    """`model_class(cfg)` with attention `attn` in every sub-config, weights drawn from `seed`, in eval
+    mode, generating with the PAD token and no end token (so every test generates its full length)."""
+    for c in (cfg, getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)):
+        if c is not None:
+            c._attn_implementation = attn
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(attn, **kw)).eval()
+    model = model_class(cfg).eval()
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = None
     return model
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as a left-padded batch, as processors pad for generation: (input_ids, attention_mask)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.as_tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0, **kw) -> LlavaForConditionalGeneration:
+    return build(LlavaForConditionalGeneration, tiny_llava_config(attn, **kw), attn, seed)
 
 
 def make_inputs(model, prompt_lengths: list[int], images_per_prompt: list[int] | None = None, seed: int = 0) -> dict:
@@ -73,12 +93,7 @@ def make_inputs(model, prompt_lengths: list[int], images_per_prompt: list[int] |
             row += [IMAGE_TOKEN] * n_tokens + torch.randint(3, 90, (1,), generator=g).tolist()
         row += torch.randint(3, 90, (length,), generator=g).tolist()
         rows.append(row)
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
+    ids, mask = left_pad(rows)
     n_images = sum(images_per_prompt)
     pixels = torch.randn(n_images, 3, cfg.image_size, cfg.image_size, generator=g)
     out = {"input_ids": ids, "attention_mask": mask}
@@ -115,14 +130,7 @@ def tiny_llava_next(attn: str = "sdpa", seed: int = 0):
         vision_feature_select_strategy="default",
         image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
     )
-    cfg._attn_implementation = attn
-    cfg.text_config._attn_implementation = attn
-    cfg.vision_config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
+    return build(LlavaNextForConditionalGeneration, cfg, attn, seed)
 
 
 def make_next_inputs(model, image_sizes: list[tuple[int, int]], prompt_lengths: list[int], seed: int = 0) -> dict:
@@ -144,12 +152,7 @@ def make_next_inputs(model, image_sizes: list[tuple[int, int]], prompt_lengths: 
     for f, length in zip(feats, prompt_lengths, strict=True):
         row = torch.randint(3, 90, (3,), generator=g).tolist() + [IMAGE_TOKEN] * f.shape[0]
         rows.append(row + torch.randint(3, 90, (length,), generator=g).tolist())
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
+    ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": sizes}
 
 
@@ -238,9 +241,4 @@ def tiny_llava_siglip(attn: str = "sdpa", seed: int = 0, **kw) -> LlavaForCondit
         image_size=cfg.vision_config.image_size,
         patch_size=cfg.vision_config.patch_size,
     )
-    cfg.vision_config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
+    return build(LlavaForConditionalGeneration, cfg, attn, seed)

@@ -13,7 +13,9 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-IMAGE, VIDEO, START, END, PAD = 100, 101, 102, 103, 0
+from tests.models.tiny import PAD, build, left_pad
+
+IMAGE, VIDEO, START, END = 100, 101, 102, 103
 VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3, "num_heads": 4}
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
@@ -87,14 +89,7 @@ def _build(config_class, model_class, vision: dict, attn: str, seed: int, **text
         vision_start_token_id=START,
         vision_end_token_id=END,
     )
-    cfg._attn_implementation = attn
-    cfg.text_config._attn_implementation = attn
-    cfg.vision_config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = model_class(cfg).eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
+    return build(model_class, cfg, attn, seed)
 
 
 def make_inputs(model, grids: list[tuple[int, int, int]], lengths: list[int], seed: int = 0) -> dict:
@@ -113,12 +108,7 @@ def make_inputs(model, grids: list[tuple[int, int, int]], lengths: list[int], se
             pixels.append(patch)
             used.append(grid)
         rows.append(row + torch.randint(3, 90, (n,), generator=g).tolist())
-    size = max(map(len, rows))
-    ids = torch.full((len(rows), size), PAD)
-    mask = torch.zeros(len(rows), size, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, size - len(row) :] = torch.tensor(row)
-        mask[i, size - len(row) :] = 1
+    ids, mask = left_pad(rows)
     out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE).long()}
     if pixels:
         out["pixel_values"] = torch.cat(pixels)
