@@ -157,8 +157,8 @@ class DecoderPruner:
                 kwargs["attention_mask"] = group.prefill_mask
                 cache = kwargs.get(self.cache_kw)
                 width = hidden.shape[1]
-                if cache is not None and attended_keys(cache, layer_idx, width) != width:
-                    keys = attended_keys(cache, layer_idx, width)
+                keys = attended_keys(cache, layer_idx, width) if cache is not None else width
+                if keys != width:  # a static cache: its unfilled slots must be hidden too
                     kwargs["attention_mask"] = self._step_mask(group.valid, 0, width, keys, hidden.dtype)
                 kwargs["position_embeddings"] = group.position_embeddings
                 if group.position_ids is not None:

@@ -667,8 +667,10 @@ def _continue_forward(handle: Handle, original: Any, input_ids: Tensor | None, c
         raise InputError("the patched forward builds its own position_ids; do not pass them")
     _pop_image_kwargs(handle.adapter, kwargs)
     mask = kwargs.pop("attention_mask", None)
-    session = _session_for(handle, cache, mask if mask is not None else _assumed_mask(handle, input_ids, cache))
-    spliced = _spliced_mask(session, mask if mask is not None else _assumed_mask(handle, input_ids, cache))
+    if mask is None:
+        mask = _assumed_mask(handle, input_ids, cache)
+    session = _session_for(handle, cache, mask)
+    spliced = _spliced_mask(session, mask)
     expected = compat.cache_length(cache) + input_ids.shape[1]
     if spliced.shape[1] != expected:
         raise InputError(
