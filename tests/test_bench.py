@@ -162,8 +162,11 @@ QWEN_ARGS = [
     "0.5",
     "0.25",
     "--methods",
+    "none",
     "fastervlm",
     "fastv",
+    "--tower-layer",
+    "3",
     "--name",
     "qwen",
     "--quiet",
@@ -187,11 +190,23 @@ def test_qwen_runs_every_size_and_batch_with_shares(qwen_results):
     for run in qwen_results["runs"]:
         dense = run["dense_visual_tokens"]
         assert run["text_tokens"] == 35 + 16 + 2
-        names = [(c["method"], c.get("share")) for c in run["cases"]]
-        assert names == [("dense", None), ("fastervlm", 0.5), ("fastervlm", 0.25), ("fastv", 0.5), ("fastv", 0.25)]
+        names = [(c["method"], c.get("share"), c["options"].get("tower_layer")) for c in run["cases"]]
+        assert names == [
+            ("dense", None, None),
+            ("none", None, None),
+            ("fastervlm", 0.5, None),
+            ("fastervlm", 0.25, None),
+            ("fastv", 0.5, None),
+            ("fastv", 0.25, None),
+            ("fastervlm", 0.5, 3),  # reducing inside the tower, at block 3
+            ("fastervlm", 0.25, 3),
+        ]
         assert all("error" not in c for c in run["cases"]), run["cases"]
-        assert run["cases"][0]["visual_tokens"] == dense
-        for c in run["cases"][1:]:
+        assert run["cases"][0]["visual_tokens"] == run["cases"][1]["visual_tokens"] == dense
+        tower = run["tower"]
+        assert tower["stock"]["median_ms"] > 0 and tower["visprune"]["median_ms"] > 0
+        assert tower["max_rel_diff"] < 1e-5  # visprune's runner gives the stock tower's features
+        for c in run["cases"][2:]:
             assert c["budget"] == round(c["share"] * dense)
             assert c["ideal"]["median_ms"] > 0 and c["efficiency"] > 0 and c["speedup"] > 0
             assert c["decode_tokens_per_s"] > 0

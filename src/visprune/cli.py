@@ -134,6 +134,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=device,
         graph=not args.no_graph,
         materialize=not args.no_materialize,
+        tower_layer=args.tower_layer,
     )
     out = Path(args.out)
     stem = args.name or f"bench-{Path(cfg.pretrained or cfg.config).name}"
@@ -278,7 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="square image sides in pixels (Qwen-VL: multiples of 28, default 448 1008; LLaVA: its own size)",
     )
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument(
+        "--methods", nargs="+", default=None, help="default: every registered method ('none': visprune's dense path)"
+    )
+    p.add_argument(
+        "--tower-layer",
+        type=_at_least(1),
+        default=None,
+        help="also run every encoder-side method reducing inside the vision tower at this block (Qwen-VL)",
+    )
     p.add_argument("--repeats", type=_at_least(1), default=20)
     p.add_argument("--warmup", type=_at_least(0), default=3)
     p.add_argument("--new-tokens", type=_at_least(1), default=64)

@@ -16,6 +16,7 @@ Facts this module covers:
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Any
 
 import torch
@@ -89,15 +90,52 @@ def generation_attention_mask(input_ids: Tensor, pad: int | None, eos: int | lis
     return (input_ids != pad).long()
 
 
-def vision_window_index(tower: nn.Module, grid_thw: Tensor) -> Tensor:
-    """Qwen2.5-VL: the permutation (in merged-token units) the tower applies to group tokens into its
-    attention windows; the tower's merged output is in this order until it undoes it."""
+def vision_rope(attention: nn.Module) -> Any:
+    """The `apply_rotary_pos_emb_vision(q, k, cos, sin)` of the modeling module a Qwen-VL vision attention
+    comes from (q, k [T, H, d]; cos, sin [T, d]; computed in float32 and cast back, as the tower does)."""
+    import sys
+
+    fn = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb_vision", None)
+    if fn is None:
+        raise UnsupportedModelError(
+            f"{type(attention).__module__} has no apply_rotary_pos_emb_vision; this transformers version is outside "
+            f"visprune's supported range (transformers{SUPPORTED_TRANSFORMERS}): install a supported version"
+        )
+    return fn
+
+
+def vision_position_ids(grid_thw: Tensor, spatial_merge_size: int) -> Tensor:
+    """[T, 2] (h, w) rotary position ids of a Qwen-VL tower's patches, in its merge-block order."""
+    from transformers.vision_utils import get_vision_position_ids
+
+    return get_vision_position_ids(grid_thw, spatial_merge_size)
+
+
+def vision_windows(tower: nn.Module, grid_thw: Tensor) -> tuple[Tensor, list[int]]:
+    """Qwen2.5-VL: (window_index [units], window lengths in patches): the permutation (in merged-token
+    units) that groups tokens into the tower's attention windows, and the windows' sizes in that order."""
     from transformers.vision_utils import get_vision_window_index
 
-    window_index, _ = get_vision_window_index(
+    window_index, cu_window_seqlens = get_vision_window_index(
         grid_thw,
         spatial_merge_size=tower.spatial_merge_size,
         window_size=tower.window_size,
         patch_size=tower.patch_size,
     )
-    return window_index
+    bounds = cu_window_seqlens.tolist()
+    return window_index, [b - a for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def vision_position_embedding(tower: nn.Module, grid_thw: Tensor) -> Tensor:
+    """Qwen3-VL: the learned position embeddings [T, C] the tower adds to its patch embeddings
+    (interpolated to each image's grid)."""
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    indices, weights = get_vision_interpolation_indices_and_weights(
+        grid_thw,
+        num_grid_per_side=tower.num_grid_per_side,
+        mode=tower.interpolation_mode,
+        align_corners=tower.interpolation_align_corners,
+        spatial_merge_size=tower.config.spatial_merge_size,
+    )
+    return (tower.pos_embed(indices) * weights[:, :, None]).sum(1)

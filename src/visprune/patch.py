@@ -53,11 +53,15 @@ class Reducer:
     """An encoder-side method bound to its options: features [n, N, C] -> one Reduction per image.
 
     `budget` is the method's token budget per image (None for adaptive methods); adapters that split an
-    image into crops call the reducer with a per-crop `budget` override.
+    image into crops call the reducer with a per-crop `budget` override. `tower_layer`: the vision block
+    at whose input the adapter reduces (None: after the tower).
     """
 
-    def __init__(self, spec: MethodSpec, options: dict[str, Any], sync: bool, stats: Stats):
+    def __init__(
+        self, spec: MethodSpec, options: dict[str, Any], sync: bool, stats: Stats, tower_layer: int | None = None
+    ):
         self.spec = spec
+        self.tower_layer = tower_layer
         self.options = options
         self.requests = spec.signals(options)
         self.sync = sync
@@ -172,6 +176,7 @@ class Handle:
     pruner: DecoderPruner | None = field(repr=False, default=None)
     sync_timings: bool = False
     keep_positions: bool = False
+    tower_layer: int | None = None
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _saved: dict[str, Any] = field(default_factory=dict, repr=False)
     _in_generate: bool = field(default=False, repr=False)
@@ -228,6 +233,7 @@ def apply(
     *,
     sync_timings: bool = False,
     keep_positions: bool = False,
+    tower_layer: int | None = None,
     **options: Any,
 ) -> Handle:
     """Patch `model` in place to feed its LLM fewer visual tokens with `method`; returns a Handle.
@@ -240,6 +246,10 @@ def apply(
     keep theirs, text after the image keeps its place) instead of renumbering the shorter sequence, as
     LLM-side stages always do. Off by default, as in the published encoder-side methods; models that
     only saw the dense layout need it (the bundled tiny model does). LlavaForConditionalGeneration only.
+    tower_layer: reduce INSIDE the vision tower, at the input of this block: the encoder-side method runs
+    as if the tower had `tower_layer` blocks (its layers count from there) and the blocks after the cut
+    run on the kept tokens only, so the reduction saves tower time as well as LLM time. Methods whose
+    output tokens all stand at a grid cell (selection and merging into kept tokens); Qwen-VL family only.
     The model keeps its attention implementation; `generate` and `forward` keep their signatures.
     """
     adapter = adapter_for(model)
@@ -268,8 +278,15 @@ def apply(
                 {k: v for k, v in opts.items() if k in get_method(spec.encoder_stage).defaults},
             )
             llm, llm_opts = spec, opts
+    if tower_layer is not None:
+        if not adapter.supports_tower_layer:
+            raise UnsupportedModelError(
+                f"tower_layer is not supported for {type(model).__name__}; it is for the Qwen-VL family"
+            )
+        if encoder is None:
+            raise InputError("tower_layer needs an encoder-side method to reduce inside the tower")
     if encoder is not None:
-        adapter.check_encoder_method(encoder.signals(enc_opts))
+        adapter.check_encoder_method(encoder.signals(enc_opts), tower_layer)
         budget = encoder_budget(enc_opts)
         if budget is not None and adapter.max_visual_tokens is not None and budget > adapter.max_visual_tokens:
             raise InputError(
@@ -301,6 +318,7 @@ def apply(
         pruner=pruner,
         sync_timings=sync_timings,
         keep_positions=keep_positions,
+        tower_layer=tower_layer,
         _additions=_LayerAdditions(pruner=pruner),
     )
     handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
@@ -386,7 +404,7 @@ def _prepare(
     if pixel_values is not None:
         reducer = None
         if handle.encoder is not None:
-            reducer = Reducer(handle.encoder, handle.encoder_options, handle.sync_timings, stats)
+            reducer = Reducer(handle.encoder, handle.encoder_options, handle.sync_timings, stats, handle.tower_layer)
         _sync(pixel_values, handle.sync_timings)
         t0 = time.perf_counter()
         tokens = adapter.image_tokens(pixel_values, reducer, image_kwargs)

@@ -31,6 +31,7 @@ class Family:
     model_types: tuple[str, ...] = ()
     graph_skip: str | None = None  # why the batch-1 CUDA-graph mode does not apply (None: it does)
     materialize_skip: str | None = None  # why the attention-materialising variants do not apply
+    tower_compare = False  # whether visprune runs its own vision tower, timed against the stock one
 
     def __init__(self, config: Any):
         self.config = config
@@ -101,6 +102,7 @@ class QwenVLFamily(Family):
     name = "qwen-vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     default_sizes = (448, 1008)
+    tower_compare = True
     graph_skip = (
         "not measured on Qwen-VL: its vision tower computes window and rotary layouts from image_grid_thw on "
         "the host (.tolist() / .item()), which a CUDA graph cannot capture"

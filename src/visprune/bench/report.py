@@ -16,9 +16,16 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _method(r: dict[str, Any]) -> str:
+    """The method cell: the name ('dense' = the unpatched model, 'none' = visprune's dense path), with the
+    vision block it reduces at when it reduces inside the tower."""
+    layer = (r.get("options") or {}).get("tower_layer")
+    return r["method"] if layer is None else f"{r['method']} @ block {layer}"
+
+
 def _budget(r: dict[str, Any]) -> str:
     """The budget cell: '-' for dense, 'adaptive', tokens, or tokens (share %) when given as a share."""
-    if r["method"] == "dense":
+    if r["method"] in ("dense", "none"):
         return "-"
     if r["budget"] is None:
         return "adaptive"
@@ -55,15 +62,27 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for r in run["cases"]:
             if "error" in r:
-                lines.append(f"| {r['method']} | {_budget(r)} | error: {r['error']} |||||||||")
+                lines.append(f"| {_method(r)} | {_budget(r)} | error: {r['error']} |||||||||")
                 continue
             lines.append(
-                f"| {r['method']} | {_budget(r)} "
+                f"| {_method(r)} | {_budget(r)} "
                 f"| {r['visual_tokens']:.1f} | {_num(r.get('mean_llm_tokens'), '{:.1f}')} "
                 f"| {_ms(r.get('vision'))} | {_ms(r.get('reduce'))} | {_ms(r['prefill'])} | {_ms(r.get('ideal'))} "
                 f"| {_num(r.get('efficiency'), '{:.3f}')} | {_num(r.get('speedup'))} "
                 f"| {_num(r.get('decode_tokens_per_s'), '{:.1f}')} | {_num(r.get('peak_memory_gib'))} |"
             )
+        tower = run.get("tower")
+        if tower:
+            lines += ["", "Vision tower alone, dense (transformers' forward against visprune's runner):", ""]
+            if "error" in tower:
+                lines.append(f"error: {tower['error']}")
+            else:
+                lines += [
+                    "| stock tower ms | visprune tower ms | speed-up | max relative difference |",
+                    "|---|---|---|---|",
+                    f"| {_ms(tower['stock'])} | {_ms(tower['visprune'])} | {tower['speedup']:.2f} "
+                    f"| {tower['max_rel_diff']:.2e} |",
+                ]
         if run.get("materialized"):
             lines += [
                 "",

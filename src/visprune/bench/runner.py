@@ -43,7 +43,7 @@ from visprune.errors import InputError
 from visprune.methods import MethodSpec, Placement, Reduction, get_method
 from visprune.methods.base import select_tokens
 from visprune.models import adapter_for
-from visprune.patch import Reducer, Stats
+from visprune.patch import DENSE, Reducer, Stats
 
 # Methods whose published code materialises attention maps: where (vision tower or LLM) it does so.
 MATERIALIZING = {
@@ -76,6 +76,7 @@ class BenchConfig:
     graph: bool = True
     materialize: bool = True
     seed: int = 0
+    tower_layer: int | None = None  # also run every encoder-side case reducing inside the tower there
 
 
 @dataclass
@@ -98,6 +99,9 @@ def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], li
     names = cfg.methods or tuple(s.name for s in visprune.list_methods())
     out, skipped = [Case("dense", None)], []
     for name in names:
+        if name == DENSE:  # visprune's own dense path (its vision tower runner included)
+            out.append(Case(DENSE, None))
+            continue
         get_method(name)
         budgets: list[tuple[int | None, float | None]] = [(None, None)] if name in ADAPTIVE else budget_list(cfg, dense)
         for budget, share in budgets:
@@ -105,6 +109,12 @@ def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], li
                 out.append(Case(name, budget, options_for_budget(name, budget, dense, num_layers), share))
             except InputError as err:
                 skipped.append({"method": name, "budget": budget, "share": share, "reason": str(err)})
+    if cfg.tower_layer is not None:
+        out += [
+            Case(c.method, c.budget, {**c.options, "tower_layer": cfg.tower_layer}, c.share)
+            for c in list(out)
+            if c.method not in ("dense", DENSE) and get_method(c.method).placement is not Placement.LLM
+        ]
     return out, skipped
 
 
@@ -128,8 +138,8 @@ class _Probe(Reducer):
     through the adapter contract (`image_tokens`) it times the vision tower plus the signals the method
     requests, and it records what the real reducer receives (while `calls` is a list)."""
 
-    def __init__(self, spec: MethodSpec, options: dict[str, Any]):
-        super().__init__(spec, options, False, Stats())
+    def __init__(self, spec: MethodSpec, options: dict[str, Any], tower_layer: int | None = None):
+        super().__init__(spec, options, False, Stats(), tower_layer)
         self.calls: list[tuple[torch.Tensor, tuple[int, int], dict[str, torch.Tensor], int | None]] | None = []
 
     def __call__(
@@ -208,7 +218,7 @@ class Bench:
             visual_out, tokens = list(stats.visual_tokens_out), [list(t) for t in stats.tokens_per_layer]
         finally:
             visprune.remove(self.model)
-        res["ideal"] = self._ideal(visual_out, tokens)
+        res["ideal"] = self._ideal(visual_out, tokens, case.options.get("tower_layer"))
         res["efficiency"] = res["ideal"]["median_ms"] / res["prefill"]["median_ms"]
         return res
 
@@ -217,8 +227,8 @@ class Bench:
         the adapter's `image_tokens` with the reduction stubbed out; 'reduce': the method's reducer on
         exactly the features and signals it receives in the patched forward."""
         adapter, spec, opts = handle.adapter, handle.encoder, handle.encoder_options
-        probe = _Probe(spec, opts)
-        reducer = Reducer(spec, opts, False, Stats())
+        probe = _Probe(spec, opts, handle.tower_layer)
+        reducer = Reducer(spec, opts, False, Stats(), handle.tower_layer)
         pixels = self.inputs["pixel_values"]
         image_kwargs = {k: self.inputs[k] for k in adapter.image_inputs if k in self.inputs}
         with torch.inference_mode():
@@ -229,18 +239,37 @@ class Bench:
             "reduce": self._time(lambda: [reducer(f, g, s, budget=b) for f, g, s, b in calls]),
         }
 
-    def _ideal(self, visual_out: list[int], tokens: list[list[int]]) -> dict[str, Any]:
-        """The same pipeline fed the same token counts with first-K selection (no scoring work)."""
+    def _ideal(self, visual_out: list[int], tokens: list[list[int]], tower_layer: int | None) -> dict[str, Any]:
+        """The same pipeline fed the same token counts with first-K selection (no scoring work), reducing
+        at the same `tower_layer`."""
         methods: list[Any] = [static_encoder(visual_out)]
         text = [t[0] - v for t, v in zip(tokens, visual_out, strict=True)]
         stages = stages_from_tokens(tokens, text)
         if stages:
             methods.append(static_llm(stages))
-        visprune.apply(self.model, methods)
+        visprune.apply(self.model, methods, tower_layer=tower_layer)
         try:
             return self._time(self._prefill)
         finally:
             visprune.remove(self.model)
+
+    def tower(self) -> dict[str, Any]:
+        """The stock vision tower (transformers' forward) against visprune's runner on the same images:
+        times, and the largest difference of the projected features relative to their largest value."""
+        tower, adapter = self.adapter.vision_tower, self.adapter
+        pixels = self.inputs["pixel_values"]
+        image_kwargs = {k: self.inputs[k] for k in adapter.image_inputs if k in self.inputs}
+        grid = image_kwargs["image_grid_thw"]
+        with torch.inference_mode():
+            stock = tower(pixels.to(tower.dtype), grid_thw=grid).pooler_output
+            ours = torch.cat(adapter.image_tokens(pixels, None, image_kwargs).features)
+        out = {
+            "stock": self._time(lambda: tower(pixels.to(tower.dtype), grid_thw=grid)),
+            "visprune": self._time(lambda: adapter.image_tokens(pixels, None, image_kwargs)),
+            "max_rel_diff": float((ours.float() - stock.float()).abs().max() / stock.float().abs().max()),
+        }
+        out["speedup"] = out["stock"]["median_ms"] / out["visprune"]["median_ms"]
+        return out
 
     def materialized(self, case: Case) -> dict[str, Any]:
         """The method computed the way its published code does: eager attention with the maps."""
@@ -434,6 +463,11 @@ def _run_extras(
     """The attention-materialising variants (at the middle budget) and the batch-1 CUDA-graph mode, where
     they apply to the model's family (where they do not, results["not_measured"] says why)."""
     family = bench.family
+    if family.tower_compare:
+        try:
+            run["tower"] = bench.tower()
+        except Exception as err:
+            run["tower"] = {"error": f"{type(err).__name__}: {err}"}
     if cfg.materialize and not family.materialize_skip:
         run["materialized"] = []
         middle = budgets[len(budgets) // 2][0] if budgets else None

@@ -47,6 +47,7 @@ class Adapter(ABC):
     model_classes: tuple[str, ...] = ()
     image_inputs: tuple[str, ...] = ()  # per-image keyword inputs the adapter consumes (e.g. image_sizes)
     supports_keep_positions: bool = False
+    supports_tower_layer: bool = False  # the reducer may cut the vision tower (apply's tower_layer)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -97,8 +98,9 @@ class Adapter(ABC):
         """Raise InputError unless `pixel_values` has the shape and values this model's processor gives."""
 
     @abstractmethod
-    def check_encoder_method(self, requests: dict[str, SignalRequest]) -> None:
-        """Raise a clear error if the vision tower cannot provide what an encoder method needs."""
+    def check_encoder_method(self, requests: dict[str, SignalRequest], tower_layer: int | None = None) -> None:
+        """Raise a clear error if the vision tower cannot provide what an encoder method needs (reducing at
+        the input of block `tower_layer` where given: adapters with `supports_tower_layer` only)."""
 
     @abstractmethod
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:

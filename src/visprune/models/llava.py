@@ -60,7 +60,7 @@ class LlavaAdapter(Adapter):
         side = self.model.config.vision_config.image_size
         check_image_tensor(pixel_values, (3, side, side), "[images, 3, H, W]")
 
-    def check_encoder_method(self, requests: dict[str, SignalRequest]) -> None:
+    def check_encoder_method(self, requests: dict[str, SignalRequest], tower_layer: int | None = None) -> None:
         depth = vision.num_encoder_layers(self.vision_tower)
         for name, req in requests.items():
             outside = [layer for layer in req.layers if not -depth <= layer < depth]

@@ -8,9 +8,13 @@ and the merger's MLP is the projector, as LLaVA's methods act before its project
 Signals: no CLS, so methods score with "mean-received" attention (the attention a token receives,
 averaged over the queries and heads of one tower block, from that block's q/k with the tower's 2-D
 RoPE); merging methods use the block's keys (before RoPE: content similarity).
-The tower runs as transformers runs it; forward pre-hooks read the input of the signal blocks and of
-the merger. Images of one grid shape are reduced together (budgets are per image); a fixed budget
-above an image's merged tokens keeps all of them, with a warning.
+The tower runs through visprune's runner (`qwen_tower`: the tower's weights, its attention batched
+over images, frames and windows instead of one call each), which also hands over the signal blocks'
+inputs; the blocks past the last one a method needs still run (the merger reads the last). With
+`tower_layer=b` (apply) the method reduces at the input of block b, as if the tower ended there, and
+blocks b.. run on the kept tokens only: the reduction then saves tower time too. Images of one grid
+shape are reduced together (budgets are per image); a fixed budget above an image's merged tokens
+keeps all of them, with a warning.
 Positions: every token keeps its dense M-RoPE position (text its place, a kept visual token the
 position of its grid cell, a summary token the image's last cell); row 0 of the 4-row position ids
 numbers the shorter sequence (the causal mask's positions), and `rope_deltas` is set so that decoding
@@ -21,16 +25,18 @@ go to their placeholders before splicing, and they keep their dense positions.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods.base import Reduction, SignalRequest
 from visprune.methods.signals import mean_received_attention, patch_keys
+from visprune.models import qwen_tower
 from visprune.models.base import Adapter, ImageTokens, Reducer
-from visprune.models.decoder import rotate_half
 from visprune.models.llava import dense_reduction
 from visprune.models.splice import Spliced
 
@@ -47,6 +53,7 @@ class Qwen2VLAdapter(Adapter):
         "second_per_grid_ts",
     )
     signal_kinds = ("keys", "mean_received", "mean_received_layers")
+    supports_tower_layer = True
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -77,17 +84,28 @@ class Qwen2VLAdapter(Adapter):
         if not bool(torch.isfinite(pixel_values).all()):
             raise InputError("pixel_values contain NaN or inf values; check the image loading and normalisation")
 
-    def check_encoder_method(self, requests: dict[str, SignalRequest]) -> None:
+    def check_encoder_method(self, requests: dict[str, SignalRequest], tower_layer: int | None = None) -> None:
         if self.model.config.vision_config.spatial_merge_size**2 != MERGED:
             raise UnsupportedModelError("visprune supports Qwen2-VL towers with spatial_merge_size=2")
         depth = self.vision_layers
+        if tower_layer is not None:
+            if isinstance(tower_layer, bool) or not isinstance(tower_layer, int) or not 1 <= tower_layer < depth:
+                raise InputError(
+                    f"tower_layer must be an int in [1, {depth - 1}] (the vision block at whose input the method "
+                    f"reduces) for this {depth}-block tower, got {tower_layer!r}"
+                )
+            depth = tower_layer
         for name, req in requests.items():
             self._kind(req)
             outside = [layer for layer in req.layers if not -depth <= layer < depth]
             if outside:
-                raise UnsupportedModelError(
-                    f"this method reads {name!r} at vision block(s) {outside}, but the tower has {depth} blocks"
+                where = (
+                    f"the tower has {depth} blocks"
+                    if tower_layer is None
+                    else f"tower_layer={depth} leaves {depth} block(s) before the cut"
                 )
+                raise UnsupportedModelError(f"this method reads {name!r} at vision block(s) {outside}, but {where}")
+            self._blocks(req, depth)
 
     def _kind(self, req: SignalRequest) -> str:
         """The signal computed for a request: its kind, or its CLS-free fallback (this tower has no CLS)."""
@@ -108,95 +126,149 @@ class Qwen2VLAdapter(Adapter):
     def _reductions(
         self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]
     ) -> tuple[list[Reduction], list[int]]:
-        """Encode the images and reduce their features (`_features`) with `reducer` (None = dense), images of
-        one grid together; return one Reduction per image and each image's merged-token count."""
+        """Encode the images with visprune's tower runner and reduce their features (`_parts`, concatenated)
+        with `reducer` (None = dense), images of one grid together; return one Reduction per image and each
+        image's merged-token count. With the reducer's `tower_layer` b, the reduction happens at the input
+        of block b (the method sees a tower of b blocks) and blocks b.. run on the kept tokens only."""
+        tower = self.vision_tower
         grids = _grids(image_kwargs.get("image_grid_thw"), pixel_values.shape[0])
-        requests = getattr(reducer, "requests", {}) if reducer is not None else {}
-        merged, signals = self._encode(pixel_values, grids, requests)
         counts = [t * h * w // MERGED for t, h, w in grids]
-        per_image = list(merged.split(counts))
-        per_signal = {
-            name: list(sig.split(counts, dim=1 if self._kind(requests[name]) == "mean_received_layers" else 0))
-            for name, sig in signals.items()
-        }
+        requests = getattr(reducer, "requests", {}) if reducer is not None else {}
+        cut_at = getattr(reducer, "tower_layer", None) if reducer is not None else None
+        depth = len(tower.blocks) if cut_at is None else cut_at
+        state = self._start(pixel_values, grids)
+        parts = self._parts()
+        early = {name: block for name, block in parts.items() if block is not None and block < depth}
+        wanted = {block for req in requests.values() for block in self._blocks(req, depth)}
+        inputs, outputs = qwen_tower.run_blocks(tower, state, depth, inputs=wanted, outputs=set(early.values()))
+        order = state.natural_order()
+        signals = {name: self._signals(inputs, req, depth, order, counts) for name, req in requests.items()}
+        if cut_at is None:
+            outputs[None] = state.hidden
+            feats = torch.cat([self._part(name, outputs[block]) for name, block in parts.items()], dim=-1)[order]
+            return self._reduce(feats, signals, grids, counts, reducer), counts
+        at_cut = [state.hidden.reshape(-1, MERGED * state.hidden.shape[-1])]
+        at_cut += [self._part(name, outputs[block]) for name, block in early.items()]
+        reductions = self._reduce(torch.cat(at_cut, dim=-1)[order], signals, grids, counts, reducer)
+        return self._continue_after_cut(state, reductions, counts, early), counts
+
+    def _continue_after_cut(
+        self, state: qwen_tower.TowerState, reductions: list[Reduction], counts: list[int], early: dict[str, int]
+    ) -> list[Reduction]:
+        """Run the tower's remaining blocks on the rows `reductions` kept at the cut; return the reductions
+        with their features replaced by the features (`_parts`) those rows end the tower with."""
+        tower = self.vision_tower
+        sources = [r.sources for r in reductions]
+        if any(bool((s < 0).any()) for s in sources):
+            raise UnsupportedModelError(
+                "this method adds summary tokens that stand at no grid cell, so they cannot continue through the "
+                "vision tower; apply it without tower_layer"
+            )
+        offsets = torch.tensor([0, *counts[:-1]], device=state.hidden.device).cumsum(0)
+        natural = torch.cat([s + offsets[i] for i, s in enumerate(sources)])
+        rows = torch.cat([r.features for r in reductions])
+        width = MERGED * state.hidden.shape[-1]
+        late = {name: block for name, block in self._parts().items() if name not in early}
+        back = qwen_tower.cut(state, rows[:, :width], natural)
+        _, outputs = qwen_tower.run_blocks(
+            tower, state, len(tower.blocks), outputs={b for b in late.values() if b is not None}
+        )
+        outputs[None] = state.hidden
+        done = dict(zip(early, rows[:, width:].split(width, dim=-1) if early else [], strict=True))
+        for name, block in late.items():
+            done[name] = self._part(name, outputs[block])[back]
+        feats = torch.cat([done[name] for name in self._parts()], dim=-1)
+        per_image = feats.split([r.count for r in reductions])
+        return [replace(r, features=f) for r, f in zip(reductions, per_image, strict=True)]
+
+    def _reduce(
+        self,
+        feats: Tensor,
+        signals: dict[str, list[Tensor]],
+        grids: list[tuple[int, int, int]],
+        counts: list[int],
+        reducer: Reducer | None,
+    ) -> list[Reduction]:
+        """One Reduction per image from its features (rows of `feats`, natural order), images of one grid
+        shape reduced together."""
+        per_image = list(feats.split(counts))
         reductions: list[Reduction | None] = [None] * len(grids)
         groups: dict[tuple[int, int, int], list[int]] = {}
         for i, grid in enumerate(grids):
             groups.setdefault(grid, []).append(i)
         for (t, h, w), members in groups.items():
-            feats = torch.stack([per_image[i] for i in members])
+            stacked = torch.stack([per_image[i] for i in members])
             if reducer is None:
-                reds = dense_reduction(feats)
+                reds = dense_reduction(stacked)
             else:
-                sig = {name: torch.stack([parts[i] for i in members]) for name, parts in per_signal.items()}
-                reds = reducer(feats, (t * h // 2, w // 2), sig, budget=_image_budget(reducer, feats.shape[1]))
+                sig = {name: torch.stack([parts[i] for i in members]) for name, parts in signals.items()}
+                reds = reducer(stacked, (t * h // 2, w // 2), sig, budget=_image_budget(reducer, stacked.shape[1]))
             for i, r in zip(members, reds, strict=True):
                 reductions[i] = r
-        return reductions, counts
+        return reductions
 
-    def _encode(
-        self, pixel_values: Tensor, grids: list[tuple[int, int, int]], requests: dict[str, SignalRequest]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Run the tower; return the features (`_features`) [sum N_i, F] and each request's signal per patch
-        pooled onto merged tokens ([sum N_i] or [L, sum N_i] or [sum N_i, D])."""
+    def _start(self, pixel_values: Tensor, grids: list[tuple[int, int, int]]) -> qwen_tower.TowerState:
+        """Embed the patches and lay them out in the tower's order."""
         tower = self.vision_tower
-        wanted = sorted({block for req in requests.values() for block in self._blocks(req)})
-        captured: dict[Any, tuple[Tensor, dict]] = {}
-
-        def capture(key: Any) -> Any:
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                captured[key] = (args[0] if args else kwargs["hidden_states"], kwargs)
-
-            return hook
-
-        handles = [tower.blocks[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in wanted]
-        mergers = self._mergers()
-        handles += [m.register_forward_pre_hook(capture(key), with_kwargs=True) for key, m in mergers.items()]
         grid_thw = torch.tensor(grids, device=pixel_values.device)
-        try:
-            tower(pixel_values.to(tower.dtype), grid_thw=grid_thw)
-        finally:
-            for h in handles:
-                h.remove()
-        order = self._natural_order(grid_thw)
-        merged = self._features({key: captured[key][0] for key in mergers})[order]
-        signals = {}
-        for name, req in requests.items():
-            rows = [self._signal(tower.blocks[i], *captured[i], req)[order] for i in self._blocks(req)]
-            signals[name] = rows[0] if self._kind(req) != "mean_received_layers" else torch.stack(rows)
-        return merged, signals
+        patches = self._embed_patches(pixel_values.to(tower.dtype), grid_thw)
+        layout, unit_order = self._layout(grid_thw, grids)
+        return qwen_tower.start(tower, patches, grid_thw, layout, unit_order)
 
-    def _mergers(self) -> dict[str, nn.Module]:
-        """The tower's modules whose inputs (per patch, in the tower's order) the features are formed from."""
-        return {"merger": self.vision_tower.merger}
+    def _embed_patches(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+        """The tower's input rows [T, C] (natural order): the patch embedding."""
+        return self.vision_tower.patch_embed(pixel_values)
 
-    def _features(self, inputs: dict[str, Tensor]) -> Tensor:
-        """The features [sum N_i, F] the methods reduce, from the captured `_mergers` inputs: the merger's MLP
-        input (its ln_q of each merged token's four patches, concatenated)."""
-        hidden = inputs["merger"]
-        return self.vision_tower.merger.ln_q(hidden).reshape(-1, MERGED * hidden.shape[-1])
+    def _layout(
+        self, grid_thw: Tensor, grids: list[tuple[int, int, int]]
+    ) -> tuple[qwen_tower.TowerLayout, Tensor | None]:
+        """(which tokens attend together, the natural unit at each tower position or None for the identity):
+        Qwen2-VL attends within each frame in every block, in natural order."""
+        return qwen_tower.TowerLayout(_unit_frames(grids), None, frozenset()), None
 
-    def _natural_order(self, grid_thw: Tensor) -> Tensor | slice:
-        """Index that puts the tower's merged tokens in row-major grid order (Qwen2-VL: already so)."""
-        return slice(None)
+    def _parts(self) -> dict[str, int | None]:
+        """The feature parts the methods reduce, concatenated in this order: name -> the block whose OUTPUT
+        they are formed from (None: the last block). Qwen2-VL: the merger's input."""
+        return {"merger": None}
 
-    def _blocks(self, req: SignalRequest) -> list[int]:
-        """The tower blocks whose input a request reads (its layers, counted from the end if negative)."""
-        return [layer % len(self.vision_tower.blocks) for layer in req.layers]
+    def _part(self, name: str, hidden: Tensor) -> Tensor:
+        """A feature part [U, 4C] from the hidden states [4U, C] it is formed from (tower order): the
+        merger's MLP input (its ln_q of each merged token's four patches, concatenated)."""
+        merger = self.vision_tower.merger
+        return merger.ln_q(hidden).reshape(-1, MERGED * hidden.shape[-1])
 
-    def _signal(self, block: nn.Module, hidden: Tensor, kwargs: dict, req: SignalRequest) -> Tensor:
-        """One block's signal per merged token, from the block's input `hidden` [T, C]."""
+    def _blocks(self, req: SignalRequest, depth: int) -> list[int]:
+        """The tower blocks whose input a request reads (its layers, counted from the end if negative, in a
+        tower of `depth` blocks)."""
+        return [layer % depth for layer in req.layers]
+
+    def _signals(
+        self,
+        inputs: dict[int, qwen_tower.BlockInput],
+        req: SignalRequest,
+        depth: int,
+        order: Tensor,
+        counts: list[int],
+    ) -> list[Tensor]:
+        """A request's signal per image (natural order): [N_i], [L, N_i] or [N_i, D]."""
+        blocks = self.vision_tower.blocks
+        rows = [self._signal(blocks[i], inputs[i], req)[order] for i in self._blocks(req, depth)]
+        if self._kind(req) == "mean_received_layers":
+            return list(torch.stack(rows).split(counts, dim=1))
+        return list(rows[0].split(counts))
+
+    def _signal(self, block: nn.Module, seen: qwen_tower.BlockInput, req: SignalRequest) -> Tensor:
+        """One block's signal per merged token (tower order), from the block's input."""
         attn = block.attn
-        t = hidden.shape[0]
-        qkv = attn.qkv(block.norm1(hidden)).reshape(t, 3, attn.num_heads, -1)
+        t = seen.hidden.shape[0]
+        qkv = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1)
         q, k = qkv[:, 0], qkv[:, 1]  # [T, H, d]
         if self._kind(req) == "keys":
             pooled = k.flatten(1).reshape(t // MERGED, MERGED, -1).mean(1)
             return patch_keys(pooled.unsqueeze(0), attn.num_heads, req.heads, has_cls=False)[0]
-        cos, sin = (x.unsqueeze(-2).to(q.dtype) for x in kwargs["position_embeddings"])
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
         received = mean_received_attention(
-            q.flatten(1), k.flatten(1), attn.num_heads, req.heads, cu_seqlens=kwargs["cu_seqlens"]
+            q.flatten(1), k.flatten(1), attn.num_heads, req.heads, cu_seqlens=seen.segments.cu_seqlens()
         )
         return received.reshape(t // MERGED, MERGED).mean(1)
 
@@ -210,9 +282,8 @@ class Qwen2VLAdapter(Adapter):
         grid = image_kwargs.get("video_grid_thw")
         if not isinstance(grid, Tensor):
             raise InputError("videos need video_grid_thw from the processor; pass the processor's full output")
-        out = self.model.model.get_video_features(videos, video_grid_thw=grid)
-        pooled = out.pooler_output if hasattr(out, "pooler_output") else out
-        feats = torch.cat(list(pooled)).to(embeds)
+        reductions, _ = self._reductions(videos, None, {"image_grid_thw": grid})
+        feats = self.vision_tower.merger.mlp(torch.cat([r.features for r in reductions])).to(embeds)
         slots = input_ids == self.model.config.video_token_id
         if int(slots.sum()) != feats.shape[0]:
             raise InputError(
@@ -260,6 +331,13 @@ def _grids(grid_thw: Any, patches: int) -> list[tuple[int, int, int]]:
             "processor's pixel_values and image_grid_thw together"
         )
     return grids
+
+
+def _unit_frames(grids: list[tuple[int, int, int]]) -> Tensor:
+    """[U] long (CPU): the frame (attention segment of a full-attention block) of each merged-token unit, in
+    natural order: every frame of every image is a segment of its own, as the tower's cu_seqlens say."""
+    sizes = torch.tensor([h * w // MERGED for t, h, w in grids for _ in range(t)])
+    return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
 
 
 def _image_budget(reducer: Reducer, n: int) -> int | None:

@@ -24,8 +24,9 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from visprune import compat
 from visprune.errors import InputError
 from visprune.models.base import ImageTokens, Reducer
 from visprune.models.qwen2_vl import MERGED, Qwen2VLAdapter
@@ -48,19 +49,23 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def addition_layers(self) -> tuple[int, ...]:
         return tuple(range(len(self.vision_tower.deepstack_merger_list)))
 
-    def _mergers(self) -> dict[str, nn.Module]:
-        tower = self.vision_tower
-        return {"merger": tower.merger, **{f"{DEEPSTACK}{i}": m for i, m in enumerate(tower.deepstack_merger_list)}}
+    def _embed_patches(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+        """The patch embedding plus the learned position embedding interpolated to each image's grid."""
+        patches = self.vision_tower.patch_embed(pixel_values)
+        return patches + compat.vision_position_embedding(self.vision_tower, grid_thw).to(patches.dtype)
 
-    def _features(self, inputs: dict[str, Tensor]) -> Tensor:
-        """[sum N_i, (1 + L) * 4C]: the merger's MLP input, then each DeepStack merger's, along channels."""
+    def _parts(self) -> dict[str, int | None]:
+        """The merger's MLP input, then each DeepStack merger's (from the output of its tower block)."""
+        indexes = self.vision_tower.deepstack_visual_indexes
+        return {"merger": None, **{f"{DEEPSTACK}{i}": int(block) for i, block in enumerate(indexes)}}
+
+    def _part(self, name: str, hidden: Tensor) -> Tensor:
+        """[U, 4C]: the merger normalises each patch before concatenating; DeepStack mergers after."""
         tower = self.vision_tower
-        hidden = inputs["merger"]
-        parts = [tower.merger.norm(hidden).reshape(-1, MERGED * hidden.shape[-1])]
-        for i, merger in enumerate(tower.deepstack_merger_list):
-            x = inputs[f"{DEEPSTACK}{i}"]
-            parts.append(merger.norm(x.reshape(-1, MERGED * x.shape[-1])))
-        return torch.cat(parts, dim=-1)
+        if name == "merger":
+            return tower.merger.norm(hidden).reshape(-1, MERGED * hidden.shape[-1])
+        merger = tower.deepstack_merger_list[int(name.removeprefix(DEEPSTACK))]
+        return merger.norm(hidden.reshape(-1, MERGED * hidden.shape[-1]))
 
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         reductions, counts = self._reductions(pixel_values, reducer, image_kwargs)
@@ -89,6 +94,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return {i: stacked[:, i] for i in range(stacked.shape[1])}
 
 
-def _project(merger: nn.Module, rows: Tensor) -> Tensor:
+def _project(merger: torch.nn.Module, rows: Tensor) -> Tensor:
     """A Qwen3-VL patch merger's MLP (linear_fc1 -> act -> linear_fc2) on its normed input rows."""
     return merger.linear_fc2(merger.act_fn(merger.linear_fc1(rows)))

@@ -1,0 +1,162 @@
+"""visprune's runner for the Qwen-VL vision towers: the tower's own weights and block structure, with
+batched attention, and an optional cut where a method reduces the tokens for the remaining blocks.
+
+transformers runs these towers' attention once per image, frame or window from Python (without
+FlashAttention); here every block runs its attention as one call per distinct segment length
+(`segments.segment_attention`), with the layout planned once per forward on the host. The blocks'
+arithmetic is the stock one (norm1 -> qkv -> vision RoPE -> attention -> proj, norm2 -> MLP, both
+residual), so outputs equal the stock tower's within float rounding; under a FlashAttention
+implementation the block's own attention module runs instead (its varlen kernel is already one call).
+
+Tokens are held in the TOWER's order (Qwen2.5-VL permutes merged-token units into windows); each
+unit (the 4 patches one merged token is made of) remembers its natural index, so results are put back
+into row-major grid order at the end. A cut keeps a subset of units (merged where a method merges):
+their rows continue through the remaining blocks with their own RoPE angles, and each keeps attending
+within its own frame or window, now over the kept units of that frame or window only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from visprune import compat
+from visprune.models.segments import Segments, segment_attention
+
+UNIT = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
+
+
+@dataclass(frozen=True)
+class TowerLayout:
+    """Which tokens attend together, per unit in tower order: its frame (full-attention blocks) and, on
+    towers with window attention, its window (every block not in `full_blocks`)."""
+
+    unit_frame: Tensor  # [U] long (CPU): frame id of each unit in tower order, non-decreasing
+    unit_window: Tensor | None  # [U] long (CPU): window id, non-decreasing; None when every block is full
+    full_blocks: frozenset[int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_full", _runs(self.unit_frame))
+        object.__setattr__(self, "_window", None if self.unit_window is None else _runs(self.unit_window))
+
+    def segments(self, block: int) -> Segments:
+        """The segments block `block` attends within (in patches)."""
+        if self.unit_window is None or block in self.full_blocks:
+            return self._full
+        return self._window
+
+    def keep(self, units: Tensor) -> TowerLayout:
+        """The layout of the units at tower positions `units` (ascending, CPU)."""
+        window = None if self.unit_window is None else self.unit_window[units]
+        return TowerLayout(self.unit_frame[units], window, self.full_blocks)
+
+
+def _runs(ids: Tensor) -> Segments:
+    """Segments (in patches) of the runs of equal ids in a non-decreasing unit id sequence."""
+    counts = torch.unique_consecutive(ids, return_counts=True)[1]
+    return Segments(tuple(int(c) * UNIT for c in counts.tolist()))
+
+
+@dataclass
+class BlockInput:
+    """A block's input as the methods' signals read it: hidden [T, C] in tower order, its RoPE angles and
+    the segments the block attends within."""
+
+    hidden: Tensor
+    cos: Tensor
+    sin: Tensor
+    segments: Segments
+
+
+@dataclass
+class TowerState:
+    """A tower forward in progress: the rows still running, in tower order."""
+
+    hidden: Tensor  # [T, C]
+    cos: Tensor  # [T, d]
+    sin: Tensor  # [T, d]
+    layout: TowerLayout
+    unit_natural: Tensor  # [U] long (device): the natural (row-major, all images) unit index of each unit
+    next_block: int = 0
+
+    def natural_order(self) -> Tensor:
+        """Index that puts this state's units in natural order (dense states: row-major grid order)."""
+        return self.unit_natural.argsort()
+
+    def input_of(self, block: int) -> BlockInput:
+        return BlockInput(self.hidden, self.cos, self.sin, self.layout.segments(block))
+
+
+def start(
+    tower: nn.Module, patches: Tensor, grid_thw: Tensor, layout: TowerLayout, unit_order: Tensor | None
+) -> TowerState:
+    """Embed the patches (`patches` already embedded [T, C], natural order) and put them in tower order
+    (`unit_order` [U]: the natural unit at each tower position, None for the identity)."""
+    position_ids = compat.vision_position_ids(grid_thw, tower.spatial_merge_size)
+    cos, sin = tower.rotary_pos_emb(patches, position_ids)
+    units = patches.shape[0] // UNIT
+    natural = torch.arange(units, device=patches.device)
+    if unit_order is not None:
+        order = unit_order.to(patches.device)
+        patches, cos, sin = (_take_units(x, order) for x in (patches, cos, sin))
+        natural = order
+    return TowerState(patches, cos, sin, layout, natural)
+
+
+def run_blocks(
+    tower: nn.Module, state: TowerState, until: int, *, inputs: Collection[int] = (), outputs: Collection[int] = ()
+) -> tuple[dict[int, BlockInput], dict[int, Tensor]]:
+    """Run blocks state.next_block .. until-1; return the inputs of the blocks in `inputs` and the outputs
+    (hidden [T, C], tower order) of the blocks in `outputs`."""
+    seen_in: dict[int, BlockInput] = {}
+    seen_out: dict[int, Tensor] = {}
+    rope = None
+    for i in range(state.next_block, until):
+        block = tower.blocks[i]
+        if i in inputs:
+            seen_in[i] = state.input_of(i)
+        rope = rope or compat.vision_rope(block.attn)
+        state.hidden = run_block(block, state.hidden, state.cos, state.sin, state.layout.segments(i), rope)
+        if i in outputs:
+            seen_out[i] = state.hidden
+    state.next_block = max(state.next_block, until)
+    return seen_in, seen_out
+
+
+def run_block(block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, segments: Segments, rope) -> Tensor:
+    """One Qwen-VL vision block with its attention batched over `segments`."""
+    attn = block.attn
+    impl = attn.config._attn_implementation or "eager"
+    if impl not in ("sdpa", "eager"):
+        # FlashAttention and others: the block's own varlen path is already a single call.
+        cu = segments.cu_seqlens(hidden.device)
+        return block(hidden, cu_seqlens=cu, max_seqlen=max(segments.lengths), position_embeddings=(cos, sin))
+    t = hidden.shape[0]
+    q, k, v = attn.qkv(block.norm1(hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)
+    q, k = rope(q, k, cos, sin)
+    out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
+    hidden = hidden + attn.proj(out.reshape(t, -1))
+    return hidden + block.mlp(block.norm2(hidden))
+
+
+def cut(state: TowerState, rows: Tensor, natural: Tensor) -> Tensor:
+    """Continue with new rows: `rows` [K, UNIT * C] (units' patches concatenated) standing at the natural
+    units `natural` [K] (device). Returns the index that puts the tower-order rows back into the order
+    given (apply it to results of the remaining blocks). One host synchronisation (the new layout)."""
+    tower_pos = state.natural_order()[natural]  # natural unit -> its tower position
+    order = tower_pos.argsort(stable=True)
+    kept = tower_pos[order]
+    patch_rows = (kept.unsqueeze(1) * UNIT + torch.arange(UNIT, device=kept.device)).flatten()
+    state.hidden = rows[order].reshape(-1, rows.shape[1] // UNIT)
+    state.cos, state.sin = state.cos[patch_rows], state.sin[patch_rows]
+    state.layout = state.layout.keep(kept.cpu())
+    state.unit_natural = natural[order]
+    return order.argsort()
+
+
+def _take_units(x: Tensor, order: Tensor) -> Tensor:
+    """Rows [T, ...] reordered by merged-token units (`order` [T / UNIT])."""
+    return x.reshape(order.shape[0], UNIT, *x.shape[1:])[order].reshape(x.shape)

@@ -1,0 +1,127 @@
+"""Attention over a packed token sequence split into independent segments (images, frames or windows).
+
+Vision towers that pack several images into one sequence (the Qwen-VL family) attend within each
+image, frame or window only. transformers runs that, without FlashAttention, as one attention call
+per segment from Python: at 1008 px, Qwen2.5-VL makes about 2,300 calls per image. Here the segments
+of equal length are folded into the batch dimension, so a sequence costs one attention call per
+distinct segment length (one in the common case of equal windows or equal images); when there are
+many distinct lengths (windows thinned by a reduction) the segments are padded to the longest and a
+key mask hides the padding, in one call. The plan (which rows go where) is built on the host once per
+layout and reused by every block, so the blocks launch no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Above this many distinct segment lengths, pad every segment to the longest (one masked call).
+MAX_GROUPS = 4
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A packed sequence of `sum(lengths)` tokens split into consecutive runs that attend only within
+    themselves (the block-diagonal mask transformers describes with `cu_seqlens`)."""
+
+    lengths: tuple[int, ...]
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) < 1:
+            raise ValueError(f"segments need at least one token each, got lengths {self.lengths}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def starts(self) -> list[int]:
+        return [0, *itertools.accumulate(self.lengths)][:-1]
+
+    def cu_seqlens(self, device: torch.device | str | None = None) -> Tensor:
+        """The int32 cumulative bounds [len + 1] (0 first, total last), as transformers takes them."""
+        return torch.tensor([0, *itertools.accumulate(self.lengths)], dtype=torch.int32, device=device)
+
+    def plan(self, device: torch.device, max_groups: int = MAX_GROUPS) -> _Plan:
+        """How rows are folded into batched calls on `device` (built once, then cached)."""
+        key = (str(device), max_groups)
+        if key not in self._plans:
+            self._plans[key] = _Plan.build(self, device, max_groups)
+        return self._plans[key]
+
+
+@dataclass
+class _Plan:
+    """uniform: the one segment length, when all are equal (the rows fold with a view).
+    groups: per distinct length L, the rows [n_L * L] of its segments (a gather per length).
+    padded: rows [n, L_max] of every segment padded with row 0, and `valid` [n, L_max] for the mask."""
+
+    uniform: int | None = None
+    groups: list[tuple[int, Tensor]] = field(default_factory=list)
+    padded: Tensor | None = None
+    valid: Tensor | None = None
+
+    @classmethod
+    def build(cls, segments: Segments, device: torch.device, max_groups: int) -> _Plan:
+        lengths = segments.lengths
+        if len(set(lengths)) == 1:
+            return cls(uniform=lengths[0])
+        starts = torch.tensor(segments.starts)
+        sizes = torch.tensor(lengths)
+        if len(set(lengths)) <= max_groups:
+            groups = []
+            for length in sorted(set(lengths)):
+                first = starts[sizes == length]
+                rows = (first.unsqueeze(1) + torch.arange(length)).flatten()
+                groups.append((length, rows.to(device)))
+            return cls(groups=groups)
+        offsets = torch.arange(max(lengths))
+        valid = offsets.unsqueeze(0) < sizes.unsqueeze(1)
+        padded = torch.where(valid, starts.unsqueeze(1) + offsets, 0)
+        return cls(padded=padded.to(device), valid=valid.to(device))
+
+
+def segment_attention(
+    q: Tensor, k: Tensor, v: Tensor, segments: Segments, *, scale: float, eager: bool = False
+) -> Tensor:
+    """Attention of every token over the tokens of its own segment: q, k, v [T, H, d] -> [T, H, d].
+
+    eager=True computes softmax(q k^T * scale) v explicitly with the softmax in float32, as
+    transformers' eager attention does; otherwise torch's scaled_dot_product_attention.
+    """
+    t, h, d = q.shape
+    if segments.total != t:
+        raise ValueError(f"the segments cover {segments.total} tokens but the sequence has {t}")
+    plan = segments.plan(q.device)
+    if plan.uniform is not None:
+        n = t // plan.uniform
+        folded = [x.reshape(n, plan.uniform, h, d).transpose(1, 2) for x in (q, k, v)]
+        return _attend(*folded, None, scale, eager).transpose(1, 2).reshape(t, h, d)
+    out = torch.empty_like(q)
+    if plan.padded is not None:
+        n, width = plan.padded.shape
+        rows = plan.padded.flatten()
+        folded = [x[rows].view(n, width, h, d).transpose(1, 2) for x in (q, k, v)]
+        attended = _attend(*folded, plan.valid[:, None, None, :], scale, eager).transpose(1, 2)
+        out[plan.padded[plan.valid]] = attended[plan.valid]
+        return out
+    for length, rows in plan.groups:
+        n = rows.shape[0] // length
+        folded = [x[rows].view(n, length, h, d).transpose(1, 2) for x in (q, k, v)]
+        out[rows] = _attend(*folded, None, scale, eager).transpose(1, 2).reshape(-1, h, d)
+    return out
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, eager: bool) -> Tensor:
+    """[n, H, L, d] attention with an optional boolean key mask [n, 1, 1, L]."""
+    if not eager:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v

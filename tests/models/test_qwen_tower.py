@@ -1,0 +1,205 @@
+"""visprune's Qwen-VL tower runner: batched segment attention equals one attention call per segment, the
+runner's dense features equal the stock tower's, and `tower_layer` reduces inside the tower (blocks after
+the cut see only the kept tokens, batch equals one by one, errors are clear)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import visprune
+from tests.models import tiny_qwen
+from tests.models.tiny import tiny_llava
+from visprune.models import adapter_for
+from visprune.models.segments import Segments, segment_attention
+
+# Odd grids: windows of several sizes on Qwen2.5-VL, a two-frame entry (video-like t=2).
+GRIDS = [(1, 6, 10), (2, 4, 4), (1, 10, 6), (1, 8, 8)]
+
+
+def _one_call_per_segment(q, k, v, lengths, scale):
+    outs = []
+    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True):
+        folded = [x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs)]
+        outs.append(F.scaled_dot_product_attention(*folded, scale=scale)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [(8, 8, 8), (3, 5, 3, 7, 5), (1, 2, 3, 4, 5, 6, 7)],
+    ids=["uniform", "grouped", "padded"],
+)
+@pytest.mark.parametrize("eager", [False, True])
+def test_segment_attention_equals_one_call_per_segment(lengths, eager):
+    g = torch.Generator().manual_seed(0)
+    t = sum(lengths)
+    q, k, v = (torch.randn(t, 2, 8, generator=g) for _ in range(3))
+    out = segment_attention(q, k, v, Segments(lengths), scale=0.3, eager=eager)
+    torch.testing.assert_close(out, _one_call_per_segment(q, k, v, lengths, 0.3), rtol=1e-5, atol=1e-6)
+
+
+def test_segments_refuse_a_sequence_they_do_not_cover():
+    q = torch.zeros(5, 1, 4)
+    with pytest.raises(ValueError, match="cover 6 tokens"):
+        segment_attention(q, q, q, Segments((3, 3)), scale=1.0)
+
+
+def _pixels(model, grids, seed=0):
+    vc = model.config.vision_config
+    width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(sum(t * h * w for t, h, w in grids), width, generator=g), torch.tensor(grids)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", tiny_qwen.FAMILIES)
+def test_runner_features_equal_the_stock_tower(family, attn):
+    model = tiny_qwen.tiny_qwen(family, attn)
+    pixels, grid = _pixels(model, GRIDS)
+    with torch.no_grad():
+        stock = model.model.visual(pixels, grid_thw=grid)
+        tokens = adapter_for(model).image_tokens(pixels, None, {"image_grid_thw": grid})
+    torch.testing.assert_close(torch.cat(tokens.features), stock.pooler_output, rtol=1e-5, atol=1e-5)
+    if family == "qwen3-vl":
+        levels = torch.cat(tokens.extras["deepstack"])  # [U, L, D]
+        for i, level in enumerate(stock.deepstack_features):
+            torch.testing.assert_close(levels[:, i], level, rtol=1e-5, atol=1e-5)
+
+
+TOWER_METHODS = {"fastervlm": {"budget": 5}, "random": {"budget": 5}, "tome": {"budget": 5}}
+BATCH_GRIDS = [(1, 8, 8), (1, 6, 10), None, (1, 10, 6)]
+LENGTHS = [2, 7, 4, 11]
+# The cut: after Qwen2.5-VL's first full-attention block (1), after both of Qwen3-VL's DeepStack blocks.
+CUT = {"qwen2-vl": 2, "qwen2.5-vl": 3, "qwen3-vl": 2}
+
+
+@pytest.fixture(scope="module", params=tiny_qwen.FAMILIES)
+def family_model(request):
+    return request.param, tiny_qwen.tiny_qwen(request.param)
+
+
+def _generate(model, inputs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False)
+
+
+@pytest.mark.parametrize("method", list(TOWER_METHODS))
+def test_tower_layer_batch_equals_one_by_one(family_model, method):
+    family, model = family_model
+    inputs = tiny_qwen.make_inputs(model, BATCH_GRIDS, LENGTHS, seed=3)
+    visprune.apply(model, method, tower_layer=CUT[family], **TOWER_METHODS[method])
+    try:
+        batch = _generate(model, inputs)
+        alone = [_generate(model, tiny_qwen.select(inputs, i, BATCH_GRIDS)) for i in range(len(BATCH_GRIDS))]
+    finally:
+        visprune.remove(model)
+    for i, out in enumerate(alone):
+        assert batch[i, -4:].tolist() == out[0, -4:].tolist(), f"prompt {i}"
+
+
+def test_blocks_after_the_cut_run_on_the_kept_tokens_only(family_model):
+    family, model = family_model
+    inputs = tiny_qwen.make_inputs(model, BATCH_GRIDS, LENGTHS, seed=3)
+    blocks = model.model.visual.blocks
+    rows: dict[int, int] = {}
+    hooks = [
+        b.mlp.register_forward_pre_hook(lambda m, a, i=i: rows.__setitem__(i, a[0].shape[0]))
+        for i, b in enumerate(blocks)
+    ]
+    handle = visprune.apply(model, "fastervlm", tower_layer=CUT[family], budget=5)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        visprune.remove(model)
+        for h in hooks:
+            h.remove()
+    dense = 4 * sum(handle.stats.visual_tokens_in)
+    assert handle.stats.visual_tokens_out == [5, 5, 5]
+    assert [rows[i] for i in range(len(blocks))] == [dense] * CUT[family] + [4 * 15] * (len(blocks) - CUT[family])
+
+
+def test_tower_layer_kept_tokens_attend_among_themselves():
+    """Qwen2-VL (full attention per image): after the cut, the kept rows go through the stock blocks as a
+    shorter packed sequence would (the reference runs transformers' own blocks on the kept rows)."""
+    model = tiny_qwen.tiny_qwen("qwen2-vl")
+    tower, cut = model.model.visual, 2
+    pixels, grid = _pixels(model, [(1, 6, 10), (1, 8, 8)])
+    seen = {}
+    hook = tower.blocks[cut].register_forward_pre_hook(
+        lambda m, a, kw: seen.update(hidden=a[0], kw=kw), with_kwargs=True
+    )
+    with torch.no_grad():
+        tower(pixels, grid_thw=grid)
+    hook.remove()
+    handle = visprune.apply(model, "fastervlm", tower_layer=cut, budget=4)
+    try:
+        with torch.no_grad():
+            tokens = handle.adapter.image_tokens(pixels, _reducer(handle), {"image_grid_thw": grid})
+    finally:
+        visprune.remove(model)
+    offsets = [0, 15]
+    units = torch.cat([r[0].sources.sort().values + o for r, o in zip(tokens.reductions, offsets, strict=True)])
+    patches = (units[:, None] * 4 + torch.arange(4)).flatten()
+    hidden = seen["hidden"][patches]
+    cos, sin = (x[patches] for x in seen["kw"]["position_embeddings"])
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32)
+    with torch.no_grad():
+        for block in tower.blocks[cut:]:
+            hidden = block(hidden, cu_seqlens=cu, position_embeddings=(cos, sin))
+        ref = tower.merger(hidden)
+    assert all(bool((r[0].sources.diff() > 0).all()) for r in tokens.reductions)  # spatial order
+    torch.testing.assert_close(torch.cat(tokens.features), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen3_deepstack_levels_on_both_sides_of_the_cut():
+    """Cut between the DeepStack blocks (0 | 1): level 0 comes from before the cut, so a selection keeps the
+    dense level-0 rows of the kept tokens; level 1 is computed on the kept tokens after the cut. Batch ==
+    alone."""
+    model = tiny_qwen.tiny_qwen("qwen3-vl")
+    pixels, grid = _pixels(model, [(1, 6, 10), (1, 8, 8)])
+    with torch.no_grad():
+        dense = adapter_for(model).image_tokens(pixels, None, {"image_grid_thw": grid}).extras["deepstack"]
+    handle = visprune.apply(model, "random", tower_layer=1, budget=6)
+    try:
+        with torch.no_grad():
+            tokens = handle.adapter.image_tokens(pixels, _reducer(handle), {"image_grid_thw": grid})
+            alone = handle.adapter.image_tokens(pixels[60:], _reducer(handle), {"image_grid_thw": grid[1:]})
+    finally:
+        visprune.remove(model)
+    for i, (levels, crops) in enumerate(zip(tokens.extras["deepstack"], tokens.reductions, strict=True)):
+        torch.testing.assert_close(levels[:, 0], dense[i][crops[0].sources, 0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(levels[:, 1], dense[i][crops[0].sources, 1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(tokens.extras["deepstack"][1], alone.extras["deepstack"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens.features[1], alone.features[0], rtol=1e-5, atol=1e-5)
+
+
+def _reducer(handle):
+    from visprune.patch import Reducer
+
+    return Reducer(handle.encoder, handle.encoder_options, False, handle.stats, handle.tower_layer)
+
+
+def test_tower_layer_errors():
+    llava = tiny_llava()
+    with pytest.raises(visprune.UnsupportedModelError, match="Qwen-VL family"):
+        visprune.apply(llava, "fastervlm", tower_layer=2, budget=4)
+    model = tiny_qwen.tiny_qwen("qwen2.5-vl")
+    with pytest.raises(visprune.InputError, match=r"tower_layer must be an int in \[1, 3\]"):
+        visprune.apply(model, "fastervlm", tower_layer=4, budget=4)
+    with pytest.raises(visprune.InputError, match="needs an encoder-side method"):
+        visprune.apply(model, "fastv", tower_layer=2)
+    with pytest.raises(
+        visprune.UnsupportedModelError, match=r"at vision block\(s\) \[-2\], but tower_layer=1 leaves 1"
+    ):
+        visprune.apply(model, "fastervlm", tower_layer=1, budget=4)
+    assert getattr(model, "_visprune", None) is None
+    inputs = tiny_qwen.make_inputs(model, BATCH_GRIDS, LENGTHS, seed=3)
+    visprune.apply(model, "prumerge", tower_layer=3)
+    try:
+        with pytest.raises(visprune.UnsupportedModelError, match="summary tokens"):
+            model(**inputs)
+    finally:
+        visprune.remove(model)
