@@ -90,11 +90,11 @@ def test_mean_received_bf16_inputs_agree_with_float32_reference():
 @pytest.mark.parametrize("chunk", [None, 1, 4, 6, 13, 100])
 @pytest.mark.parametrize("skip", [0, 1])
 @pytest.mark.parametrize("mode", ["single", "mean"])
-def test_mean_received_packed_segments_equal_each_image_alone(chunk, skip, mode):
+@pytest.mark.parametrize("lengths", [[5, 12, 2, 9], [6, 6, 6]], ids=["ragged", "equal"])
+def test_mean_received_packed_segments_equal_each_image_alone(chunk, skip, mode, lengths):
     torch.manual_seed(3)
-    lengths = [5, 12, 2, 9]
     q, k = torch.randn(sum(lengths), 8), torch.randn(sum(lengths), 8)
-    cu = torch.tensor([0, 5, 17, 19, 28], dtype=torch.int32)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     got = mean_received_attention(q, k, 2, mode, skip=skip, cu_seqlens=cu, chunk=chunk)
     parts = [
         naive_received(qi[None], ki[None], 2, mode, skip)[0]

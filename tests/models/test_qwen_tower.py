@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 import visprune
 from tests.models import tiny_qwen
+from tests.models.test_qwen import QWEN_OPTIONS
 from tests.models.tiny import tiny_llava
+from visprune.methods import Placement
 from visprune.models import adapter_for
 from visprune.models.segments import Segments, segment_attention
 
@@ -174,6 +176,26 @@ def test_qwen3_deepstack_levels_on_both_sides_of_the_cut():
         assert not torch.allclose(levels[:, 1], dense[i][crops[0].sources, 1], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(tokens.extras["deepstack"][1], alone.extras["deepstack"][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tokens.features[1], alone.features[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [s.name for s in visprune.list_methods() if s.placement is Placement.ENCODER])
+def test_every_encoder_method_reduces_inside_the_tower_or_says_why(method):
+    model = tiny_qwen.tiny_qwen("qwen2-vl")
+    inputs = tiny_qwen.make_inputs(model, [(1, 8, 8), (1, 6, 10)], [3, 4], seed=3)
+    options = QWEN_OPTIONS.get(method, {})
+    attempts = [options, {**options, "extra_token": False}] if method.startswith("prumerge") else [options]
+    for i, opts in enumerate(attempts):
+        handle = visprune.apply(model, method, tower_layer=2, **opts)
+        try:
+            with torch.no_grad():
+                if len(attempts) > 1 and i == 0:  # the default keeps a summary token at no grid cell
+                    with pytest.raises(visprune.UnsupportedModelError, match="extra_token=False"):
+                        model(**inputs)
+                    continue
+                model(**inputs)
+        finally:
+            visprune.remove(model)
+        assert all(0 < out < n for out, n in zip(handle.stats.visual_tokens_out, [16, 15], strict=True))
 
 
 def _reducer(handle):

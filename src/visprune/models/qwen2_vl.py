@@ -162,7 +162,7 @@ class Qwen2VLAdapter(Adapter):
         if any(bool((s < 0).any()) for s in sources):
             raise UnsupportedModelError(
                 "this method adds summary tokens that stand at no grid cell, so they cannot continue through the "
-                "vision tower; apply it without tower_layer"
+                "vision tower; leave them out (prumerge / prumerge+: extra_token=False) or apply without tower_layer"
             )
         offsets = torch.tensor([0, *counts[:-1]], device=state.hidden.device).cumsum(0)
         natural = torch.cat([s + offsets[i] for i, s in enumerate(sources)])
@@ -217,7 +217,7 @@ class Qwen2VLAdapter(Adapter):
 
     def _embed_patches(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
         """The tower's input rows [T, C] (natural order): the patch embedding."""
-        return self.vision_tower.patch_embed(pixel_values)
+        return qwen_tower.embed_patches(self.vision_tower.patch_embed, pixel_values)
 
     def _layout(
         self, grid_thw: Tensor, grids: list[tuple[int, int, int]]

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from visprune import compat
 from visprune.errors import InputError
+from visprune.models import qwen_tower
 from visprune.models.base import ImageTokens, Reducer
 from visprune.models.qwen2_vl import MERGED, Qwen2VLAdapter
 
@@ -51,7 +52,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def _embed_patches(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
         """The patch embedding plus the learned position embedding interpolated to each image's grid."""
-        patches = self.vision_tower.patch_embed(pixel_values)
+        patches = qwen_tower.embed_patches(self.vision_tower.patch_embed, pixel_values)
         return patches + compat.vision_position_embedding(self.vision_tower, grid_thw).to(patches.dtype)
 
     def _parts(self) -> dict[str, int | None]:

@@ -21,6 +21,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visprune import compat
@@ -88,6 +89,15 @@ class TowerState:
 
     def input_of(self, block: int) -> BlockInput:
         return BlockInput(self.hidden, self.cos, self.sin, self.layout.segments(block))
+
+
+def embed_patches(patch_embed: nn.Module, pixel_values: Tensor) -> Tensor:
+    """The tower's patch embedding as one matrix product: its Conv3d has kernel = stride = the patch, so on
+    the processor's flattened patches (channel, time, row, column order) it is a linear map. cuDNN's 3-D
+    convolution takes ~25x longer for the same arithmetic on an H200 (5 ms against 0.2 ms at 1008 px x 8)."""
+    proj = patch_embed.proj
+    weight = proj.weight.reshape(proj.weight.shape[0], -1)
+    return F.linear(pixel_values.to(weight.dtype), weight, proj.bias)
 
 
 def start(
