@@ -6,17 +6,10 @@ Families (bench/model.py): LLaVA-1.5 (one 336-px image, budgets in tokens) and Q
 batch-1 mode and the attention-materialising variants are LLaVA-only; on Qwen-VL the output JSON says
 why they were not measured (`not_measured`).
 
-Qwen2.5-VL-7B on the GPU machine (one H200, bf16), in two commands that each fit a 9-minute slot
-(estimated ~7.5 and ~7.5 minutes with model build; `timeout` keeps the partial results if they run long):
-
-    timeout 530 visprune bench --config qwen2.5-vl-7b --image-size 448 --batch 1 8 \
-        --budget-shares 0.25 0.125 0.0625 --dtype bfloat16 --repeats 10 --warmup 2 --decode-runs 1 \
-        --new-tokens 32 --methods fastervlm visionzip vtc-cls tome random pool prumerge+ fastv dart pdrop \
-        --out docs/bench/qwen2.5-vl-7b --name qwen2.5-vl-7b-448 --quiet
-    timeout 530 visprune bench --config qwen2.5-vl-7b --image-size 1008 --batch 1 8 \
-        --budget-shares 0.25 0.125 0.0625 --dtype bfloat16 --repeats 4 --warmup 1 --decode-runs 1 \
-        --new-tokens 16 --methods fastervlm visionzip tome random fastv \
-        --out docs/bench/qwen2.5-vl-7b --name qwen2.5-vl-7b-1008 --quiet
+Qwen2.5-VL-7B on the GPU machine (one H200, bf16): the commands in docs/bench/qwen2.5-vl-7b/README.md
+(each fits a 9-minute slot; `timeout` keeps the partial results if one runs long). `--methods none`
+adds visprune's dense path and `--tower-layer B` every encoder-side case reducing inside the tower;
+on Qwen-VL each run also times the stock tower against visprune's runner (`run["tower"]`).
 
 Partial results (JSON + Markdown) are written after every case, so a run cut short keeps what it measured.
 """
