@@ -128,8 +128,8 @@ class _LayerAdditions:
     tokens it kept."""
 
     pruner: DecoderPruner | None = field(default=None, repr=False)
-    rows: dict[int, Tensor] = field(default_factory=dict)  # layer -> [V, D], the V visual tokens in batch order
-    visual: Tensor | None = None  # [B, S'] visual tokens of the spliced prefill sequence
+    rows: dict[int, Tensor] = field(default_factory=dict)  # layer -> [V, D], the V marked tokens in batch order
+    visual: Tensor | None = None  # [B, S'] the tokens of the spliced prefill sequence the rows are added to
     armed: bool = False
     live: bool = False
 
@@ -416,10 +416,10 @@ def _prepare(
         stats.reductions = tokens.reductions
         _check_placeholders(runs, tokens.tokens_in)
     offsets = adapter.placeholder_offsets(stats.reductions, stats.visual_tokens_in)
-    embeds = adapter.embed(input_ids, image_kwargs)
-    batch = splice(input_ids, attention_mask, embeds, adapter.image_token_id, features, runs, labels, offsets)
+    embedded = adapter.embed(input_ids, image_kwargs)
+    batch = splice(input_ids, attention_mask, embedded.embeds, adapter.image_token_id, features, runs, labels, offsets)
     batch.position_ids = adapter.position_ids(input_ids, attention_mask, image_kwargs, batch, handle.keep_positions)
-    handle._additions.arm(adapter.layer_additions(extras), batch.layout.visual)
+    handle._additions.arm(*adapter.layer_additions(extras, embedded.extras, batch))
     stats.position_map = batch.position_map
     real = batch.attention_mask.sum(1).tolist()
     n_layers = len(adapter.decoder_layers)

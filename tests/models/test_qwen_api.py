@@ -131,12 +131,17 @@ def test_bad_inputs_raise_visprune_errors(model, inputs):
 
 
 def _with_video(model, inputs: dict, frames: int = 2) -> dict:
-    """`inputs` with a video of `frames` x 8 x 8 patches prepended to the first prompt (left padding kept)."""
+    """`inputs` with a video of `frames` x 8 x 8 patches prepended to the first prompt (left padding kept),
+    laid out as each family's processor does: one placeholder run (Qwen2-VL, Qwen2.5-VL) or one run per
+    frame, each between its own start and end tokens (Qwen3-VL)."""
     vc = model.config.vision_config
     width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
     t, h, w = frames, 8, 8
-    n = t * h * w // vc.spatial_merge_size**2
-    run = torch.tensor([tiny_qwen.START] + [tiny_qwen.VIDEO] * n + [tiny_qwen.END])
+    per_frame = h * w // vc.spatial_merge_size**2
+    runs = [t] if type(model).__name__ != "Qwen3VLForConditionalGeneration" else [1] * t
+    run = torch.cat(
+        [torch.tensor([tiny_qwen.START] + [tiny_qwen.VIDEO] * (n * per_frame) + [tiny_qwen.END]) for n in runs]
+    )
     rows = [
         torch.cat([run, r[m.bool()]]) if i == 0 else r[m.bool()]
         for i, (r, m) in enumerate(zip(inputs["input_ids"], inputs["attention_mask"], strict=True))
@@ -158,20 +163,19 @@ def test_videos_pass_through_unreduced(family, model, inputs):
     """A prompt with a video next to prompts with images: with 'none' the patched model gives exactly
     the unpatched tokens; with a method the images are reduced and the video is not."""
     video = _with_video(model, inputs)
-    if family == "qwen3-vl":
-        visprune.apply(model, "random", budget=4)
-        try:
-            with pytest.raises(visprune.InputError, match="video inputs are not supported yet"):
-                _generate(model, video)
-        finally:
-            visprune.remove(model)
-        return
     ref = _generate(model, video)
-    visprune.apply(model, "none")
+    with torch.no_grad():
+        ref_logits = model(**video).logits
+    handle = visprune.apply(model, "none")
     try:
         assert torch.equal(_generate(model, video), ref)
+        with torch.no_grad():
+            logits = model(**video).logits
     finally:
         visprune.remove(model)
+    real = handle.stats.position_map >= 0  # the same computation: every text token's logits agree
+    gathered = logits.gather(1, handle.stats.position_map.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
+    torch.testing.assert_close(gathered[real], ref_logits[real], rtol=1e-5, atol=1e-5)
     handle = visprune.apply(model, "random", budget=4)
     try:
         out = _generate(model, video)

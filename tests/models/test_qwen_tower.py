@@ -48,6 +48,22 @@ def test_segments_refuse_a_sequence_they_do_not_cover():
         segment_attention(q, q, q, Segments((3, 3)), scale=1.0)
 
 
+def test_aligned_gated_mlp_equals_the_mlp():
+    """The GPU path for Qwen2.5-VL's 3420-wide MLP (stacked gate/up, zero-padded down), here on an MLP of
+    odd width on the CPU: the same function."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+
+    from visprune.models.qwen_tower import aligned_gated_mlp
+
+    config = tiny_qwen.tiny_qwen2_5_vl().config.vision_config
+    config.intermediate_size = 30
+    torch.manual_seed(0)
+    mlp = Qwen2_5_VLMLP(config, bias=True)
+    x = torch.randn(7, config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(aligned_gated_mlp(mlp, x), mlp(x), rtol=1e-5, atol=1e-6)
+
+
 def _pixels(model, grids, seed=0):
     vc = model.config.vision_config
     width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2

@@ -30,6 +30,16 @@ class ImageTokens:
     extras: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
+@dataclass
+class Embedded:
+    """The caller's tokens embedded before images are spliced in: `embeds` [B, S, D], and for tokens that
+    pass through unreduced (videos) the per-row tensors `Adapter.layer_additions` needs (per name [V, ...],
+    those tokens in batch order)."""
+
+    embeds: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
 class Adapter(ABC):
     """Knows where a model family keeps its parts and how its image features are formed.
 
@@ -88,10 +98,10 @@ class Adapter(ABC):
     def attn_implementation(self) -> str:
         return self.model.config.text_config._attn_implementation or "eager"
 
-    def embed(self, input_ids: Tensor, image_kwargs: dict[str, Any]) -> Tensor:
+    def embed(self, input_ids: Tensor, image_kwargs: dict[str, Any]) -> Embedded:
         """Embeddings of the caller's tokens before images are spliced in (adapters may fill in inputs
         that pass through unreduced here, e.g. video features at their placeholders)."""
-        return self.model.get_input_embeddings()(input_ids)
+        return Embedded(self.model.get_input_embeddings()(input_ids))
 
     @abstractmethod
     def check_pixels(self, pixel_values: Tensor) -> None:
@@ -138,8 +148,11 @@ class Adapter(ABC):
         """Decoder layers after which `layer_additions` may add rows (default: none)."""
         return ()
 
-    def layer_additions(self, extras: dict[str, list[Tensor]]) -> dict[int, Tensor]:
-        """At prefill, {decoder layer: rows [V, D]} added to the hidden states of the V visual tokens of the
-        spliced batch (in batch order: sample by sample, images in prompt order) after that layer, built from
-        `ImageTokens.extras`. Default: none."""
-        return {}
+    def layer_additions(
+        self, extras: dict[str, list[Tensor]], passthrough: dict[str, Tensor], batch: Spliced
+    ) -> tuple[dict[int, Tensor], Tensor]:
+        """At prefill, ({decoder layer: rows [V, D]}, mask [B, S']): rows added after that layer to the hidden
+        states of the V tokens the mask marks in the spliced batch (in batch order: sample by sample, in
+        sequence order), built from `ImageTokens.extras` (the spliced image tokens) and `Embedded.extras`
+        (tokens that passed through, e.g. videos). Default: none."""
+        return {}, batch.layout.visual

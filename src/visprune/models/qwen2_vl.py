@@ -36,7 +36,7 @@ from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods.base import Reduction, SignalRequest
 from visprune.methods.signals import mean_received_attention, patch_keys
 from visprune.models import qwen_tower
-from visprune.models.base import Adapter, ImageTokens, Reducer
+from visprune.models.base import Adapter, Embedded, ImageTokens, Reducer
 from visprune.models.llava import dense_reduction
 from visprune.models.splice import Spliced
 
@@ -119,8 +119,8 @@ class Qwen2VLAdapter(Adapter):
 
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         reductions, counts = self._reductions(pixel_values, reducer, image_kwargs)
-        outs = [r.features for r in reductions]
-        projected = self.vision_tower.merger.mlp(torch.cat(outs)).split([o.shape[0] for o in outs])
+        rows, _ = self._project(reductions)
+        projected = rows.split([r.count for r in reductions])
         return ImageTokens(features=list(projected), tokens_in=counts, reductions=[[r] for r in reductions])
 
     def _reductions(
@@ -272,25 +272,31 @@ class Qwen2VLAdapter(Adapter):
         )
         return received.reshape(t // MERGED, MERGED).mean(1)
 
-    def embed(self, input_ids: Tensor, image_kwargs: dict[str, Any]) -> Tensor:
+    def embed(self, input_ids: Tensor, image_kwargs: dict[str, Any]) -> Embedded:
         """Text embeddings with any videos' dense features at their placeholders: videos pass through
         unreduced (methods act on images only)."""
-        embeds = super().embed(input_ids, image_kwargs)
+        embedded = super().embed(input_ids, image_kwargs)
         videos = image_kwargs.get("pixel_values_videos")
         if videos is None:
-            return embeds
+            return embedded
         grid = image_kwargs.get("video_grid_thw")
         if not isinstance(grid, Tensor):
             raise InputError("videos need video_grid_thw from the processor; pass the processor's full output")
         reductions, _ = self._reductions(videos, None, {"image_grid_thw": grid})
-        feats = self.vision_tower.merger.mlp(torch.cat([r.features for r in reductions])).to(embeds)
+        rows, extras = self._project(reductions)
         slots = input_ids == self.model.config.video_token_id
-        if int(slots.sum()) != feats.shape[0]:
+        if int(slots.sum()) != rows.shape[0]:
             raise InputError(
-                f"the prompts hold {int(slots.sum())} video placeholders but the videos give {feats.shape[0]} "
+                f"the prompts hold {int(slots.sum())} video placeholders but the videos give {rows.shape[0]} "
                 "tokens; build the inputs with the model's own processor"
             )
-        return embeds.masked_scatter(slots.unsqueeze(-1), feats)
+        embeds = embedded.embeds.masked_scatter(slots.unsqueeze(-1), rows.to(embedded.embeds))
+        return Embedded(embeds, extras)
+
+    def _project(self, reductions: list[Reduction]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The LLM-width rows [sum K_i, D] of the reductions' features (the merger's MLP), and per extra
+        name the rows that go with them (none on Qwen2-VL)."""
+        return self.vision_tower.merger.mlp(torch.cat([r.features for r in reductions])), {}
 
     def position_ids(
         self,

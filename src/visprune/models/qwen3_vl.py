@@ -13,9 +13,10 @@ choose from their signals and mix tokens with weights shared by every channel; a
 the features would see all levels, and the levels would still agree). Each level is then projected by
 its own merger's MLP and added by visprune's forward hooks after decoder layers 0..L-1 at prefill
 (`layer_additions`), following the tokens an LLM-side stage keeps.
-Positions: Qwen3-VL's get_rope_index gives the same 3-row layout for images as Qwen2-VL's (video
-timestamps only change videos, which are refused), so kept tokens keep their dense M-RoPE positions
-exactly as for Qwen2-VL. The tower has full attention in every block.
+Positions: Qwen3-VL's get_rope_index gives the same 3-row layout for images as Qwen2-VL's, so kept
+tokens keep their dense M-RoPE positions exactly as for Qwen2-VL. The tower has full attention in
+every block. Videos pass through unreduced, as on Qwen2-VL: their dense features at their placeholders,
+their dense DeepStack rows added to their tokens (with the images' reduced rows, in sequence order).
 """
 
 from __future__ import annotations
@@ -27,24 +28,17 @@ import torch
 from torch import Tensor
 
 from visprune import compat
-from visprune.errors import InputError
+from visprune.methods.base import Reduction
 from visprune.models import qwen_tower
 from visprune.models.base import ImageTokens, Reducer
 from visprune.models.qwen2_vl import MERGED, Qwen2VLAdapter
+from visprune.models.splice import Spliced
 
 DEEPSTACK = "deepstack"
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration",)
-
-    def check_image_inputs(self, image_kwargs: dict[str, Any]) -> None:
-        """Videos are refused: their DeepStack features would need the same injection as images'."""
-        if image_kwargs.get("pixel_values_videos") is not None or image_kwargs.get("video_grid_thw") is not None:
-            raise InputError(
-                "video inputs are not supported yet on a visprune-patched Qwen3-VL model; run videos on the "
-                "unpatched model (visprune.remove(model)) or pass images"
-            )
 
     @property
     def addition_layers(self) -> tuple[int, ...]:
@@ -70,29 +64,48 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         reductions, counts = self._reductions(pixel_values, reducer, image_kwargs)
+        rows, extras = self._project(reductions)
+        sizes = [r.count for r in reductions]
+        width = reductions[0].features.shape[-1] // (1 + len(self.vision_tower.deepstack_merger_list))
+        return ImageTokens(
+            features=list(rows.split(sizes)),
+            tokens_in=counts,
+            reductions=[[replace(r, features=r.features[:, :width])] for r in reductions],
+            extras={name: list(t.split(sizes)) for name, t in extras.items()},
+        )
+
+    def _project(self, reductions: list[Reduction]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The main rows [sum K_i, D] (the merger's MLP on the first part of the features) and the DeepStack
+        levels [sum K_i, L, D] (each level's merger MLP on its part)."""
         tower = self.vision_tower
         mergers = [tower.merger, *tower.deepstack_merger_list]
         rows = torch.cat([r.features for r in reductions])
-        sizes = [r.count for r in reductions]
-        levels = [
-            _project(m, part)
-            for m, part in zip(mergers, (c.contiguous() for c in rows.chunk(len(mergers), dim=-1)), strict=True)
-        ]
-        width = rows.shape[-1] // len(mergers)
-        return ImageTokens(
-            features=list(levels[0].split(sizes)),
-            tokens_in=counts,
-            reductions=[[replace(r, features=r.features[:, :width])] for r in reductions],
-            extras={DEEPSTACK: list(torch.stack(levels[1:], dim=1).split(sizes))} if len(levels) > 1 else {},
-        )
+        parts = (c.contiguous() for c in rows.chunk(len(mergers), dim=-1))
+        levels = [_project(m, part) for m, part in zip(mergers, parts, strict=True)]
+        return levels[0], ({DEEPSTACK: torch.stack(levels[1:], dim=1)} if len(levels) > 1 else {})
 
-    def layer_additions(self, extras: dict[str, list[Tensor]]) -> dict[int, Tensor]:
-        """DeepStack level i ([V, D], the images' rows [K_j, L, D] concatenated) after decoder layer i."""
-        per_image = extras.get(DEEPSTACK)
-        if not per_image:
-            return {}
-        stacked = torch.cat(per_image)
-        return {i: stacked[:, i] for i in range(stacked.shape[1])}
+    def layer_additions(
+        self, extras: dict[str, list[Tensor]], passthrough: dict[str, Tensor], batch: Spliced
+    ) -> tuple[dict[int, Tensor], Tensor]:
+        """DeepStack level i after decoder layer i, on every visual token as the model adds it: the images'
+        reduced rows at the spliced image tokens and any videos' dense rows at their tokens, in sequence
+        order."""
+        visual = batch.layout.visual
+        images = extras.get(DEEPSTACK)
+        videos = passthrough.get(DEEPSTACK)
+        if videos is None:
+            stacked = torch.cat(images) if images else None
+        else:
+            is_video = (batch.input_ids == self.model.config.video_token_id) & batch.attention_mask.bool()
+            joint = visual | is_video
+            stacked = videos.new_empty(int(joint.sum()), *videos.shape[1:])
+            stacked[is_video[joint]] = videos
+            if images:
+                stacked[visual[joint]] = torch.cat(images).to(videos)
+            visual = joint
+        if stacked is None:
+            return {}, visual
+        return {i: stacked[:, i] for i in range(stacked.shape[1])}, visual
 
 
 def _project(merger: torch.nn.Module, rows: Tensor) -> Tensor:
