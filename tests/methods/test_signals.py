@@ -126,3 +126,18 @@ def test_mean_received_errors():
         mean_received_attention(q[0], q[0], 2, cu_seqlens=torch.tensor([0, 1, 4]), skip=1)
     with pytest.raises(InputError, match="1-D integer"):
         mean_received_attention(q[0], q[0], 2, cu_seqlens=torch.tensor([0.0, 4.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("skip", [0, 1])
+def test_fused_received_equals_the_chunked_scores(dtype, skip):
+    """The two-pass fused-kernel path (used for half-precision CUDA inputs; here through torch's CPU flash
+    kernel) gives the column sums of the float32 chunked computation, to bf16 input precision."""
+    from visprune.methods.signals import _received_batched, _received_fused
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (2 * torch.randn(2, 4, 50, 16, generator=g) for _ in range(2))
+    ref = _received_batched(q.to(dtype).float(), k.to(dtype).float(), skip, None)
+    got = _received_fused(q.to(dtype), k.to(dtype), skip)
+    assert got is not None and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

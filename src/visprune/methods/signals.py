@@ -10,6 +10,7 @@ import bisect
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.errors import InputError
@@ -103,7 +104,7 @@ def mean_received_attention(
             raise InputError(f"q and k must both be [n, T, C]; got {tuple(q.shape)} and {tuple(k.shape)}")
         if q.shape[1] <= skip:
             raise InputError(f"{q.shape[1]} tokens leave no token after skipping {skip}")
-        total = _received_batched(_split_heads(q.float(), h), _split_heads(k.float(), h), skip, chunk)
+        total = _received(_split_heads(q, h), _split_heads(k, h), skip, chunk)
         rows: Tensor | int = q.shape[1] - skip
     else:
         if q.dim() != 2 or q.shape != k.shape:
@@ -112,14 +113,68 @@ def mean_received_attention(
         lengths = {b - a for a, b in itertools.pairwise(bounds)}
         if len(lengths) == 1:  # equal segments (images of one size): fold them into a batch, no mask
             n = len(bounds) - 1
-            fold = lambda x: _split_heads(x.float().reshape(n, q.shape[0] // n, -1), h)  # noqa: E731
-            total, rows = _received_batched(fold(q), fold(k), skip, chunk).flatten(), lengths.pop() - skip
+            fold = lambda x: _split_heads(x.reshape(n, q.shape[0] // n, -1), h)  # noqa: E731
+            total, rows = _received(fold(q), fold(k), skip, chunk).flatten(), lengths.pop() - skip
         else:
             qh = _split_heads(q.float().unsqueeze(0), h)[0]  # [H, T, d]
             kh = _split_heads(k.float().unsqueeze(0), h)[0]
             total, rows = _received_packed(qh, kh, bounds, skip, chunk)
     mean = total / rows  # averaged over query rows, summed over heads
     return mean if heads == "sum" else mean / h
+
+
+def _received(qh: Tensor, kh: Tensor, skip: int, chunk: int | None) -> Tensor:
+    """[n, T - skip] column sums (`_received_batched`), through fused attention kernels for half-precision
+    CUDA inputs (`_received_fused`) and in float32 query chunks otherwise."""
+    if qh.is_cuda and qh.dtype in (torch.float16, torch.bfloat16) and chunk is None:
+        fused = _received_fused(qh, kh, skip)
+        if fused is not None:
+            return fused
+    return _received_batched(qh.float(), kh.float(), skip, chunk)
+
+
+def _received_fused(qh: Tensor, kh: Tensor, skip: int) -> Tensor | None:
+    """[n, T - skip] column sums over heads and query rows skip.. of softmax(q k^T / sqrt(d)), from two passes
+    of a fused attention kernel (no score matrix in memory); None where torch has no such kernel.
+
+    Pass 1 gives each query row's log-normaliser lse_i. The column sum is sum_i exp(s_ij - lse_i): pass 2
+    runs attention with the roles swapped (key j as the query, query row i as the key) and reads ITS
+    log-normaliser, log sum_i exp(s_ij - lse_i). The -lse_i offsets ride in two extra dimensions (a
+    high and a low half-precision part of lse_i / scale, against ones), so the kernel's float32
+    accumulation adds them at nearly float32 precision."""
+    d = qh.shape[-1]
+    scale = d**-0.5
+    lse = _attention_lse(qh, kh, scale)
+    if lse is None:
+        return None
+    offset = lse[:, :, skip:] / scale
+    high = offset.to(qh.dtype)
+    low = (offset - high.float()).to(qh.dtype)
+    width = -(-(d + 2) // 8) * 8  # fused kernels take head sizes in multiples of 8
+    queries = F.pad(kh, (0, width - d))
+    queries[..., d : d + 2] = 1
+    keys = F.pad(qh[:, :, skip:], (0, width - d))
+    keys[..., d], keys[..., d + 1] = -high, -low
+    swapped = _attention_lse(queries, keys, scale)
+    if swapped is None:
+        return None
+    return swapped.exp().sum(dim=1)[:, skip:]
+
+
+def _attention_lse(q: Tensor, k: Tensor, scale: float) -> Tensor | None:
+    """Each query row's log-normaliser log sum_j exp(q_i k_j * scale): [B, H, L] float32, from torch's flash
+    attention kernel (on CUDA: half precision, head size a multiple of 8 up to 256; on the CPU: any float
+    type); None where it does not apply. The kernels are private torch operators (stable since torch 2.1);
+    without them callers compute the scores in chunks."""
+    d = q.shape[-1]
+    q, k = q.contiguous(), k.contiguous()
+    if not q.is_cuda:
+        op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        return None if op is None else op(q, k, torch.zeros_like(k), 0.0, False, scale=scale)[1].float()
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+    if op is None or q.dtype not in (torch.float16, torch.bfloat16) or d % 8 or d > 256:
+        return None
+    return op(q, k, torch.zeros_like(k), 0.0, False, False, scale=scale)[1].float()
 
 
 def _received_batched(qh: Tensor, kh: Tensor, skip: int, chunk: int | None) -> Tensor:
