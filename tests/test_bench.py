@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.models.tiny import tiny_llava_config
-from tests.models.tiny_qwen import END, IMAGE, START, VIDEO, tiny_qwen2_5_vl
+from tests.models.tiny_qwen import END, IMAGE, START, VIDEO, tiny_qwen2_5_vl, tiny_qwen3_vl
 from visprune import configs
 from visprune.bench import BenchConfig
 from visprune.bench.model import build_model, family_for
@@ -259,6 +259,35 @@ def test_bundled_qwen_config_has_the_released_dimensions():
         family.image_sizes((450,))
     with pytest.raises(InputError, match="exactly 336"):
         family_for(configs.load("llava-1.5-7b")).image_sizes((448,))
+
+
+def test_bundled_qwen3_config_has_the_released_dimensions():
+    cfg = configs.load("qwen3-vl-8b")
+    vis, text = cfg.vision_config, cfg.text_config
+    assert (vis.depth, vis.hidden_size, vis.intermediate_size, vis.num_heads, vis.patch_size) == (
+        27,
+        1152,
+        4304,
+        16,
+        16,
+    )
+    assert list(vis.deepstack_visual_indexes) == [8, 16, 24] and vis.out_hidden_size == 4096
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.head_dim) == (4096, 36, 8, 128)
+    assert list(text.rope_parameters["mrope_section"]) == [24, 20, 20]
+    family = family_for(cfg)
+    assert family.image_sizes(()) == (448, 1024)  # the default sizes on its 32-px merged-token grid
+    assert [family.dense_tokens(s) for s in (448, 1024)] == [196, 1024]
+
+
+def test_qwen3_bench_runs_with_the_tower_comparison(tmp_path):
+    tiny_qwen3_vl().config.save_pretrained(tmp_path / "cfg")
+    args = ["bench", "--config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32", "--batch", "1"]
+    args += ["--image-size", "56", "--budget-shares", "0.5", "--methods", "random", "--tower-layer", "2"]
+    args += ["--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--decode-runs", "0", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--name", "q3"]) == 0
+    run = json.loads((tmp_path / "out" / "q3.json").read_text())["runs"][0]
+    assert [c.get("error") for c in run["cases"]] == [None, None, None]
+    assert run["tower"]["max_rel_diff"] < 1e-5
 
 
 def test_budget_shares():

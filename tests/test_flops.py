@@ -204,7 +204,7 @@ def test_per_layer_tokens_compose_from_uniform_runs() -> None:
 
 
 def test_bundled_configs_and_dense_counts() -> None:
-    assert configs.available() == ["llava-1.5-13b", "llava-1.5-7b", "qwen2.5-vl-7b"]
+    assert configs.available() == ["llava-1.5-13b", "llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"]
     seven = flops.model_dims("llava-1.5-7b")
     assert seven.dense_tokens_per_image == 576 and seven.vision.layers_used == 23
     assert (seven.text.hidden, seven.text.layers, seven.text.vocab) == (4096, 32, 32064)

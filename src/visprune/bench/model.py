@@ -96,12 +96,12 @@ class LlavaFamily(Family):
 
 
 class QwenVLFamily(Family):
-    """Qwen2-VL / Qwen2.5-VL: images of any size (multiples of patch x merge), flattened patches,
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: images of any size (multiples of patch x merge), flattened patches,
     `image_grid_thw`, vision start / end tokens around the merged-token placeholders."""
 
     name = "qwen-vl"
-    model_types = ("qwen2_vl", "qwen2_5_vl")
-    default_sizes = (448, 1008)
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    default_sizes = (448, 1008)  # rounded to the nearest multiple of patch x merge size (Qwen3-VL: 448, 1024)
     tower_compare = True
     graph_skip = (
         "not measured on Qwen-VL: its vision tower computes window and rotary layouts from image_grid_thw on "
@@ -124,7 +124,7 @@ class QwenVLFamily(Family):
         return vis.patch_size * vis.spatial_merge_size
 
     def image_sizes(self, requested: tuple[int, ...]) -> tuple[int, ...]:
-        sizes = requested or self.default_sizes
+        sizes = requested or tuple(round(size / self._unit) * self._unit for size in self.default_sizes)
         bad = [s for s in sizes if s % self._unit]
         if bad:
             raise InputError(f"image sizes {bad} are not multiples of {self._unit} px (patch x merge size)")

@@ -1,9 +1,9 @@
 """Bundled architecture configs (no weights) for models visprune knows by name.
 
 Each JSON file here is a transformers config dict (its `model_type` says which class: `llava` for the
-llava-hf checkpoints, `qwen2_5_vl` for Qwen2.5-VL-7B-Instruct) matching the released checkpoint of the
-same name, so the FLOPs calculator, the benchmark and tests can reason about real model shapes without
-downloading anything.
+llava-hf checkpoints, `qwen2_5_vl` for Qwen2.5-VL-7B-Instruct, `qwen3_vl` for Qwen3-VL-8B-Instruct)
+matching the released checkpoint of the same name, so the FLOPs calculator, the benchmark and tests
+can reason about real model shapes without downloading anything.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from visprune.errors import InputError, closest
 
 
 def available() -> list[str]:
-    """Names of the bundled configs, e.g. ``["llava-1.5-13b", "llava-1.5-7b", "qwen2.5-vl-7b"]``."""
+    """Names of the bundled configs, e.g. ``["llava-1.5-13b", "llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"]``."""
     files = resources.files(__name__).iterdir()
     return sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json"))
 
