@@ -117,6 +117,20 @@ def test_tower_layer_batch_equals_one_by_one(family_model, method):
         assert batch[i, -4:].tolist() == out[0, -4:].tolist(), f"prompt {i}"
 
 
+def test_remove_after_tower_layer_restores_the_model_exactly(family_model):
+    family, model = family_model
+    inputs = tiny_qwen.make_inputs(model, BATCH_GRIDS, LENGTHS, seed=3)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    visprune.apply(model, "tome", tower_layer=CUT[family], budget=5)
+    with torch.no_grad():
+        model(**inputs)
+    visprune.remove(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+
+
 def test_blocks_after_the_cut_run_on_the_kept_tokens_only(family_model):
     family, model = family_model
     inputs = tiny_qwen.make_inputs(model, BATCH_GRIDS, LENGTHS, seed=3)
