@@ -146,10 +146,18 @@ class Runner:
         return self._batches
 
     @torch.inference_mode()
-    def run_cell(self, method: str, budget: int | None, tick: Callable[[], None] | None = None) -> dict[str, Any]:
-        """Evaluate one cell: accuracy per family, token counts, predictions, seconds."""
+    def run_cell(
+        self,
+        method: str,
+        budget: int | None,
+        tick: Callable[[], None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate one cell: accuracy per family, token counts, predictions, seconds. `extra`: method options
+        on top of the budget's (a study of one method's settings)."""
         try:
             options = {} if method == DENSE else budget_options(method, budget, self.n_visual, self.n_layers)
+            options = {**options, **(extra or {})}
         except InputError as err:
             if tick is not None:
                 for _ in self.batches():

@@ -14,19 +14,30 @@ import torch
 from torch import Tensor
 
 from visprune.errors import InputError
-from visprune.methods.base import Placement, Reduction, check_signal_option, document_signal, score_request
+from visprune.methods.base import (
+    SCORE_SIGNALS,
+    Placement,
+    Reduction,
+    SignalRequest,
+    document_signal,
+    score_request,
+)
 from visprune.methods.checks import check_choice, check_count, check_features, check_grid, check_tensor
 from visprune.methods.knee_point import DETECTORS, knee_count
 from visprune.methods.registry import register
 
 ATTENTIONS = ("single", "mean")
+# The score options: the shared ones, plus "cosine": the cosine similarity between the CLS token and each
+# patch (the paper's "similarity between visual and CLS tokens", read literally).
+SIGNALS = (*SCORE_SIGNALS, "cosine")
 
 
 def check_options(*, detector: Any, smooth: Any, k_min: Any, k_max: Any, attention: Any, signal: Any) -> None:
     """The knee method's options (also the encoder-stage options of knee+text)."""
     check_choice(detector, "detector", DETECTORS)
     check_choice(attention, "attention", ATTENTIONS)
-    check_signal_option(signal)
+    if signal is not None:
+        check_choice(signal, "signal", SIGNALS)
     check_count(smooth, "smooth")
     check_count(k_min, "k_min")
     if k_max is not None:
@@ -35,13 +46,22 @@ def check_options(*, detector: Any, smooth: Any, k_min: Any, k_max: Any, attenti
             raise InputError(f"k_max={k_max} must be >= k_min={k_min} (or None for no upper clamp)")
 
 
+def knee_request(signal: str | None, attention: str) -> SignalRequest:
+    """The score `knee` ranks by: CLS attention (or its CLS-free fallback) at the last encoder layer, or
+    with signal="cosine" the CLS-patch cosine similarity of that layer's input hidden states (the layer
+    whose output LLaVA feeds the projector)."""
+    if signal == "cosine":
+        return SignalRequest("cls_cosine", (-1,))
+    return score_request(signal, (-1,), attention)
+
+
 @register(
     "knee",
     description="Stage 1 of Yu, Chen & Xu: keep the CLS-attention tokens above the knee of the sorted "
     "score curve, per image (adaptive, no merging)",
     placement=Placement.ENCODER,
     adaptive=True,
-    signals=lambda o: {"cls_attn": score_request(o["signal"], (-1,), o["attention"])},
+    signals=lambda o: {"cls_attn": knee_request(o["signal"], o["attention"])},
     check=check_options,
 )
 @document_signal
@@ -61,9 +81,9 @@ def knee(
 
     features [B, N, C] are the patch features (CLS dropped); cls_attn [B, N] the score chosen by
     `signal` at the last encoder layer: the CLS-query attention probabilities over the patches (as
-    PruMerge's score), or on a tower without CLS ("mean-received") the attention each patch
-    receives, averaged over the patch queries (one full-width head or head-averaged, per
-    `attention`); grid is accepted
+    PruMerge's score), with signal="cosine" the CLS-patch cosine similarity, or on a tower without CLS
+    ("mean-received") the attention each patch receives, averaged over the patch queries (one
+    full-width head or head-averaged, per `attention`); grid is accepted
     for uniformity and only validated. Per image the scores are sorted descending, k* = the knee
     count of that curve, clamped to [k_min, k_max], and the top-k* tokens are kept unchanged in
     ascending (spatial) order. Assignment: kept tokens map to their slot, the others to -1.
@@ -83,6 +103,8 @@ def knee(
         attention: which CLS attention the adapter computes: "single" (default, PruMerge's official
             full-width one-head attention) or "mean" (head-averaged).
         signal: {SIGNAL}
+            "cosine" = the cosine similarity between the CLS token and each patch in the hidden states
+            entering the last encoder layer (LLaVA's feature layer); towers with a CLS token only.
     """
     b, n, c = check_features(features)
     if grid is not None:

@@ -45,6 +45,15 @@ def cls_attention(q_cls: Tensor, keys: Tensor, num_heads: int, heads: str = "mea
     return probs.sum(dim=1) if heads == "sum" else probs.mean(dim=1)
 
 
+def cls_cosine(hidden: Tensor) -> Tensor:
+    """[B, N] float32: cosine similarity between the CLS token and each patch token of one layer's hidden
+    states [B, 1 + N, C] (CLS first): the "similarity between visual and CLS tokens" of Yu, Chen & Xu."""
+    if hidden.dim() != 3 or hidden.shape[1] < 2:
+        raise InputError(f"hidden must be [B, 1+N, C] with the CLS token first, got {tuple(hidden.shape)}")
+    h = hidden.float()
+    return torch.nn.functional.cosine_similarity(h[:, 1:], h[:, :1], dim=-1)
+
+
 def patch_keys(keys: Tensor, num_heads: int, heads: str = "mean", has_cls: bool = True) -> Tensor:
     """Patch keys without the CLS key: [B, N, C] ("single") or head-averaged [B, N, C/H] ("mean").
 

@@ -182,9 +182,9 @@ class LlavaNextAdapter(LlavaAdapter):
 
 def _take_tokens(signal: Tensor, local: Tensor, kind: str) -> Tensor:
     """Select tokens `local` [n, N'] from a signal of the requested `kind` (its fallback has the same
-    shape): cls_attn / mean_received [n, N], keys [n, N, D], cls_attn_layers / mean_received_layers
+    shape): cls_attn / mean_received / cls_cosine [n, N], keys [n, N, D], cls_attn_layers / mean_received_layers
     [n, L, N]."""
-    if kind in ("cls_attn", "mean_received"):
+    if kind in ("cls_attn", "mean_received", "cls_cosine"):
         return signal.gather(1, local)
     if kind == "keys":
         return signal.gather(1, local.unsqueeze(-1).expand(-1, -1, signal.shape[-1]))

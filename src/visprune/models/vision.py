@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from visprune.errors import UnsupportedModelError
 from visprune.methods.base import SignalRequest
-from visprune.methods.signals import cls_attention, mean_received_attention, patch_keys
+from visprune.methods.signals import cls_attention, cls_cosine, mean_received_attention, patch_keys
 
-CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers"})
+CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers", "cls_cosine"})
 CLS_FREE_KINDS = frozenset({"mean_received", "mean_received_layers", "keys"})
 
 
@@ -63,6 +63,7 @@ class _LayerQK:
 
     def __init__(self, layer: nn.Module, hidden: Tensor):
         self.attn = layer.self_attn
+        self.hidden = hidden
         self.x = layer.layer_norm1(hidden)
         self.heads: int = self.attn.num_heads
         self._keys: Tensor | None = None
@@ -131,7 +132,9 @@ def encode(
     signals: dict[str, Tensor] = {}
     for name, req in requests.items():
         idx = [layer % n_layers for layer in req.layers]
-        if req.kind in CLS_KINDS:
+        if req.kind == "cls_cosine":
+            signals[name] = cls_cosine(qk[idx[0]].hidden)
+        elif req.kind in CLS_KINDS:
             rows = [cls_attention(qk[i].cls_query(), qk[i].keys, qk[i].heads, req.heads) for i in idx]
             signals[name] = rows[0] if req.kind == "cls_attn" else torch.stack(rows, dim=1)
         elif req.kind in ("mean_received", "mean_received_layers"):
@@ -153,9 +156,10 @@ def resolve_requests(tower: nn.Module, requests: dict[str, SignalRequest]) -> di
     resolved = {}
     for name, req in requests.items():
         if req.kind in CLS_KINDS and req.kind not in available and req.fallback not in available:
+            option = "cosine" if req.kind == "cls_cosine" else "cls"
             raise UnsupportedModelError(
-                f"signal='cls' needs the CLS token's attention, but the vision tower {type(tower).__name__} has no "
-                "CLS token; pass signal='mean-received' (or leave signal unset: it resolves to 'mean-received' here)"
+                f"signal={option!r} needs the CLS token, but the vision tower {type(tower).__name__} has no CLS "
+                "token; pass signal='mean-received' (or leave signal unset: it resolves to 'mean-received' here)"
             )
         resolved[name] = req.resolve(available)
     return resolved
