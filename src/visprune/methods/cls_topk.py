@@ -96,8 +96,9 @@ def fastervlm(
     CLS column dropped; on a tower without CLS ("mean-received") the head-averaged attention each
     patch receives, averaged over the patch queries. Keeps exactly `budget`
     tokens per image, in spatial order; `assignment` marks the dropped ones with -1. The grid is not
-    needed and only validated when given. Same as the official code except that the kept tokens are
-    emitted in spatial order with ties broken by lower index (the official code uses torch.topk).
+    needed and only validated when given. Same as the official code, which also keeps the tokens in
+    spatial order (it marks torch.topk's indices in a boolean mask and selects with it); ties at the
+    budget boundary go to the lower index here, where torch.topk leaves their order unspecified.
 
     Options:
         budget: number of tokens kept per image (default 64), 1 <= budget <= N.

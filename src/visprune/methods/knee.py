@@ -88,8 +88,10 @@ def knee(
     count of that curve, clamped to [k_min, k_max], and the top-k* tokens are kept unchanged in
     ascending (spatial) order. Assignment: kept tokens map to their slot, the others to -1.
 
-    Only the paper's abstract is public; this is the reading of METHODS.md. Ties in the scores are
-    broken towards the lower index.
+    The paper is public (arXiv 2409.01162; its v2 is titled "Sparsity Meets Similarity: Leveraging
+    Long-Tail Distribution for Dynamic Optimized Token Representation in Multimodal Large Language
+    Models"); this implementation follows the reading in METHODS.md, and `signal="cosine"` offers the
+    literal reading of its first-stage score. Ties in the scores are broken towards the lower index.
 
     Options:
         detector: how the knee is found (see knee_point.knee_count): "kneedle" (default, the point of
