@@ -104,3 +104,54 @@ def test_apply_refuses_bad_options_before_patching(method, options, match):
     with pytest.raises(InputError, match=match):
         visprune.apply(model, method, **options)
     assert model.generate == generate  # nothing was patched
+
+
+def test_every_fixed_budget_method_owns_its_budget_rule():
+    for spec in visprune.list_methods():
+        assert (spec.budget_rule is None) == spec.adaptive, spec.name
+
+
+def test_a_new_method_needs_only_its_registration_for_budgets():
+    """A fixed-budget method registered with a rule is budgeted by the tools with no name checks; one
+    registered without a rule (or an adaptive one with a rule) is refused at registration."""
+    from visprune.budgets import options_for_budget
+    from visprune.eval.synth import plan_cells
+    from visprune.methods.budget_rules import TOKENS
+    from visprune.methods.registry import _REGISTRY, register
+
+    def first_k(features, *, grid=None, budget: int = 8):
+        """Keep the first `budget` tokens.
+
+        Options:
+            budget: tokens kept per image.
+        """
+        return features[:, :budget]
+
+    def check(*, budget):
+        return None
+
+    try:
+        register(
+            "test-first-k",
+            description="first K",
+            placement=Placement.ENCODER,
+            adaptive=False,
+            check=check,
+            budget_rule=TOKENS,
+        )(first_k)
+        assert options_for_budget("test-first-k", 64) == {"budget": 64}
+        assert plan_cells(["test-first-k"], [32, 64])[-2:] == [("test-first-k", 32), ("test-first-k", 64)]
+    finally:
+        _REGISTRY.pop("test-first-k", None)
+    with pytest.raises(RuntimeError, match="needs a budget_rule"):
+        register("test-no-rule", description="x", placement=Placement.ENCODER, adaptive=False, check=check)(first_k)
+    with pytest.raises(RuntimeError, match="takes no budget_rule"):
+        register(
+            "test-adaptive",
+            description="x",
+            placement=Placement.ENCODER,
+            adaptive=True,
+            check=check,
+            budget_rule=TOKENS,
+        )(first_k)
+    assert "test-no-rule" not in _REGISTRY and "test-adaptive" not in _REGISTRY

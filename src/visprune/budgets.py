@@ -1,19 +1,13 @@
 """Map a visual-token budget onto each method's own options, so methods can be compared at equal
 budgets (64 / 128 / 192 tokens of LLaVA-1.5's 576).
 
-Rules (documented in the README):
-- encoder-side fixed methods: `budget` tokens per image reach the LLM.
-- fastv, dart (one LLM stage): `budget` image tokens remain after the pruning layer
-  (fastv keep_ratio = budget / dense).
-- pdrop, sparsevlm (several LLM stages): the AVERAGE number of image tokens over all decoder
-  layers equals the budget, as these papers report "equivalent tokens". pdrop keeps the ratio
-  lambda^s after stage s (lambda solved numerically; budgets its default stages (8, 16, 24)
-  cannot reach move the stages to EARLY_PDROP_LAYERS); sparsevlm scales its published
-  (300, 200, 110) counts by one factor.
-- adaptive methods (prumerge, prumerge+, knee, knee+text) take no budget: use their defaults.
-- a budget given as a SHARE of each image's visual tokens (models whose images differ in size, e.g.
-  Qwen-VL: 25% / 12.5% / 6.25%) is the token budget round(share * dense) under the rules above
-  (`options_for_share`), so fastv's keep_ratio is the share whenever share * dense is whole.
+Each fixed-budget method registers its rule (`visprune.methods.budget_rules`, README "Budgets"):
+encoder-side methods feed `budget` tokens per image; one-stage LLM-side methods keep `budget` image
+tokens after their pruning layer; multi-stage ones (pdrop, sparsevlm) average `budget` image tokens
+over all decoder layers, as those papers report "equivalent tokens". Adaptive methods (prumerge,
+prumerge+, knee, knee+text) take no budget. A budget given as a SHARE of each image's visual tokens
+(models whose images differ in size, e.g. Qwen-VL: 25% / 12.5% / 6.25%) is the token budget
+round(share * dense) under the same rules (`options_for_share`).
 Layer defaults of the multi-stage methods are published for 32-layer LLMs (7B); for another depth
 they are moved to the same relative depth (e.g. pdrop's 8/16/24 become 2/4/6 in an 8-layer LLM), and
 a single pruning layer (fastv, dart, knee+text) moves only when the LLM is too shallow for it. That
@@ -28,13 +22,6 @@ from typing import Any
 from visprune.errors import InputError
 from visprune.methods import depth, get_method
 
-ENCODER_BUDGET = ("fastervlm", "vtc-cls", "visionzip", "tome", "random", "pool")
-ADAPTIVE = ("prumerge", "prumerge+", "knee", "knee+text")
-# PyramidDrop's default stages (8, 16, 24) average at least 8/32 of the dense tokens; lower budgets
-# move the stages earlier, to these layers.
-EARLY_PDROP_LAYERS = (2, 6, 16)
-
-
 REFERENCE_LAYERS = 32  # the depth the published layer choices are for (LLaVA-1.5-7B)
 
 
@@ -42,31 +29,6 @@ def scale_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
     """Published layer indices moved to the same relative depth of a `num_layers`-layer LLM (>= 1);
     the rule of visprune.methods.depth, which also resolves the methods' layer defaults."""
     return depth.scale_layers(tuple(layers), REFERENCE_LAYERS, num_layers)
-
-
-def _pdrop_ratios(budget: int, dense: int, num_layers: int, layers: tuple[int, ...]) -> tuple[float, ...] | None:
-    """Ratios (l, l^2, l^3, ...) of the dense count kept after each stage so the layer average is `budget`;
-    None when even dropping everything at the first stage averages more than the budget."""
-    if max(layers) >= num_layers:
-        return None
-    if _average_tokens(dense, num_layers, layers, [0.0] * len(layers)) >= budget:
-        return None
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        lam = (lo + hi) / 2
-        avg = _average_tokens(dense, num_layers, layers, [dense * lam ** (s + 1) for s in range(len(layers))])
-        lo, hi = (lam, hi) if avg < budget else (lo, lam)
-    return tuple(round(lo ** (s + 1), 6) for s in range(len(layers)))
-
-
-def _average_tokens(dense: int, num_layers: int, layers: tuple[int, ...], counts: list[float]) -> float:
-    """Mean image tokens per decoder layer when stage s (pruning at layers[s]) leaves counts[s]."""
-    total, current, start = 0.0, float(dense), 0
-    for layer, count in zip(layers, counts, strict=True):
-        total += (layer - start) * current
-        current, start = count, layer
-    total += (num_layers - start) * current
-    return total / num_layers
 
 
 def fit_layers(method: str, num_layers: int) -> dict[str, Any]:
@@ -85,42 +47,17 @@ def fit_layers(method: str, num_layers: int) -> dict[str, Any]:
 
 def options_for_budget(method: str, budget: int | None, dense: int = 576, num_layers: int = 32) -> dict[str, Any]:
     """Options that make `method` feed about `budget` visual tokens (None: its defaults) to an LLM of
-    `num_layers` layers whose dense image has `dense` tokens."""
+    `num_layers` layers whose dense image has `dense` tokens: its registered budget rule applied to its
+    layer defaults for that LLM."""
     spec = get_method(method)
     options = fit_layers(method, num_layers)
     if budget is None:
         return options
-    if method in ADAPTIVE:
+    if spec.budget_rule is None:
         raise InputError(f"{method} is adaptive and takes no budget; pass budget=None")
     if not 1 <= budget <= dense:
         raise InputError(f"budget={budget} must be between 1 and the dense count {dense}")
-    if method in ENCODER_BUDGET or method == "dart":
-        return {**options, "budget": budget}
-    if method == "fastv":
-        return {**options, "keep_ratio": budget / dense}
-    layers = options.get("layers", depth.published(spec.defaults["layers"]))
-    if method == "sparsevlm":
-        published = spec.defaults["keep_counts"]
-        prune_at = tuple(layer + 1 for layer in layers)  # sparsevlm scores at `layers`, prunes after them
-        if prune_at[-1] >= num_layers:
-            raise InputError(f"sparsevlm's layers {layers} leave no layer to prune in a {num_layers}-layer LLM")
-        fixed = _average_tokens(dense, num_layers, prune_at, [0.0] * len(layers))
-        per_unit = _average_tokens(dense, num_layers, prune_at, list(published)) - fixed
-        scale = (budget - fixed) / per_unit
-        counts = tuple(max(1, round(c * scale)) for c in published)
-        if scale <= 0 or any(c > dense for c in counts):
-            raise InputError(
-                f"sparsevlm cannot average {budget} tokens with layers {layers} in a {num_layers}-layer LLM "
-                f"(the layers before its first stage alone average {fixed:.0f})"
-            )
-        return {**options, "keep_counts": counts}
-    if method == "pdrop":
-        for stage_layers in (layers, scale_layers(EARLY_PDROP_LAYERS, num_layers)):
-            ratios = _pdrop_ratios(budget, dense, num_layers, stage_layers)
-            if ratios is not None:
-                return {**options, "layers": stage_layers, "keep_ratios": ratios}
-        raise InputError(f"pdrop cannot average {budget} tokens in a {num_layers}-layer LLM")
-    raise InputError(f"no budget rule for method {method!r}")
+    return spec.budget_rule.apply(budget, options, dense=dense, num_layers=num_layers)
 
 
 def budget_for_share(share: float, dense: int) -> int:

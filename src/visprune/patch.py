@@ -69,15 +69,13 @@ class Reducer:
 
     @property
     def budget(self) -> int | None:
-        return encoder_budget(self.options)
+        return encoder_budget(self.spec, self.options)
 
     def _options_for(self, budget: int | None) -> dict[str, Any]:
-        if budget is None or budget == self.budget:
+        """The options for a per-crop `budget` override, by the method's own budget rule."""
+        if budget is None or budget == self.budget or self.spec.budget_rule is None:
             return self.options
-        if self.options.get("budget") is None and "dominant" in self.options:
-            dominant = max(1, round(budget * self.options["dominant"] / self.budget))
-            return {**self.options, "dominant": dominant, "contextual": budget - dominant}
-        return {**self.options, "budget": budget}
+        return self.spec.budget_rule.apply(budget, self.options)
 
     def __call__(
         self, features: Tensor, grid: tuple[int, int], signals: dict[str, Tensor], budget: int | None = None
@@ -90,13 +88,9 @@ class Reducer:
         return out
 
 
-def encoder_budget(options: dict[str, Any]) -> int | None:
+def encoder_budget(spec: MethodSpec, options: dict[str, Any]) -> int | None:
     """Tokens per image a fixed-count encoder-side method keeps with these options (None: adaptive)."""
-    if options.get("budget") is not None:
-        return int(options["budget"])
-    if "dominant" in options and "contextual" in options:
-        return int(options["dominant"]) + int(options["contextual"])
-    return None
+    return None if spec.budget_rule is None else spec.budget_rule.of(options)
 
 
 def _sync(t: Tensor, enabled: bool) -> None:
@@ -287,7 +281,7 @@ def apply(
             raise InputError("tower_layer needs an encoder-side method to reduce inside the tower")
     if encoder is not None:
         adapter.check_encoder_method(encoder.signals(enc_opts), tower_layer)
-        budget = encoder_budget(enc_opts)
+        budget = encoder_budget(encoder, enc_opts)
         if budget is not None and adapter.max_visual_tokens is not None and budget > adapter.max_visual_tokens:
             raise InputError(
                 f"{encoder.name}: a budget of {budget} tokens exceeds the {adapter.max_visual_tokens} visual tokens an "

@@ -30,7 +30,7 @@ import visprune
 from visprune.bench.model import Family, build_model, family_for
 from visprune.bench.static import stages_from_tokens, static_encoder, static_llm
 from visprune.bench.timing import CallTimer, summarize, time_fn
-from visprune.budgets import ADAPTIVE, budget_for_share, options_for_budget
+from visprune.budgets import budget_for_share, options_for_budget
 from visprune.bundled import resolve_device
 from visprune.errors import InputError
 from visprune.methods import MethodSpec, Placement, Reduction, get_method
@@ -95,8 +95,8 @@ def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], li
         if name == DENSE:  # visprune's own dense path (its vision tower runner included)
             out.append(Case(DENSE, None))
             continue
-        get_method(name)
-        budgets: list[tuple[int | None, float | None]] = [(None, None)] if name in ADAPTIVE else budget_list(cfg, dense)
+        adaptive = get_method(name).budget_rule is None
+        budgets: list[tuple[int | None, float | None]] = [(None, None)] if adaptive else budget_list(cfg, dense)
         for budget, share in budgets:
             try:
                 out.append(Case(name, budget, options_for_budget(name, budget, dense, num_layers), share))

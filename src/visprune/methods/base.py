@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from visprune.errors import UnsupportedModelError
+from visprune.methods.budget_rules import BudgetRule
 from visprune.methods.checks import check_choice
 
 
@@ -205,6 +206,7 @@ class MethodSpec:
     encoder_stage: str | None = None
     param_docs: dict[str, str] = field(default_factory=dict, repr=False)
     check: Callable[..., None] | None = field(default=None, repr=False)
+    budget_rule: BudgetRule | None = field(default=None, repr=False)  # None: adaptive (takes no budget)
 
     def options(self, **overrides: Any) -> dict[str, Any]:
         """Defaults merged with `overrides`, validated (names, types, ranges, choices): InputError

@@ -25,6 +25,7 @@ from visprune.methods.base import (
     score_request,
     select_tokens,
 )
+from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid, check_tensor
 from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.registry import register
@@ -79,6 +80,7 @@ def _check_grid_if_given(grid: tuple[int, int] | None, n: int) -> None:
     adaptive=False,
     signals=lambda o: {"cls_attn": score_request(o["signal"], (-2,), "mean")},
     check=check_fastervlm,
+    budget_rule=TOKENS,
 )
 @document_signal
 def fastervlm(
@@ -123,6 +125,7 @@ def fastervlm(
         )
     },
     check=check_vtc_cls,
+    budget_rule=TOKENS,
 )
 @document_signal
 def vtc_cls(

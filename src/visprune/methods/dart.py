@@ -15,6 +15,7 @@ from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, SignalRequest, TokenLayout
+from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_tensor
 from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.llm_attention import (
@@ -62,6 +63,7 @@ def _ordered_top(scores: Tensor, candidates: Tensor, p: int) -> Tensor:
     signals=_signals,
     layers=lambda o: (published(o["layer"]),),
     check=check_options,
+    budget_rule=TOKENS,
 )
 def dart(
     *,

@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from visprune.methods.base import Placement, SignalRequest, TokenLayout
+from visprune.methods.budget_rules import KEEP_RATIO
 from visprune.methods.checks import check_ratio
 from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.llm_attention import (
@@ -51,6 +52,7 @@ def _signals(o: dict) -> dict[str, SignalRequest]:
     signals=_signals,
     layers=lambda o: (published(o["layer"]),),
     check=check_options,
+    budget_rule=KEEP_RATIO,
 )
 def fastv(
     *,

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, SignalRequest, TokenLayout
-from visprune.methods.depth import RelativeDepth, published
+from visprune.methods.budget_rules import BudgetRule, average_tokens
+from visprune.methods.depth import RelativeDepth, published, scale_layers
 from visprune.methods.llm_attention import (
     assemble_keep,
     check_layers,
@@ -58,6 +59,37 @@ def stage_fraction(keep_ratios: tuple[float, ...], stage: int) -> Fraction:
     return frac[stage] / (frac[stage - 1] if stage else 1)
 
 
+# The default stages (8, 16, 24) average at least 8/32 of the dense tokens; lower budgets move the stages
+# earlier, to these layers (of a 32-layer LLM; moved to the same relative depth of another).
+EARLY_LAYERS = (2, 6, 16)
+
+
+def _ratios(budget: int, dense: int, num_layers: int, layers: tuple[int, ...]) -> tuple[float, ...] | None:
+    """Ratios (l, l^2, l^3, ...) of the dense count kept after each stage so that the layer average is
+    `budget`; None when even dropping everything at the first stage averages more than the budget."""
+    if max(layers) >= num_layers:
+        return None
+    if average_tokens(dense, num_layers, layers, [0.0] * len(layers)) >= budget:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        lam = (lo + hi) / 2
+        avg = average_tokens(dense, num_layers, layers, [dense * lam ** (s + 1) for s in range(len(layers))])
+        lo, hi = (lam, hi) if avg < budget else (lo, lam)
+    return tuple(round(lo ** (s + 1), 6) for s in range(len(layers)))
+
+
+def _budget(budget: int, options: dict[str, Any], *, dense: int, num_layers: int) -> dict[str, Any]:
+    """Geometric keep ratios (lambda^s after stage s) with the image tokens averaged over the LLM's layers
+    equal to `budget`; at budgets the default stages cannot reach, the stages move to EARLY_LAYERS."""
+    layers = options.get("layers", published(LAYERS))
+    for stage_layers in (layers, scale_layers(EARLY_LAYERS, 32, num_layers)):
+        ratios = _ratios(budget, dense, num_layers, stage_layers)
+        if ratios is not None:
+            return {**options, "layers": stage_layers, "keep_ratios": ratios}
+    raise InputError(f"pdrop cannot average {budget} tokens in a {num_layers}-layer LLM")
+
+
 @register(
     "pdrop",
     description="PyramidDrop: multi-stage drop of image tokens by last-instruction-token attention "
@@ -67,6 +99,7 @@ def stage_fraction(keep_ratios: tuple[float, ...], stage: int) -> Fraction:
     signals=_signals,
     layers=lambda o: tuple(published(o["layers"])),
     check=check_options,
+    budget_rule=BudgetRule(_budget),
 )
 def pdrop(
     *,

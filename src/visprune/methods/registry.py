@@ -10,6 +10,7 @@ from typing import Any
 
 from visprune.errors import InputError, UnknownMethodError, closest
 from visprune.methods.base import MethodSpec, Placement, SignalRequest
+from visprune.methods.budget_rules import BudgetRule
 from visprune.methods.depth import RelativeDepth, check_fits
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -55,6 +56,7 @@ def register(
     layers: Callable[[dict[str, Any]], tuple[int, ...]] | None = None,
     encoder_stage: str | None = None,
     check: Callable[..., None],
+    budget_rule: BudgetRule | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers a method function under `name`.
 
@@ -64,7 +66,12 @@ def register(
     raises InputError for a wrong type, range or choice. It is the same function the method calls
     on its arguments, so the registry (at `apply`) and a direct call share one set of rules; checks
     that need the data (e.g. budget <= N) stay in the method.
+    budget_rule: how a visual-token budget maps onto the options (`visprune.methods.budget_rules`);
+    required for a fixed-budget method, None for an adaptive one.
     """
+    if adaptive == (budget_rule is not None):
+        need = "takes no budget_rule (it is adaptive)" if adaptive else "needs a budget_rule (it keeps a fixed count)"
+        raise RuntimeError(f"method {name!r} {need}")
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
@@ -100,6 +107,7 @@ def register(
             encoder_stage=encoder_stage,
             param_docs=docs,
             check=check,
+            budget_rule=budget_rule,
         )
         return fn
 

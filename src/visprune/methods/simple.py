@@ -14,6 +14,7 @@ from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, select_tokens
+from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.registry import register
 
@@ -43,6 +44,7 @@ def check_pool(*, budget: Any, output_grid: Any) -> None:
     adaptive=False,
     signals=lambda o: {},
     check=check_random,
+    budget_rule=TOKENS,
 )
 def random_subset(
     features: Tensor,
@@ -115,6 +117,7 @@ def _axis_cells(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Te
     adaptive=False,
     signals=lambda o: {},
     check=check_pool,
+    budget_rule=TOKENS,
 )
 def pool(
     features: Tensor,

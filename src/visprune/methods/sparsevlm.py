@@ -15,6 +15,7 @@ from torch import Tensor
 
 from visprune.errors import InputError
 from visprune.methods.base import Placement, SignalRequest, TokenLayout
+from visprune.methods.budget_rules import BudgetRule, average_tokens
 from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.llm_attention import (
     assemble_keep,
@@ -79,6 +80,28 @@ def raters(hidden: Tensor, layout: TokenLayout) -> Tensor:
     return torch.zeros_like(text).scatter_(1, idx, chosen)  # idx is a permutation prefix: no clashes
 
 
+PUBLISHED_KEEP_COUNTS = (300, 200, 110)
+
+
+def _budget(budget: int, options: dict[str, Any], *, dense: int, num_layers: int) -> dict[str, Any]:
+    """The published keep counts scaled by one factor so that the image tokens averaged over the LLM's
+    layers equal `budget`; InputError when the layers before the first stage alone average more."""
+    layers = options.get("layers", published(LAYERS))
+    prune_at = tuple(layer + 1 for layer in layers)  # sparsevlm scores at `layers`, prunes after them
+    if prune_at[-1] >= num_layers:
+        raise InputError(f"sparsevlm's layers {layers} leave no layer to prune in a {num_layers}-layer LLM")
+    fixed = average_tokens(dense, num_layers, prune_at, [0.0] * len(layers))
+    per_unit = average_tokens(dense, num_layers, prune_at, list(PUBLISHED_KEEP_COUNTS)) - fixed
+    scale = (budget - fixed) / per_unit
+    counts = tuple(max(1, round(c * scale)) for c in PUBLISHED_KEEP_COUNTS)
+    if scale <= 0 or any(c > dense for c in counts):
+        raise InputError(
+            f"sparsevlm cannot average {budget} tokens with layers {layers} in a {num_layers}-layer LLM "
+            f"(the layers before its first stage alone average {fixed:.0f})"
+        )
+    return {**options, "keep_counts": counts}
+
+
 @register(
     "sparsevlm",
     description="SparseVLM: text raters' attention prunes image tokens at LLM layers 2/6/15 (keep 300/200/110)",
@@ -87,6 +110,7 @@ def raters(hidden: Tensor, layout: TokenLayout) -> Tensor:
     signals=_signals,
     layers=lambda o: tuple(layer + 1 for layer in published(o["layers"])),
     check=check_options,
+    budget_rule=BudgetRule(_budget),
 )
 def sparsevlm(
     *,
@@ -96,7 +120,7 @@ def sparsevlm(
     layout: TokenLayout,
     stage: int = 0,
     layers: tuple | RelativeDepth = LAYERS,
-    keep_counts: tuple = (300, 200, 110),
+    keep_counts: tuple = PUBLISHED_KEEP_COUNTS,
 ) -> Tensor:
     """Keep mask [B, S] (True = keep) over the sequence entering decoder layer `layers[stage] + 1`.
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.methods.base import Placement, Reduction, SignalRequest
+from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.registry import register
@@ -63,6 +64,7 @@ def check_options(*, budget: object) -> None:
     adaptive=False,
     signals=lambda o: {"keys": SignalRequest("keys", (-1,), "mean")},
     check=check_options,
+    budget_rule=TOKENS,
 )
 def tome(
     features: Tensor,

@@ -4,6 +4,8 @@ ranked by the attention each patch receives, summed over heads and averaged over
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,6 +19,7 @@ from visprune.methods.base import (
     document_signal,
     score_request,
 )
+from visprune.methods.budget_rules import BudgetRule
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.cls_topk import check_signal, top_indices
 from visprune.methods.registry import register
@@ -42,6 +45,24 @@ def check_options(*, dominant: object, contextual: object, budget: object, signa
         check_count(budget, "budget", 1)
 
 
+def _budget(budget: int, options: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """A total of `budget` tokens: the `budget` option (split 54:10), or, when the options fix dominant and
+    contextual counts instead, both scaled to the new total in their proportion (per-crop budgets)."""
+    if options.get("budget") is None and "dominant" in options and "contextual" in options:
+        dominant = max(1, round(budget * options["dominant"] / (options["dominant"] + options["contextual"])))
+        return {**options, "dominant": dominant, "contextual": budget - dominant}
+    return {**options, "budget": budget}
+
+
+def _kept(options: dict[str, Any]) -> int | None:
+    """Tokens per image: the `budget` option, or dominant + contextual."""
+    if options.get("budget") is not None:
+        return int(options["budget"])
+    if "dominant" in options and "contextual" in options:
+        return int(options["dominant"]) + int(options["contextual"])
+    return None
+
+
 @register(
     "visionzip",
     description="VisionZip: D dominant tokens by CLS attention + C contextual tokens merged by key similarity.",
@@ -52,6 +73,7 @@ def check_options(*, dominant: object, contextual: object, budget: object, signa
         "keys": SignalRequest("keys", (-2,), "mean"),
     },
     check=check_options,
+    budget_rule=BudgetRule(_budget, _kept),
 )
 @document_signal
 def visionzip(
