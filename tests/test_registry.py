@@ -155,3 +155,15 @@ def test_a_new_method_needs_only_its_registration_for_budgets():
             budget_rule=TOKENS,
         )(first_k)
     assert "test-no-rule" not in _REGISTRY and "test-adaptive" not in _REGISTRY
+
+
+def test_where_published_code_materialises_attention_is_part_of_the_registration():
+    where = {s.name: s.published_attention for s in visprune.list_methods() if s.published_attention}
+    assert where == {
+        "fastervlm": "vision",
+        "vtc-cls": "vision",
+        "visionzip": "vision",
+        "fastv": "llm",
+        "sparsevlm": "llm",
+        "pdrop": "llm",
+    }

@@ -38,16 +38,6 @@ from visprune.methods.base import select_tokens
 from visprune.models import adapter_for
 from visprune.patch import DENSE, Reducer, Stats
 
-# Methods whose published code materialises attention maps: where (vision tower or LLM) it does so.
-MATERIALIZING = {
-    "fastervlm": "vision",
-    "vtc-cls": "vision",
-    "visionzip": "vision",
-    "fastv": "llm",
-    "sparsevlm": "llm",
-    "pdrop": "llm",
-}
-
 
 @dataclass
 class BenchConfig:
@@ -266,7 +256,7 @@ class Bench:
 
     def materialized(self, case: Case) -> dict[str, Any]:
         """The method computed the way its published code does: eager attention with the maps."""
-        where = MATERIALIZING[case.method]
+        where = get_method(case.method).published_attention
         res: dict[str, Any] = {"method": case.method, "budget": case.budget, "where": where}
         pixels = self.inputs["pixel_values"]
         tower = self.adapter.vision_tower
@@ -465,7 +455,11 @@ def _run_extras(
         run["materialized"] = []
         middle = budgets[len(budgets) // 2][0] if budgets else None
         for case in todo:
-            if case.method in MATERIALIZING and case.budget == middle:
+            if (
+                case.method not in ("dense", DENSE)
+                and case.budget == middle
+                and get_method(case.method).published_attention
+            ):
                 try:
                     run["materialized"].append(bench.materialized(case))
                 except Exception as err:

@@ -207,6 +207,9 @@ class MethodSpec:
     param_docs: dict[str, str] = field(default_factory=dict, repr=False)
     check: Callable[..., None] | None = field(default=None, repr=False)
     budget_rule: BudgetRule | None = field(default=None, repr=False)  # None: adaptive (takes no budget)
+    # Where the method's published code materialises attention maps ("vision" or "llm"; None: it does not).
+    # `visprune bench` times that variant beside visprune's SDPA-compatible path.
+    published_attention: str | None = field(default=None, repr=False)
 
     def options(self, **overrides: Any) -> dict[str, Any]:
         """Defaults merged with `overrides`, validated (names, types, ranges, choices): InputError

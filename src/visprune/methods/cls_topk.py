@@ -81,6 +81,7 @@ def _check_grid_if_given(grid: tuple[int, int] | None, n: int) -> None:
     signals=lambda o: {"cls_attn": score_request(o["signal"], (-2,), "mean")},
     check=check_fastervlm,
     budget_rule=TOKENS,
+    published_attention="vision",
 )
 @document_signal
 def fastervlm(
@@ -126,6 +127,7 @@ def fastervlm(
     },
     check=check_vtc_cls,
     budget_rule=TOKENS,
+    published_attention="vision",
 )
 @document_signal
 def vtc_cls(

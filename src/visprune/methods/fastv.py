@@ -53,6 +53,7 @@ def _signals(o: dict) -> dict[str, SignalRequest]:
     layers=lambda o: (published(o["layer"]),),
     check=check_options,
     budget_rule=KEEP_RATIO,
+    published_attention="llm",
 )
 def fastv(
     *,

@@ -100,6 +100,7 @@ def _budget(budget: int, options: dict[str, Any], *, dense: int, num_layers: int
     layers=lambda o: tuple(published(o["layers"])),
     check=check_options,
     budget_rule=BudgetRule(_budget),
+    published_attention="llm",
 )
 def pdrop(
     *,

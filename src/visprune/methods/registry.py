@@ -57,6 +57,7 @@ def register(
     encoder_stage: str | None = None,
     check: Callable[..., None],
     budget_rule: BudgetRule | None = None,
+    published_attention: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers a method function under `name`.
 
@@ -68,7 +69,11 @@ def register(
     that need the data (e.g. budget <= N) stay in the method.
     budget_rule: how a visual-token budget maps onto the options (`visprune.methods.budget_rules`);
     required for a fixed-budget method, None for an adaptive one.
+    published_attention: where the method's published code materialises attention maps ("vision" or
+    "llm"), for the benchmark's comparison; None when it does not.
     """
+    if published_attention not in (None, "vision", "llm"):
+        raise RuntimeError(f"method {name!r}: published_attention must be None, 'vision' or 'llm'")
     if adaptive == (budget_rule is not None):
         need = "takes no budget_rule (it is adaptive)" if adaptive else "needs a budget_rule (it keeps a fixed count)"
         raise RuntimeError(f"method {name!r} {need}")
@@ -108,6 +113,7 @@ def register(
             param_docs=docs,
             check=check,
             budget_rule=budget_rule,
+            published_attention=published_attention,
         )
         return fn
 

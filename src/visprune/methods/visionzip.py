@@ -74,6 +74,7 @@ def _kept(options: dict[str, Any]) -> int | None:
     },
     check=check_options,
     budget_rule=BudgetRule(_budget, _kept),
+    published_attention="vision",
 )
 @document_signal
 def visionzip(
