@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.llm_pruning import DecoderPruner
-from visprune.methods import MethodSpec, Placement, Reduction, get_method
+from visprune.methods import MethodSpec, Placement, Reduction, SignalRequest, get_method
 from visprune.models import Adapter, adapter_for
 from visprune.models.splice import IGNORE_INDEX, Spliced, image_runs, splice
 
@@ -58,12 +58,19 @@ class Reducer:
     """
 
     def __init__(
-        self, spec: MethodSpec, options: dict[str, Any], sync: bool, stats: Stats, tower_layer: int | None = None
+        self,
+        spec: MethodSpec,
+        options: dict[str, Any],
+        sync: bool,
+        stats: Stats,
+        tower_layer: int | None = None,
+        project: Callable[[Tensor], Tensor] | None = None,
     ):
         self.spec = spec
         self.tower_layer = tower_layer
         self.options = options
-        self.requests = spec.signals(options)
+        self.requests, self._projected = split_projected(spec.signals(options))
+        self.project = project
         self.sync = sync
         self.stats = stats
 
@@ -82,10 +89,22 @@ class Reducer:
     ) -> list[Reduction]:
         _sync(features, self.sync)
         t0 = time.perf_counter()
+        if self._projected:
+            if self.project is None:
+                raise UnsupportedModelError(f"{self.spec.name} needs the projected features, which this model lacks")
+            rows = self.project(features)
+            signals = {**signals, **dict.fromkeys(self._projected, rows)}
         out = self.spec.fn(features, grid=grid, **signals, **self._options_for(budget))
         _sync(features, self.sync)
         self.stats.timings["reduce"] = self.stats.timings.get("reduce", 0.0) + time.perf_counter() - t0
         return out
+
+
+def split_projected(requests: dict[str, SignalRequest]) -> tuple[dict[str, SignalRequest], list[str]]:
+    """(the requests an adapter computes from its tower, the names of the "projected" requests: the Reducer
+    computes those itself, with the adapter's projector, from the features it is given)."""
+    projected = [name for name, req in requests.items() if req.kind == "projected"]
+    return {name: req for name, req in requests.items() if name not in projected}, projected
 
 
 def encoder_budget(spec: MethodSpec, options: dict[str, Any]) -> int | None:
@@ -280,7 +299,13 @@ def apply(
         if encoder is None:
             raise InputError("tower_layer needs an encoder-side method to reduce inside the tower")
     if encoder is not None:
-        adapter.check_encoder_method(encoder.signals(enc_opts), tower_layer)
+        from_tower, projected = split_projected(encoder.signals(enc_opts))
+        if projected and tower_layer is not None:
+            raise UnsupportedModelError(
+                f"{encoder.name} selects on the projected tokens, which do not exist inside the vision tower; "
+                "apply it without tower_layer"
+            )
+        adapter.check_encoder_method(from_tower, tower_layer)
         budget = encoder_budget(encoder, enc_opts)
         if budget is not None and adapter.max_visual_tokens is not None and budget > adapter.max_visual_tokens:
             raise InputError(
@@ -398,7 +423,14 @@ def _prepare(
     if pixel_values is not None:
         reducer = None
         if handle.encoder is not None:
-            reducer = Reducer(handle.encoder, handle.encoder_options, handle.sync_timings, stats, handle.tower_layer)
+            reducer = Reducer(
+                handle.encoder,
+                handle.encoder_options,
+                handle.sync_timings,
+                stats,
+                handle.tower_layer,
+                adapter.project,
+            )
         _sync(pixel_values, handle.sync_timings)
         t0 = time.perf_counter()
         tokens = adapter.image_tokens(pixel_values, reducer, image_kwargs)

@@ -19,6 +19,7 @@ BAD: dict[str, dict[str, list]] = {
         "signal": ["received", True],
     },
     "tome": {"budget": [0, "64", None]},
+    "divprune": {"budget": [0, "64", None, 2.5]},
     "random": {"budget": [0, None], "seed": ["0", 1.5, None]},
     "pool": {"budget": [0, "64"], "output_grid": [(4,), (4, 0), (4, 4, 4), "4x4", (2.0, 2)]},
     "knee": {
@@ -91,6 +92,7 @@ def direct_call(method: str, options: dict):
             "cls_attn": torch.rand(2, 16, generator=g).softmax(-1),
             "keys": torch.randn(2, 16, 8, generator=g),
             "cls_attn_layers": torch.rand(2, 4, 16, generator=g),
+            "projected": torch.randn(2, 16, 8, generator=g),
         }
         wanted = spec.signals(spec.defaults)
         return spec.fn(feats, **{k: v for k, v in signals.items() if k in wanted}, **options)

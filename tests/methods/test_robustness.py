@@ -21,6 +21,7 @@ OPTIONS = {
     "tome": [{"budget": 5}],
     "random": [{"budget": 5}],
     "pool": [{"budget": 4}],
+    "divprune": [{"budget": 5}],
     "knee": [{"k_min": 2}, {"k_min": 1, "detector": "max-gap", "smooth": 3}, {"k_min": 1, "detector": "max-curvature"}],
     "prumerge": [
         {"weights": w, "neighbors": k, "fence": f}
@@ -62,6 +63,8 @@ def inputs_for(name: str, options: dict, features: torch.Tensor, scores: torch.T
             kwargs[arg] = scores
         elif req.kind == "keys":
             kwargs[arg] = keys
+        elif req.kind == "projected":
+            kwargs[arg] = keys  # any [B, N, D] rows: zero and equal ones included
         else:  # cls_attn_layers: the same row at every layer, with a sign flip to mix things up
             rows = [scores * (-1) ** i for i in range(len(req.layers))]
             kwargs[arg] = torch.stack(rows, dim=1)

@@ -12,7 +12,7 @@ import visprune
 from tests.models import tiny_qwen
 from tests.models.test_qwen import QWEN_OPTIONS
 from tests.models.tiny import tiny_llava
-from visprune.methods import Placement
+from visprune.methods import Placement, get_method
 from visprune.models import adapter_for
 from visprune.models.segments import Segments, segment_attention
 
@@ -213,6 +213,11 @@ def test_every_encoder_method_reduces_inside_the_tower_or_says_why(method):
     model = tiny_qwen.tiny_qwen("qwen2-vl")
     inputs = tiny_qwen.make_inputs(model, [(1, 8, 8), (1, 6, 10)], [3, 4], seed=3)
     options = QWEN_OPTIONS.get(method, {})
+    spec = get_method(method)
+    if any(r.kind == "projected" for r in spec.signals(spec.options(**options)).values()):  # LLM-space tokens
+        with pytest.raises(visprune.UnsupportedModelError, match="without tower_layer"):
+            visprune.apply(model, method, tower_layer=2, **options)
+        return
     attempts = [options, {**options, "extra_token": False}] if method.startswith("prumerge") else [options]
     for i, opts in enumerate(attempts):
         handle = visprune.apply(model, method, tower_layer=2, **opts)

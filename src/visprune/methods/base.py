@@ -119,6 +119,8 @@ class SignalRequest:
                        (`signals.mean_received_attention`: softmax over all keys the block attends
                        to, special tokens' rows and columns excluded). Any tower can provide it.
         "mean_received_layers" -> [B, len(layers), N], the same for several layers.
+        "projected" -> [B, N, D] the features as the LLM receives them (the model's projector applied to
+                       every row, nothing reduced); computed by the Reducer from the features it is given.
         "keys"      -> [B, N, D] patch keys (CLS dropped) at `layers[0]`; heads="mean" averages the
                        per-head keys (D = C / H), heads="single" keeps the full width (D = C).
         "q", "k"    -> LLM layer queries [B, H, S, d] / keys [B, H_kv, S, d] with RoPE applied.

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visprune.errors import UnsupportedModelError
 from visprune.methods.base import Reduction, SignalRequest
 from visprune.models.splice import Spliced
 
@@ -115,6 +116,11 @@ class Adapter(ABC):
     @abstractmethod
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         """Encode the images, reduce them with `reducer` (None = dense) and project them."""
+
+    def project(self, features: Tensor) -> Tensor:
+        """The rows [n, N, D] the LLM would receive for features [n, N, C] (the projector alone, nothing
+        reduced): the "projected" signal of methods that select on LLM-space tokens."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot project features for a method")
 
     def placeholder_offsets(self, reductions: list[list[Reduction]], tokens_in: list[int]) -> list[Tensor] | None:
         """Per image, each output row's offset in the image's placeholder run, for images of one crop

@@ -85,6 +85,9 @@ class LlavaAdapter(Adapter):
             self.vision_tower, pixel_values, cfg.vision_feature_layer, cfg.vision_feature_select_strategy, requests
         )
 
+    def project(self, features: Tensor) -> Tensor:
+        return self.projector(features)
+
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         requests = getattr(reducer, "requests", {}) if reducer is not None else {}
         out = self.encode(pixel_values, requests)

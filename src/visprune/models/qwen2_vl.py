@@ -293,6 +293,10 @@ class Qwen2VLAdapter(Adapter):
         embeds = embedded.embeds.masked_scatter(slots.unsqueeze(-1), rows.to(embedded.embeds))
         return Embedded(embeds, extras)
 
+    def project(self, features: Tensor) -> Tensor:
+        """The merger's MLP on the merger-input features."""
+        return self.vision_tower.merger.mlp(features)
+
     def _project(self, reductions: list[Reduction]) -> tuple[Tensor, dict[str, Tensor]]:
         """The LLM-width rows [sum K_i, D] of the reductions' features (the merger's MLP), and per extra
         name the rows that go with them (none on Qwen2-VL)."""

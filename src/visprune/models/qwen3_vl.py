@@ -74,6 +74,12 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             extras={name: list(t.split(sizes)) for name, t in extras.items()},
         )
 
+    def project(self, features: Tensor) -> Tensor:
+        """The merger's MLP on the main part of the features (the DeepStack parts follow it)."""
+        tower = self.vision_tower
+        width = features.shape[-1] // (1 + len(tower.deepstack_merger_list))
+        return _project(tower.merger, features[..., :width])
+
     def _project(self, reductions: list[Reduction]) -> tuple[Tensor, dict[str, Tensor]]:
         """The main rows [sum K_i, D] (the merger's MLP on the first part of the features) and the DeepStack
         levels [sum K_i, L, D] (each level's merger MLP on its part)."""

@@ -1,0 +1,89 @@
+"""DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175): keep the most diverse visual tokens.
+
+Token selection as a max-min diversity problem, solved greedily in cosine distance (1 - cos): first
+the token whose nearest other token is farthest, then, step by step, the token whose distance to the
+nearest already-selected token is largest. It needs no attention map and no text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visprune.errors import InputError
+from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
+from visprune.methods.budget_rules import TOKENS
+from visprune.methods.checks import check_budget, check_count, check_features, check_grid, check_tensor
+from visprune.methods.registry import register
+
+
+def check_options(*, budget: Any) -> None:
+    """DivPrune's option: a budget >= 1 (the bound against N needs the data)."""
+    check_count(budget, "budget", 1)
+
+
+def max_min_selection(x: Tensor, k: int) -> Tensor:
+    """[B, k] indices chosen greedily to maximise the smallest cosine distance among them, per image.
+
+    x [B, N, D]. Step 0 takes the token farthest from its nearest other token; each later step takes
+    the token farthest from its nearest selected token. A selected token is never taken again; ties go
+    to the lowest index. Batched over images; one step per selected token.
+    """
+    b, n, _ = x.shape
+    unit = F.normalize(x.float(), dim=-1)
+    distance = 1 - unit @ unit.transpose(1, 2)  # [B, N, N], symmetric
+    rows = torch.arange(n, device=x.device)
+    nearest_other = distance.masked_fill(rows == rows.unsqueeze(1), float("inf")).amin(dim=2)
+    chosen = [nearest_other.argmax(dim=1)]
+    to_selected = distance.gather(1, chosen[0].view(b, 1, 1).expand(b, 1, n)).squeeze(1)  # [B, N]
+    taken = torch.zeros(b, n, dtype=torch.bool, device=x.device).scatter_(1, chosen[0].unsqueeze(1), True)
+    for _ in range(k - 1):
+        nxt = to_selected.masked_fill(taken, float("-inf")).argmax(dim=1)
+        chosen.append(nxt)
+        taken.scatter_(1, nxt.unsqueeze(1), True)
+        to_selected = torch.minimum(to_selected, distance.gather(1, nxt.view(b, 1, 1).expand(b, 1, n)).squeeze(1))
+    return torch.stack(chosen, dim=1)
+
+
+@register(
+    "divprune",
+    description="DivPrune: the most diverse tokens by greedy max-min cosine distance among the projected tokens "
+    "(fixed K, no attention map)",
+    placement=Placement.ENCODER,
+    adaptive=False,
+    signals=lambda o: {"projected": SignalRequest("projected")},
+    check=check_options,
+    budget_rule=TOKENS,
+)
+def divprune(
+    features: Tensor,
+    *,
+    projected: Tensor,
+    grid: tuple[int, int] | None = None,
+    budget: int = 64,
+) -> list[Reduction]:
+    """Keep `budget` tokens per image chosen by `max_min_selection` on `projected` [B, N, D]: the tokens as
+    the LLM receives them (the projector applied to every feature row), as the official code selects on
+    the LLM's input embeddings. features [B, N, C] are what is kept (the adapter projects them after);
+    grid is accepted for uniformity and only validated.
+
+    Output: the kept tokens in spatial order, unchanged; `assignment` marks the dropped ones with -1.
+    Deviations from the official code: it keeps round(ratio * N) tokens of a batch of one, here exactly
+    `budget` per image of any batch; it could take a token twice when every remaining one sits at
+    distance 0 from the selection (identical tokens), here a selected token is never taken again.
+
+    Options:
+        budget: tokens kept per image (default 64), 1 <= budget <= N.
+    """
+    check_options(budget=budget)
+    b, n, _ = check_features(features)
+    if grid is not None:
+        check_grid(grid, n)
+    check_tensor(projected, "projected", (b, n, None))
+    if not projected.is_floating_point():
+        raise InputError(f"projected must be a floating point tensor, got {projected.dtype}")
+    k = check_budget(budget, n)
+    return select_tokens(features, max_min_selection(projected, k))
