@@ -22,6 +22,7 @@ OPTIONS = {
     "random": [{"budget": 5}],
     "pool": [{"budget": 4}],
     "divprune": [{"budget": 5}],
+    "vispruner": [{"budget": 5}, {"budget": 7, "important_ratio": 0.0}, {"budget": 6, "important_ratio": 1.0}],
     "knee": [{"k_min": 2}, {"k_min": 1, "detector": "max-gap", "smooth": 3}, {"k_min": 1, "detector": "max-curvature"}],
     "prumerge": [
         {"weights": w, "neighbors": k, "fence": f}

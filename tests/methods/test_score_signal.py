@@ -6,7 +6,7 @@ from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods import SignalRequest, get_method
 from visprune.methods.base import score_request
 
-CLS_METHODS = ["prumerge", "prumerge+", "knee", "knee+text", "fastervlm", "vtc-cls", "visionzip"]
+CLS_METHODS = ["prumerge", "prumerge+", "knee", "knee+text", "fastervlm", "vtc-cls", "visionzip", "vispruner"]
 NO_CLS = {"mean_received", "mean_received_layers", "keys"}
 WITH_CLS = NO_CLS | {"cls_attn", "cls_attn_layers"}
 

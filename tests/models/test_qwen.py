@@ -18,6 +18,7 @@ QWEN_OPTIONS = {
     **METHOD_OPTIONS,
     "fastervlm": {"budget": 4},
     "divprune": {"budget": 4},
+    "vispruner": {"budget": 4},
     "vtc-cls": {"budget": 4, "start_layer": -2},
     "visionzip": {"dominant": 3, "contextual": 1},
     "tome": {"budget": 4},

@@ -12,7 +12,7 @@ from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods import SignalRequest
 from visprune.models import vision
 
-CLS_METHODS = ["prumerge", "prumerge+", "knee", "knee+text", "fastervlm", "vtc-cls", "visionzip"]
+CLS_METHODS = ["prumerge", "prumerge+", "knee", "knee+text", "fastervlm", "vtc-cls", "visionzip", "vispruner"]
 N_NEW = 4
 
 

@@ -168,6 +168,7 @@ METHOD_OPTIONS: dict[str, dict] = {
     "random": {"budget": 8},
     "pool": {"budget": 16},
     "divprune": {"budget": 8},
+    "vispruner": {"budget": 8},
     "fastv": {"layer": 2},
     "sparsevlm": {"layers": (1, 2), "keep_counts": (24, 10)},
     "dart": {"layer": 2, "budget": 8},
@@ -175,7 +176,16 @@ METHOD_OPTIONS: dict[str, dict] = {
     "knee+text": {"k_min": 4, "text_layer": 2},
 }
 # Fixed-budget encoder methods: the exact number of tokens each image must get with METHOD_OPTIONS.
-FIXED_BUDGET = {"fastervlm": 8, "vtc-cls": 8, "visionzip": 8, "tome": 8, "random": 8, "pool": 16, "divprune": 8}
+FIXED_BUDGET = {
+    "fastervlm": 8,
+    "vtc-cls": 8,
+    "visionzip": 8,
+    "tome": 8,
+    "random": 8,
+    "pool": 16,
+    "divprune": 8,
+    "vispruner": 8,
+}
 COMPOSITION = (["visionzip", "fastv"], {"visionzip": {"dominant": 6, "contextual": 2}, "fastv": {"layer": 2}})
 
 

@@ -34,3 +34,4 @@ from visprune.methods import sparsevlm as _sparsevlm  # noqa: F401
 from visprune.methods import text_stage as _text_stage  # noqa: F401
 from visprune.methods import tome as _tome  # noqa: F401
 from visprune.methods import visionzip as _visionzip  # noqa: F401
+from visprune.methods import vispruner as _vispruner  # noqa: F401
