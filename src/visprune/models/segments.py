@@ -59,12 +59,15 @@ class Segments:
 class _Plan:
     """uniform: the one segment length, when all are equal (the rows fold with a view).
     groups: per distinct length L, the rows [n_L * L] of its segments (a gather per length).
-    padded: rows [n, L_max] of every segment padded with row 0, and `valid` [n, L_max] for the mask."""
+    padded: rows [n, L_max] of every segment padded with row 0, `valid` [n, L_max] for the mask, and
+    `slots` [T]: where each token sits in the flattened padded layout (results are read back from there
+    by index, with no data-dependent shapes on the device)."""
 
     uniform: int | None = None
     groups: list[tuple[int, Tensor]] = field(default_factory=list)
     padded: Tensor | None = None
     valid: Tensor | None = None
+    slots: Tensor | None = None
 
     @classmethod
     def build(cls, segments: Segments, device: torch.device, max_groups: int) -> _Plan:
@@ -83,7 +86,8 @@ class _Plan:
         offsets = torch.arange(max(lengths))
         valid = offsets.unsqueeze(0) < sizes.unsqueeze(1)
         padded = torch.where(valid, starts.unsqueeze(1) + offsets, 0)
-        return cls(padded=padded.to(device), valid=valid.to(device))
+        slots = valid.flatten().nonzero().squeeze(1)  # in token order: segments are consecutive runs
+        return cls(padded=padded.to(device), valid=valid.to(device), slots=slots.to(device))
 
 
 def segment_attention(
@@ -102,14 +106,13 @@ def segment_attention(
         n = t // plan.uniform
         folded = [x.reshape(n, plan.uniform, h, d).transpose(1, 2) for x in (q, k, v)]
         return _attend(*folded, None, scale, eager).transpose(1, 2).reshape(t, h, d)
-    out = torch.empty_like(q)
     if plan.padded is not None:
         n, width = plan.padded.shape
         rows = plan.padded.flatten()
         folded = [x[rows].view(n, width, h, d).transpose(1, 2) for x in (q, k, v)]
         attended = _attend(*folded, plan.valid[:, None, None, :], scale, eager).transpose(1, 2)
-        out[plan.padded[plan.valid]] = attended[plan.valid]
-        return out
+        return attended.reshape(n * width, h, d).index_select(0, plan.slots)
+    out = torch.empty_like(q)
     for length, rows in plan.groups:
         n = rows.shape[0] // length
         folded = [x[rows].view(n, length, h, d).transpose(1, 2) for x in (q, k, v)]
