@@ -83,7 +83,7 @@ def _budget(budget: int, options: dict[str, Any], *, dense: int, num_layers: int
     """Geometric keep ratios (lambda^s after stage s) with the image tokens averaged over the LLM's layers
     equal to `budget`; at budgets the default stages cannot reach, the stages move to EARLY_LAYERS."""
     layers = options.get("layers", published(LAYERS))
-    for stage_layers in (layers, scale_layers(EARLY_LAYERS, 32, num_layers)):
+    for stage_layers in (layers, scale_layers(EARLY_LAYERS, LAYERS.reference, num_layers)):
         ratios = _ratios(budget, dense, num_layers, stage_layers)
         if ratios is not None:
             return {**options, "layers": stage_layers, "keep_ratios": ratios}

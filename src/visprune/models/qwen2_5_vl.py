@@ -30,7 +30,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         window_index, lengths = compat.vision_windows(tower, grid_thw)
         windows = torch.tensor([n // MERGED for n in lengths])
         unit_window = torch.repeat_interleave(torch.arange(len(windows)), windows)
-        unit_frame = _unit_frames(grids)[window_index.cpu()]
+        unit_frame = _unit_frames(grids)[window_index]
         return qwen_tower.TowerLayout(unit_frame, unit_window, frozenset(tower.fullatt_block_indexes)), window_index
 
     def _blocks(self, req: SignalRequest, depth: int) -> list[int]:

@@ -119,7 +119,7 @@ class Qwen2VLAdapter(Adapter):
 
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         reductions, counts = self._reductions(pixel_values, reducer, image_kwargs)
-        rows, _ = self._project(reductions)
+        rows, _ = self._llm_rows(reductions)
         projected = rows.split([r.count for r in reductions])
         return ImageTokens(features=list(projected), tokens_in=counts, reductions=[[r] for r in reductions])
 
@@ -159,7 +159,7 @@ class Qwen2VLAdapter(Adapter):
         with their features replaced by the features (`_parts`) those rows end the tower with."""
         tower = self.vision_tower
         sources = [r.sources for r in reductions]
-        if any(bool((s < 0).any()) for s in sources):
+        if bool((torch.cat(sources) < 0).any()):
             raise UnsupportedModelError(
                 "this method adds summary tokens that stand at no grid cell, so they cannot continue through the "
                 "vision tower; leave them out (prumerge / prumerge+: extra_token=False) or apply without tower_layer"
@@ -210,8 +210,8 @@ class Qwen2VLAdapter(Adapter):
     def _start(self, pixel_values: Tensor, grids: list[tuple[int, int, int]]) -> qwen_tower.TowerState:
         """Embed the patches and lay them out in the tower's order."""
         tower = self.vision_tower
-        grid_thw = torch.tensor(grids, device=pixel_values.device)
-        patches = self._embed_patches(pixel_values.to(tower.dtype), grid_thw)
+        grid_thw = torch.tensor(grids)  # on the host: the layout is planned there
+        patches = self._embed_patches(pixel_values.to(tower.dtype), grid_thw.to(pixel_values.device))
         layout, unit_order = self._layout(grid_thw, grids)
         return qwen_tower.start(tower, patches, grid_thw, layout, unit_order)
 
@@ -222,8 +222,9 @@ class Qwen2VLAdapter(Adapter):
     def _layout(
         self, grid_thw: Tensor, grids: list[tuple[int, int, int]]
     ) -> tuple[qwen_tower.TowerLayout, Tensor | None]:
-        """(which tokens attend together, the natural unit at each tower position or None for the identity):
-        Qwen2-VL attends within each frame in every block, in natural order."""
+        """(which tokens attend together, the natural unit at each tower position or None for the identity),
+        from the grids (grid_thw on the host): Qwen2-VL attends within each frame in every block, in
+        natural order."""
         return qwen_tower.TowerLayout(_unit_frames(grids), None, frozenset()), None
 
     def _parts(self) -> dict[str, int | None]:
@@ -283,7 +284,7 @@ class Qwen2VLAdapter(Adapter):
         if not isinstance(grid, Tensor):
             raise InputError("videos need video_grid_thw from the processor; pass the processor's full output")
         reductions, _ = self._reductions(videos, None, {"image_grid_thw": grid})
-        rows, extras = self._project(reductions)
+        rows, extras = self._llm_rows(reductions)
         slots = input_ids == self.model.config.video_token_id
         if int(slots.sum()) != rows.shape[0]:
             raise InputError(
@@ -297,10 +298,10 @@ class Qwen2VLAdapter(Adapter):
         """The merger's MLP on the merger-input features."""
         return self.vision_tower.merger.mlp(features)
 
-    def _project(self, reductions: list[Reduction]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The LLM-width rows [sum K_i, D] of the reductions' features (the merger's MLP), and per extra
-        name the rows that go with them (none on Qwen2-VL)."""
-        return self.vision_tower.merger.mlp(torch.cat([r.features for r in reductions])), {}
+    def _llm_rows(self, reductions: list[Reduction]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The LLM-width rows [sum K_i, D] of the reductions' features (`project`), and per extra name the
+        rows that go with them (none on Qwen2-VL)."""
+        return self.project(torch.cat([r.features for r in reductions])), {}
 
     def position_ids(
         self,

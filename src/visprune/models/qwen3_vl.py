@@ -64,7 +64,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         reductions, counts = self._reductions(pixel_values, reducer, image_kwargs)
-        rows, extras = self._project(reductions)
+        rows, extras = self._llm_rows(reductions)
         sizes = [r.count for r in reductions]
         width = reductions[0].features.shape[-1] // (1 + len(self.vision_tower.deepstack_merger_list))
         return ImageTokens(
@@ -80,7 +80,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         width = features.shape[-1] // (1 + len(tower.deepstack_merger_list))
         return _project(tower.merger, features[..., :width])
 
-    def _project(self, reductions: list[Reduction]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _llm_rows(self, reductions: list[Reduction]) -> tuple[Tensor, dict[str, Tensor]]:
         """The main rows [sum K_i, D] (the merger's MLP on the first part of the features) and the DeepStack
         levels [sum K_i, L, D] (each level's merger MLP on its part)."""
         tower = self.vision_tower

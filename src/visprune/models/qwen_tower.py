@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,13 @@ class TowerLayout:
     unit_window: Tensor | None  # [U] long (CPU): window id, non-decreasing; None when every block is full
     full_blocks: frozenset[int]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_full", _runs(self.unit_frame))
-        object.__setattr__(self, "_window", None if self.unit_window is None else _runs(self.unit_window))
+    @cached_property
+    def _full(self) -> Segments:
+        return _runs(self.unit_frame)
+
+    @cached_property
+    def _window(self) -> Segments:
+        return _runs(self.unit_window)
 
     def segments(self, block: int) -> Segments:
         """The segments block `block` attends within (in patches)."""
@@ -106,9 +111,10 @@ def embed_patches(patch_embed: nn.Module, pixel_values: Tensor) -> Tensor:
 def start(
     tower: nn.Module, patches: Tensor, grid_thw: Tensor, layout: TowerLayout, unit_order: Tensor | None
 ) -> TowerState:
-    """Embed the patches (`patches` already embedded [T, C], natural order) and put them in tower order
-    (`unit_order` [U]: the natural unit at each tower position, None for the identity)."""
-    position_ids = compat.vision_position_ids(grid_thw, tower.spatial_merge_size)
+    """Put the embedded patches [T, C] (natural order) in tower order (`unit_order` [U]: the natural unit at
+    each tower position, None for the identity), with their RoPE angles. grid_thw [images, 3] on the host:
+    the position ids are laid out there and copied over once."""
+    position_ids = compat.vision_position_ids(grid_thw, tower.spatial_merge_size).to(patches.device)
     # The RoPE angles in float32 once (the vision RoPE computes in float32; the values are the stock ones).
     cos, sin = (x.float() for x in tower.rotary_pos_emb(patches, position_ids))
     units = patches.shape[0] // UNIT
