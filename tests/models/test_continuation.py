@@ -64,18 +64,7 @@ def test_manual_decode_loop_equals_generate(model, single, method):
 def test_generate_resumed_from_its_cache_equals_one_generate(model, batch, method):
     tiny.apply_method(model, method) if method != "none" else visprune.apply(model, "none")
     try:
-        with torch.no_grad():
-            whole = model.generate(**batch, max_new_tokens=2 * N_NEW, do_sample=False)
-            first = model.generate(**batch, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True)
-            cache = compat.output_cache(first)
-            mask = torch.cat([batch["attention_mask"], torch.ones(3, N_NEW, dtype=torch.long)], dim=1)
-            resumed = model.generate(
-                input_ids=first.sequences,
-                attention_mask=mask,
-                max_new_tokens=N_NEW,
-                do_sample=False,
-                **{compat.cache_keyword(model): cache},
-            )
+        whole, resumed = tiny.whole_and_resumed(model, batch, N_NEW)
     finally:
         visprune.remove(model)
     assert torch.equal(resumed, whole)

@@ -9,9 +9,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import visprune
-from tests.models import tiny_qwen
+from tests.models import tiny, tiny_qwen
 from tests.models.tiny import left_pad
-from visprune import compat
 
 GRIDS = [(1, 8, 8), (1, 6, 10)]
 N_NEW = 4
@@ -72,17 +71,7 @@ def test_generate_resumed_from_its_cache_equals_one_generate(model, inputs, meth
     kw = {"dominant": 3, "contextual": 1} if method == "visionzip" else {}
     visprune.apply(model, method, **kw)
     try:
-        with torch.no_grad():
-            whole = model.generate(**inputs, max_new_tokens=2 * N_NEW, do_sample=False)
-            first = model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True)
-            mask = torch.cat([inputs["attention_mask"], torch.ones(2, N_NEW, dtype=torch.long)], dim=1)
-            resumed = model.generate(
-                input_ids=first.sequences,
-                attention_mask=mask,
-                max_new_tokens=N_NEW,
-                do_sample=False,
-                **{compat.cache_keyword(model): compat.output_cache(first)},
-            )
+        whole, resumed = tiny.whole_and_resumed(model, inputs, N_NEW)
     finally:
         visprune.remove(model)
     assert torch.equal(resumed, whole)

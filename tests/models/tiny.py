@@ -215,6 +215,25 @@ def greedy(model, inputs: dict, max_new_tokens: int = 5, **kw):
         )
 
 
+def whole_and_resumed(model, inputs: dict, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ids of one generate of 2 * n_new tokens, and of a generate of n_new resumed for n_new more
+    from its own returned cache (the caller's ids and mask extended by the new tokens)."""
+    from visprune import compat
+
+    with torch.no_grad():
+        whole = model.generate(**inputs, max_new_tokens=2 * n_new, do_sample=False)
+        first = model.generate(**inputs, max_new_tokens=n_new, do_sample=False, return_dict_in_generate=True)
+        ones = torch.ones(inputs["attention_mask"].shape[0], n_new, dtype=torch.long)
+        resumed = model.generate(
+            input_ids=first.sequences,
+            attention_mask=torch.cat([inputs["attention_mask"], ones], dim=1),
+            max_new_tokens=n_new,
+            do_sample=False,
+            **{compat.cache_keyword(model): compat.output_cache(first)},
+        )
+    return whole, resumed
+
+
 def same_weights(model, attn: str) -> LlavaForConditionalGeneration:
     """A copy of `model` (built by tiny_llava) with another attention implementation."""
     other = tiny_llava(attn)
