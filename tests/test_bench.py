@@ -279,15 +279,24 @@ def test_bundled_qwen3_config_has_the_released_dimensions():
     assert [family.dense_tokens(s) for s in (448, 1024)] == [196, 1024]
 
 
-def test_qwen3_bench_runs_with_the_tower_comparison(tmp_path):
+def test_qwen3_bench_runs_with_the_tower_comparison(tmp_path, monkeypatch):
+    """Qwen3-VL with --compile-tower: every patched case and its ideal run compiled, and the compiled
+    tower is timed beside the plain runner (traced with aot_eager: no C compiler needed)."""
+    from visprune.models import qwen_tower
+
+    monkeypatch.setattr(qwen_tower, "COMPILE_BACKEND", "aot_eager")
     tiny_qwen3_vl().config.save_pretrained(tmp_path / "cfg")
     args = ["bench", "--config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32", "--batch", "1"]
     args += ["--image-size", "56", "--budget-shares", "0.5", "--methods", "random", "--tower-layer", "2"]
     args += ["--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--decode-runs", "0", "--quiet"]
-    assert main([*args, "--out", str(tmp_path / "out"), "--name", "q3"]) == 0
+    assert main([*args, "--compile-tower", "--out", str(tmp_path / "out"), "--name", "q3"]) == 0
     run = json.loads((tmp_path / "out" / "q3.json").read_text())["runs"][0]
     assert [c.get("error") for c in run["cases"]] == [None, None, None]
-    assert run["tower"]["max_rel_diff"] < 1e-5
+    assert [c["options"].get("compile_tower") for c in run["cases"]] == [None, True, True]
+    tower = run["tower"]
+    assert tower["max_rel_diff"] < 1e-5 and tower["compiled_max_rel_diff"] < 1e-5
+    assert tower["compiled"]["median_ms"] > 0
+    assert "| visprune, compile_tower |" in (tmp_path / "out" / "q3.md").read_text()
 
 
 def test_budget_shares():

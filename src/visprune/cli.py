@@ -135,6 +135,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         graph=not args.no_graph,
         materialize=not args.no_materialize,
         tower_layer=args.tower_layer,
+        compile_tower=args.compile_tower,
     )
     out = Path(args.out)
     stem = args.name or f"bench-{Path(cfg.pretrained or cfg.config).name}"
@@ -287,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least(1),
         default=None,
         help="also run every encoder-side method reducing inside the vision tower at this block (Qwen-VL)",
+    )
+    p.add_argument(
+        "--compile-tower",
+        action="store_true",
+        help="run every patched case with apply(..., compile_tower=True) and time the compiled tower (Qwen-VL)",
     )
     p.add_argument("--repeats", type=_at_least(1), default=20)
     p.add_argument("--warmup", type=_at_least(0), default=3)

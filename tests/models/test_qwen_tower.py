@@ -4,6 +4,8 @@ the cut see only the kept tokens, batch equals one by one, errors are clear)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,3 +262,70 @@ def test_tower_layer_errors():
             model(**inputs)
     finally:
         visprune.remove(model)
+
+
+@pytest.mark.parametrize("family", tiny_qwen.FAMILIES)
+def test_compiled_tower_equals_the_stock_tower(family, monkeypatch):
+    """compile_tower traces every block into one graph per half (fullgraph: no breaks) and changes no
+    result: generation with a cut equals the plain runner's, features equal the stock tower's. Traced
+    with torch.compile's aot_eager backend, which needs no C compiler; inductor is checked below."""
+    from torch._dynamo.utils import counters
+
+    from visprune.models import qwen_tower
+
+    monkeypatch.setattr(qwen_tower, "COMPILE_BACKEND", "aot_eager")
+    model = tiny_qwen.tiny_qwen(family)
+    pixels, grid = _pixels(model, GRIDS)
+    inputs = tiny_qwen.make_inputs(model, BATCH_GRIDS, LENGTHS, seed=3)
+    visprune.apply(model, "tome", tower_layer=CUT[family], budget=5)
+    try:
+        plain = _generate(model, inputs)
+    finally:
+        visprune.remove(model)
+    handle = visprune.apply(model, "tome", tower_layer=CUT[family], budget=5, compile_tower=True)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = _generate(model, inputs)
+        assert counters["stats"]["unique_graphs"] == 2  # one per half for all blocks and token counts
+        with torch.no_grad():
+            tokens = handle.adapter.image_tokens(pixels, None, {"image_grid_thw": grid})
+            stock = model.model.visual(pixels, grid_thw=grid).pooler_output
+    finally:
+        visprune.remove(model)
+    assert compiled.tolist() == plain.tolist()
+    torch.testing.assert_close(torch.cat(tokens.features), stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile's inductor needs a C compiler on the CPU")
+def test_compiled_block_steps_with_inductor_equal_the_plain_ones():
+    """The fused kernels inductor generates compute the stock block arithmetic (float32, CPU), with one
+    graph for blocks of every token count."""
+    from visprune import compat
+    from visprune.models import qwen_tower
+
+    torch._dynamo.reset()
+    tower = tiny_qwen.tiny_qwen("qwen2.5-vl").model.visual
+    steps = qwen_tower.compiled_steps("inductor")
+    rope = compat.vision_rope(tower.blocks[0].attn)
+    width, heads = tower.blocks[0].attn.qkv.in_features, tower.blocks[0].attn.num_heads
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tokens, block in zip((24, 40), tower.blocks, strict=False):
+            hidden = torch.randn(tokens, width, generator=g)
+            cos, sin = (torch.randn(tokens, width // heads, generator=g) for _ in range(2))
+            plain = qwen_tower.attention_inputs(block, hidden, cos, sin, rope)
+            for ours, ref in zip(steps.attention_inputs(block, hidden, cos, sin, rope), plain, strict=True):
+                torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+            out = plain[2]
+            ref = qwen_tower.finish_block(block, hidden, out)
+            torch.testing.assert_close(steps.finish_block(block, hidden, out), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_tower_errors():
+    with pytest.raises(visprune.UnsupportedModelError, match="compile_tower is not supported for Llava"):
+        visprune.apply(tiny_llava(), "fastervlm", budget=4, compile_tower=True)
+    model = tiny_qwen.tiny_qwen("qwen2-vl")
+    with pytest.raises(visprune.InputError, match="compile_tower must be True or False"):
+        visprune.apply(model, "fastervlm", budget=4, compile_tower="yes")
+    assert getattr(model, "_visprune_handle", None) is None  # nothing was patched

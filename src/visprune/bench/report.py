@@ -78,11 +78,16 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"error: {tower['error']}")
             else:
                 lines += [
-                    "| stock tower ms | visprune tower ms | speed-up | max relative difference |",
+                    "| tower | ms | speed-up | max relative difference |",
                     "|---|---|---|---|",
-                    f"| {_ms(tower['stock'])} | {_ms(tower['visprune'])} | {tower['speedup']:.2f} "
-                    f"| {tower['max_rel_diff']:.2e} |",
+                    f"| stock | {_ms(tower['stock'])} | 1.00 | - |",
+                    f"| visprune | {_ms(tower['visprune'])} | {tower['speedup']:.2f} | {tower['max_rel_diff']:.2e} |",
                 ]
+                if "compiled" in tower:
+                    lines.append(
+                        f"| visprune, compile_tower | {_ms(tower['compiled'])} | {tower['compiled_speedup']:.2f} "
+                        f"| {tower['compiled_max_rel_diff']:.2e} |"
+                    )
         if run.get("materialized"):
             lines += [
                 "",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import platform
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -60,6 +60,7 @@ class BenchConfig:
     materialize: bool = True
     seed: int = 0
     tower_layer: int | None = None  # also run every encoder-side case reducing inside the tower there
+    compile_tower: bool = False  # every patched case (and the ideal) with apply's compile_tower
 
 
 @dataclass
@@ -98,6 +99,8 @@ def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], li
             for c in list(out)
             if c.method not in ("dense", DENSE) and get_method(c.method).placement is not Placement.LLM
         ]
+    if cfg.compile_tower:
+        out = [c if c.method == "dense" else replace(c, options={**c.options, "compile_tower": True}) for c in out]
     return out, skipped
 
 
@@ -201,7 +204,7 @@ class Bench:
             visual_out, tokens = list(stats.visual_tokens_out), [list(t) for t in stats.tokens_per_layer]
         finally:
             visprune.remove(self.model)
-        res["ideal"] = self._ideal(visual_out, tokens, case.options.get("tower_layer"))
+        res["ideal"] = self._ideal(visual_out, tokens, case.options)
         res["efficiency"] = res["ideal"]["median_ms"] / res["prefill"]["median_ms"]
         return res
 
@@ -222,15 +225,20 @@ class Bench:
             "reduce": self._time(lambda: [reducer(f, g, s, budget=b) for f, g, s, b in calls]),
         }
 
-    def _ideal(self, visual_out: list[int], tokens: list[list[int]], tower_layer: int | None) -> dict[str, Any]:
+    def _ideal(self, visual_out: list[int], tokens: list[list[int]], options: dict[str, Any]) -> dict[str, Any]:
         """The same pipeline fed the same token counts with first-K selection (no scoring work), reducing
-        at the same `tower_layer`."""
+        at the same `tower_layer` and compiled the same way as the case with `options`."""
         methods: list[Any] = [static_encoder(visual_out)]
         text = [t[0] - v for t, v in zip(tokens, visual_out, strict=True)]
         stages = stages_from_tokens(tokens, text)
         if stages:
             methods.append(static_llm(stages))
-        visprune.apply(self.model, methods, tower_layer=tower_layer)
+        visprune.apply(
+            self.model,
+            methods,
+            tower_layer=options.get("tower_layer"),
+            compile_tower=options.get("compile_tower", False),
+        )
         try:
             return self._time(self._prefill)
         finally:
@@ -238,20 +246,38 @@ class Bench:
 
     def tower(self) -> dict[str, Any]:
         """The stock vision tower (transformers' forward) against visprune's runner on the same images:
-        times, and the largest difference of the projected features relative to their largest value."""
+        times, and the largest difference of the projected features relative to their largest value;
+        with `compile_tower`, the compiled runner too ('compiled', its difference and speed-up)."""
         tower, adapter = self.adapter.vision_tower, self.adapter
         pixels = self.inputs["pixel_values"]
         image_kwargs = {k: self.inputs[k] for k in adapter.image_inputs if k in self.inputs}
         grid = image_kwargs["image_grid_thw"]
+
+        def runner() -> Any:
+            return adapter.image_tokens(pixels, None, image_kwargs)
+
+        def max_rel_diff(ours: torch.Tensor) -> float:
+            return float((ours.float() - stock.float()).abs().max() / stock.float().abs().max())
+
         with torch.inference_mode():
             stock = tower(pixels.to(tower.dtype), grid_thw=grid).pooler_output
-            ours = torch.cat(adapter.image_tokens(pixels, None, image_kwargs).features)
+            ours = torch.cat(runner().features)
         out = {
             "stock": self._time(lambda: tower(pixels.to(tower.dtype), grid_thw=grid)),
-            "visprune": self._time(lambda: adapter.image_tokens(pixels, None, image_kwargs)),
-            "max_rel_diff": float((ours.float() - stock.float()).abs().max() / stock.float().abs().max()),
+            "visprune": self._time(runner),
+            "max_rel_diff": max_rel_diff(ours),
         }
         out["speedup"] = out["stock"]["median_ms"] / out["visprune"]["median_ms"]
+        if self.cfg.compile_tower:
+            adapter.compile_tower = True
+            try:
+                with torch.inference_mode():
+                    ours = torch.cat(runner().features)
+                out["compiled"] = self._time(runner)
+            finally:
+                adapter.compile_tower = False
+            out["compiled_max_rel_diff"] = max_rel_diff(ours)
+            out["compiled_speedup"] = out["stock"]["median_ms"] / out["compiled"]["median_ms"]
         return out
 
     def materialized(self, case: Case) -> dict[str, Any]:
@@ -398,6 +424,12 @@ def run_benchmark(
                 "cases": [],
             }
             results["runs"].append(run)
+            if family.tower_compare:  # first: the comparison survives a run cut short by a time limit
+                try:
+                    run["tower"] = bench.tower()
+                except Exception as err:
+                    run["tower"] = {"error": f"{type(err).__name__}: {err}"}
+                _notify(on_update, results)
             _run_cases(bench, todo, run, f"{size}px batch {batch}", progress, lambda: _notify(on_update, results))
             _run_extras(bench, cfg, todo, run, budget_list(cfg, dense[size]), device)
             _notify(on_update, results)
@@ -446,11 +478,6 @@ def _run_extras(
     """The attention-materialising variants (at the middle budget) and the batch-1 CUDA-graph mode, where
     they apply to the model's family (where they do not, results["not_measured"] says why)."""
     family = bench.family
-    if family.tower_compare:
-        try:
-            run["tower"] = bench.tower()
-        except Exception as err:
-            run["tower"] = {"error": f"{type(err).__name__}: {err}"}
     if cfg.materialize and not family.materialize_skip:
         run["materialized"] = []
         middle = budgets[len(budgets) // 2][0] if budgets else None

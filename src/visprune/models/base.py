@@ -59,6 +59,8 @@ class Adapter(ABC):
     image_inputs: tuple[str, ...] = ()  # per-image keyword inputs the adapter consumes (e.g. image_sizes)
     supports_keep_positions: bool = False
     supports_tower_layer: bool = False  # the reducer may cut the vision tower (apply's tower_layer)
+    supports_compile_tower: bool = False  # visprune runs the vision tower's blocks (apply's compile_tower)
+    compile_tower: bool = False  # set by apply: run those blocks through torch.compile
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -54,6 +54,7 @@ class Qwen2VLAdapter(Adapter):
     )
     signal_kinds = ("keys", "mean_received", "mean_received_layers")
     supports_tower_layer = True
+    supports_compile_tower = True
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -213,7 +214,8 @@ class Qwen2VLAdapter(Adapter):
         grid_thw = torch.tensor(grids)  # on the host: the layout is planned there
         patches = self._embed_patches(pixel_values.to(tower.dtype), grid_thw.to(pixel_values.device))
         layout, unit_order = self._layout(grid_thw, grids)
-        return qwen_tower.start(tower, patches, grid_thw, layout, unit_order)
+        steps = qwen_tower.compiled_steps(qwen_tower.COMPILE_BACKEND) if self.compile_tower else None
+        return qwen_tower.start(tower, patches, grid_thw, layout, unit_order, steps)
 
     def _embed_patches(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
         """The tower's input rows [T, C] (natural order): the patch embedding."""

@@ -7,6 +7,9 @@ FlashAttention); here every block runs its attention as one call per distinct se
 arithmetic is the stock one (norm1 -> qkv -> vision RoPE -> attention -> proj, norm2 -> MLP, both
 residual), so outputs equal the stock tower's within float rounding; under a FlashAttention
 implementation the block's own attention module runs instead (its varlen kernel is already one call).
+The work around the attention call (`attention_inputs`, `finish_block`) can run compiled
+(`compiled_steps`, apply's `compile_tower`): torch.compile fuses the float32 RMSNorm and RoPE
+elementwise passes, which otherwise take about as long as the matrix products on a GPU.
 
 Tokens are held in the TOWER's order (Qwen2.5-VL permutes merged-token units into windows); each
 unit (the 4 patches one merged token is made of) remembers its natural index, so results are put back
@@ -17,15 +20,17 @@ within its own frame or window, now over the kept units of that frame or window 
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
-from functools import cached_property
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from functools import cache, cached_property
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visprune import compat
+from visprune.errors import UnsupportedModelError
 from visprune.models.segments import Segments, segment_attention
 
 UNIT = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
@@ -80,6 +85,14 @@ class BlockInput:
     segments: Segments
 
 
+class BlockSteps(NamedTuple):
+    """The two halves of a block around its attention call (`attention_inputs`, `finish_block`), plain
+    or compiled."""
+
+    attention_inputs: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    finish_block: Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
 @dataclass
 class TowerState:
     """A tower forward in progress: the rows still running, in tower order."""
@@ -89,6 +102,7 @@ class TowerState:
     sin: Tensor  # [T, d]
     layout: TowerLayout
     unit_natural: Tensor  # [U] long (device): the natural (row-major, all images) unit index of each unit
+    steps: BlockSteps = field(default_factory=lambda: EAGER_STEPS)
     next_block: int = 0
 
     def natural_order(self) -> Tensor:
@@ -109,11 +123,16 @@ def embed_patches(patch_embed: nn.Module, pixel_values: Tensor) -> Tensor:
 
 
 def start(
-    tower: nn.Module, patches: Tensor, grid_thw: Tensor, layout: TowerLayout, unit_order: Tensor | None
+    tower: nn.Module,
+    patches: Tensor,
+    grid_thw: Tensor,
+    layout: TowerLayout,
+    unit_order: Tensor | None,
+    steps: BlockSteps | None = None,
 ) -> TowerState:
     """Put the embedded patches [T, C] (natural order) in tower order (`unit_order` [U]: the natural unit at
     each tower position, None for the identity), with their RoPE angles. grid_thw [images, 3] on the host:
-    the position ids are laid out there and copied over once."""
+    the position ids are laid out there and copied over once. `steps`: how blocks run (plain by default)."""
     position_ids = compat.vision_position_ids(grid_thw, tower.spatial_merge_size).to(patches.device)
     # The RoPE angles in float32 once (the vision RoPE computes in float32; the values are the stock ones).
     cos, sin = (x.float() for x in tower.rotary_pos_emb(patches, position_ids))
@@ -121,9 +140,10 @@ def start(
     natural = torch.arange(units, device=patches.device)
     if unit_order is not None:
         order = unit_order.to(patches.device)
-        patches, cos, sin = (_take_units(x, order) for x in (patches, cos, sin))
+        rows = _patch_rows(order)
+        patches, cos, sin = patches[rows], cos[rows], sin[rows]
         natural = order
-    return TowerState(patches, cos, sin, layout, natural)
+    return TowerState(patches, cos, sin, layout, natural, steps or EAGER_STEPS)
 
 
 def run_blocks(
@@ -139,14 +159,23 @@ def run_blocks(
         if i in inputs:
             seen_in[i] = state.input_of(i)
         rope = rope or compat.vision_rope(block.attn)
-        state.hidden = run_block(block, state.hidden, state.cos, state.sin, state.layout.segments(i), rope)
+        segments = state.layout.segments(i)
+        state.hidden = run_block(block, state.hidden, state.cos, state.sin, segments, rope, state.steps)
         if i in outputs:
             seen_out[i] = state.hidden
     state.next_block = max(state.next_block, until)
     return seen_in, seen_out
 
 
-def run_block(block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, segments: Segments, rope) -> Tensor:
+def run_block(
+    block: nn.Module,
+    hidden: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    segments: Segments,
+    rope: Callable,
+    steps: BlockSteps | None = None,
+) -> Tensor:
     """One Qwen-VL vision block with its attention batched over `segments`."""
     attn = block.attn
     impl = attn.config._attn_implementation or "eager"
@@ -154,12 +183,55 @@ def run_block(block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, segmen
         # FlashAttention and others: the block's own varlen path is already a single call.
         cu = segments.cu_seqlens(hidden.device)
         return block(hidden, cu_seqlens=cu, max_seqlen=max(segments.lengths), position_embeddings=(cos, sin))
-    t = hidden.shape[0]
-    q, k, v = attn.qkv(block.norm1(hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)
-    q, k = rope(q, k, cos, sin)
+    steps = steps or EAGER_STEPS
+    q, k, v = steps.attention_inputs(block, hidden, cos, sin, rope)
     out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
-    hidden = hidden + attn.proj(out.reshape(t, -1))
+    return steps.finish_block(block, hidden, out)
+
+
+def attention_inputs(block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, rope: Callable) -> tuple[Tensor, ...]:
+    """norm1 -> qkv -> the vision RoPE of q and k: the block's q, k, v [T, heads, d]."""
+    attn = block.attn
+    q, k, v = attn.qkv(block.norm1(hidden)).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+    q, k = rope(q, k, cos, sin)
+    return q, k, v
+
+
+def finish_block(block: nn.Module, hidden: Tensor, attended: Tensor) -> Tensor:
+    """The block after its attention (`attended` [T, heads, d]): output projection and residual, then
+    norm2 -> MLP and residual."""
+    hidden = hidden + block.attn.proj(attended.reshape(hidden.shape[0], -1))
     return hidden + mlp_forward(block.mlp, block.norm2(hidden))
+
+
+EAGER_STEPS = BlockSteps(attention_inputs, finish_block)
+COMPILE_BACKEND = "inductor"
+
+
+@cache
+def compiled_steps(backend: str = COMPILE_BACKEND) -> BlockSteps:
+    """`attention_inputs` and `finish_block` through torch.compile: one graph each, shared by every block
+    of every Qwen-VL tower (modules are inputs, token counts dynamic), so a process compiles once per
+    dtype and device (tens of seconds on first use). fullgraph: a graph break would be an error here, not
+    a silent slowdown. A machine where the backend cannot compile (no C compiler for inductor on a CPU,
+    say) gets an UnsupportedModelError that says so."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def explained(fn: Callable) -> Callable:
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+
+        def call(*args: object) -> object:
+            try:
+                return compiled(*args)
+            except BackendCompilerFailed as err:
+                raise UnsupportedModelError(
+                    f"compile_tower: torch.compile ({backend}) could not compile the vision blocks here "
+                    f"({type(err.inner_exception).__name__}: {err.inner_exception}); apply without compile_tower"
+                ) from err
+
+        return call
+
+    return BlockSteps(explained(attention_inputs), explained(finish_block))
 
 
 def mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
@@ -174,19 +246,18 @@ def mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
 
 def aligned_gated_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
     """down(act(gate(x)) * up(x)) with every matrix product on aligned leading dimensions: gate and up
-    stacked into one product (its output is 2W wide) and the down weight zero-padded to a width that is a
-    multiple of ALIGN, the padding columns of its input zero: the same sums, plus zeros. The stacked and
-    padded weights are built for this call (a copy of the MLP's weights, well under a millisecond on a
+    zero-padded to a width that is a multiple of ALIGN and stacked into one product, the down weight
+    zero-padded to match: the padding columns hold act(0) * 0 = 0, so the sums are the same plus zeros.
+    The padded weights are built for this call (a copy of the MLP's weights, well under a millisecond on a
     GPU) and not kept, so the model's weights stay the only ones held."""
     width = mlp.gate_proj.out_features
-    padded = -(-width // ALIGN) * ALIGN
-    stacked = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-    bias = None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-    gate, up = F.linear(x, stacked, bias).split(width, dim=-1)
-    hidden = x.new_zeros(*x.shape[:-1], padded)
-    torch.mul(mlp.act_fn(gate), up, out=hidden[..., :width])
-    down = F.pad(mlp.down_proj.weight, (0, padded - width))
-    return F.linear(hidden, down, mlp.down_proj.bias)
+    extra = -(-width // ALIGN) * ALIGN - width
+    stacked = torch.cat([F.pad(mlp.gate_proj.weight, (0, 0, 0, extra)), F.pad(mlp.up_proj.weight, (0, 0, 0, extra))])
+    bias = None
+    if mlp.gate_proj.bias is not None:
+        bias = torch.cat([F.pad(mlp.gate_proj.bias, (0, extra)), F.pad(mlp.up_proj.bias, (0, extra))])
+    gate, up = F.linear(x, stacked, bias).chunk(2, dim=-1)
+    return F.linear(mlp.act_fn(gate) * up, F.pad(mlp.down_proj.weight, (0, extra)), mlp.down_proj.bias)
 
 
 def cut(state: TowerState, rows: Tensor, natural: Tensor) -> Tensor:
@@ -196,14 +267,14 @@ def cut(state: TowerState, rows: Tensor, natural: Tensor) -> Tensor:
     tower_pos = state.natural_order()[natural]  # natural unit -> its tower position
     order = tower_pos.argsort(stable=True)
     kept = tower_pos[order]
-    patch_rows = (kept.unsqueeze(1) * UNIT + torch.arange(UNIT, device=kept.device)).flatten()
-    state.hidden = rows[order].reshape(-1, rows.shape[1] // UNIT)
-    state.cos, state.sin = state.cos[patch_rows], state.sin[patch_rows]
+    # Gathered (not reshaped views): a compiled block sees the same kind of tensor in every block.
+    state.hidden = rows.reshape(-1, rows.shape[1] // UNIT)[_patch_rows(order)]
+    state.cos, state.sin = state.cos[_patch_rows(kept)], state.sin[_patch_rows(kept)]
     state.layout = state.layout.keep(kept.cpu())
     state.unit_natural = natural[order]
     return order.argsort()
 
 
-def _take_units(x: Tensor, order: Tensor) -> Tensor:
-    """Rows [T, ...] reordered by merged-token units (`order` [T / UNIT])."""
-    return x.reshape(order.shape[0], UNIT, *x.shape[1:])[order].reshape(x.shape)
+def _patch_rows(units: Tensor) -> Tensor:
+    """The patch rows [len(units) * UNIT] of merged-token units `units` (each unit's UNIT rows in order)."""
+    return (units.unsqueeze(1) * UNIT + torch.arange(UNIT, device=units.device)).flatten()
