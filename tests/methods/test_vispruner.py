@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from visprune.errors import InputError
+from visprune.methods import vispruner as vispruner_module
 from visprune.methods.vispruner import vispruner
 
 
@@ -26,8 +27,12 @@ def reference(features: torch.Tensor, scores: torch.Tensor, budget: int, ratio: 
     return sorted(ranked[:important] + rest)
 
 
+@pytest.mark.parametrize("all_pairs", [True, False], ids=["all-pairs", "per-round"])
 @pytest.mark.parametrize(("n", "budget", "ratio"), [(64, 16, 0.5), (50, 13, 0.75), (37, 9, 0.0), (30, 5, 1.0)])
-def test_selection_equals_the_plain_procedure(n, budget, ratio):
+def test_selection_equals_the_plain_procedure(n, budget, ratio, all_pairs, monkeypatch):
+    """Both ways of getting the similarities (one all-pairs product, or per round for large inputs)."""
+    if not all_pairs:
+        monkeypatch.setattr(vispruner_module, "SIMILARITY_ELEMENTS", 0)
     g = torch.Generator().manual_seed(n)
     features, scores = torch.randn(2, n, 6, generator=g), torch.rand(2, n, generator=g)
     out = vispruner(features, cls_attn=scores, budget=budget, important_ratio=ratio)

@@ -36,7 +36,7 @@ from visprune.errors import InputError
 from visprune.methods import MethodSpec, Placement, Reduction, get_method
 from visprune.methods.base import select_tokens
 from visprune.models import adapter_for
-from visprune.patch import DENSE, Reducer, Stats
+from visprune.patch import DENSE, Reducer, Stats, split_projected
 
 
 @dataclass
@@ -94,11 +94,15 @@ def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], li
             except InputError as err:
                 skipped.append({"method": name, "budget": budget, "share": share, "reason": str(err)})
     if cfg.tower_layer is not None:
-        out += [
-            Case(c.method, c.budget, {**c.options, "tower_layer": cfg.tower_layer}, c.share)
-            for c in list(out)
-            if c.method not in ("dense", DENSE) and get_method(c.method).placement is not Placement.LLM
-        ]
+        for c in list(out):
+            if c.method in ("dense", DENSE) or get_method(c.method).placement is Placement.LLM:
+                continue
+            spec = get_method(c.method)
+            if split_projected(spec.signals({**spec.defaults, **c.options}))[1]:
+                reason = "selects on the projected tokens, which do not exist inside the vision tower"
+                skipped.append({"method": c.method, "budget": c.budget, "share": c.share, "reason": reason})
+                continue
+            out.append(Case(c.method, c.budget, {**c.options, "tower_layer": cfg.tower_layer}, c.share))
     if cfg.compile_tower:
         out = [c if c.method == "dense" else replace(c, options={**c.options, "compile_tower": True}) for c in out]
     return out, skipped
@@ -214,7 +218,7 @@ class Bench:
         exactly the features and signals it receives in the patched forward."""
         adapter, spec, opts = handle.adapter, handle.encoder, handle.encoder_options
         probe = _Probe(spec, opts, handle.tower_layer)
-        reducer = Reducer(spec, opts, False, Stats(), handle.tower_layer)
+        reducer = Reducer(spec, opts, False, Stats(), handle.tower_layer, adapter.project)
         pixels = self.inputs["pixel_values"]
         image_kwargs = {k: self.inputs[k] for k in adapter.image_inputs if k in self.inputs}
         with torch.inference_mode():

@@ -264,12 +264,15 @@ class Qwen2VLAdapter(Adapter):
         """One block's signal per merged token (tower order), from the block's input."""
         attn = block.attn
         t = seen.hidden.shape[0]
-        qkv = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1)
-        q, k = qkv[:, 0], qkv[:, 1]  # [T, H, d]
-        if self._kind(req) == "keys":
-            pooled = k.flatten(1).reshape(t // MERGED, MERGED, -1).mean(1)
-            return patch_keys(pooled.unsqueeze(0), attn.num_heads, req.heads, has_cls=False)[0]
-        q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
+        keys = self._kind(req) == "keys"
+        if keys or seen.q is None or seen.k is None:
+            q, k = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)[:2]  # [T, H, d]
+            if keys:
+                pooled = k.flatten(1).reshape(t // MERGED, MERGED, -1).mean(1)
+                return patch_keys(pooled.unsqueeze(0), attn.num_heads, req.heads, has_cls=False)[0]
+            q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
+        else:
+            q, k = seen.q, seen.k  # the runner's own, kept when the block ran
         received = mean_received_attention(
             q.flatten(1), k.flatten(1), attn.num_heads, req.heads, cu_seqlens=seen.segments.cu_seqlens()
         )

@@ -83,6 +83,10 @@ class BlockInput:
     cos: Tensor
     sin: Tensor
     segments: Segments
+    # The block's q and k [T, heads, d] after RoPE, kept when the runner computed them (sdpa / eager), so a
+    # signal on this block's attention does not compute them again.
+    q: Tensor | None = None
+    k: Tensor | None = None
 
 
 class BlockSteps(NamedTuple):
@@ -160,7 +164,8 @@ def run_blocks(
             seen_in[i] = state.input_of(i)
         rope = rope or compat.vision_rope(block.attn)
         segments = state.layout.segments(i)
-        state.hidden = run_block(block, state.hidden, state.cos, state.sin, segments, rope, state.steps)
+        record = seen_in.get(i)
+        state.hidden = run_block(block, state.hidden, state.cos, state.sin, segments, rope, state.steps, record)
         if i in outputs:
             seen_out[i] = state.hidden
     state.next_block = max(state.next_block, until)
@@ -175,8 +180,10 @@ def run_block(
     segments: Segments,
     rope: Callable,
     steps: BlockSteps | None = None,
+    record: BlockInput | None = None,
 ) -> Tensor:
-    """One Qwen-VL vision block with its attention batched over `segments`."""
+    """One Qwen-VL vision block with its attention batched over `segments`; its q and k go into `record`
+    where given."""
     attn = block.attn
     impl = attn.config._attn_implementation or "eager"
     if impl not in ("sdpa", "eager"):
@@ -185,6 +192,8 @@ def run_block(
         return block(hidden, cu_seqlens=cu, max_seqlen=max(segments.lengths), position_embeddings=(cos, sin))
     steps = steps or EAGER_STEPS
     q, k, v = steps.attention_inputs(block, hidden, cos, sin, rope)
+    if record is not None:
+        record.q, record.k = q, k
     out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
     return steps.finish_block(block, hidden, out)
 
