@@ -329,3 +329,25 @@ def test_compile_tower_errors():
     with pytest.raises(visprune.InputError, match="compile_tower must be True or False"):
         visprune.apply(model, "fastervlm", budget=4, compile_tower="yes")
     assert getattr(model, "_visprune_handle", None) is None  # nothing was patched
+
+
+def test_a_block_read_by_several_layers_is_scored_once(monkeypatch):
+    """vtc-cls's layers -4..-2 of the tiny Qwen2.5-VL tower all map to full-attention block 1: its
+    mean-received signal is computed once, not once per layer."""
+    from visprune.models.qwen2_vl import Qwen2VLAdapter
+
+    model = tiny_qwen.tiny_qwen("qwen2.5-vl")
+    pixels, grid = _pixels(model, GRIDS)
+    scored = []
+    original = Qwen2VLAdapter._signal
+    monkeypatch.setattr(
+        Qwen2VLAdapter, "_signal", lambda self, block, *a: scored.append(block) or original(self, block, *a)
+    )
+    handle = visprune.apply(model, "vtc-cls", budget=3, start_layer=-4)
+    try:
+        with torch.no_grad():
+            tokens = handle.adapter.image_tokens(pixels, _reducer(handle), {"image_grid_thw": grid})
+    finally:
+        visprune.remove(model)
+    assert scored == [model.model.visual.blocks[1]]
+    assert [len(f) for f in tokens.features] == [3] * len(GRIDS)
