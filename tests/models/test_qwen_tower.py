@@ -351,3 +351,25 @@ def test_a_block_read_by_several_layers_is_scored_once(monkeypatch):
         visprune.remove(model)
     assert scored == [model.model.visual.blocks[1]]
     assert [len(f) for f in tokens.features] == [3] * len(GRIDS)
+
+
+def test_the_tower_plan_is_reused_for_the_same_grids(monkeypatch):
+    """The host-side plan (layout, position ids, RoPE angles) is made once per grid list and reused:
+    a repeated call does no host planning and gives the same features; other grids get their own plan."""
+    from visprune import compat
+
+    model = tiny_qwen.tiny_qwen("qwen2.5-vl")
+    planned = []
+    original = compat.vision_position_ids
+    monkeypatch.setattr(compat, "vision_position_ids", lambda *a: planned.append(1) or original(*a))
+    adapter = adapter_for(model)
+    pixels, grid = _pixels(model, GRIDS)
+    other, other_grid = _pixels(model, GRIDS[:2])
+    with torch.no_grad():
+        first = adapter.image_tokens(pixels, None, {"image_grid_thw": grid}).features
+        again = adapter.image_tokens(pixels, None, {"image_grid_thw": grid}).features
+        adapter.image_tokens(other, None, {"image_grid_thw": other_grid})
+        stock = model.model.visual(pixels, grid_thw=grid).pooler_output
+    assert len(planned) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    torch.testing.assert_close(torch.cat(again), stock, rtol=1e-5, atol=1e-5)

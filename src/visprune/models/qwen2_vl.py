@@ -41,6 +41,7 @@ from visprune.models.llava import dense_reduction
 from visprune.models.splice import Spliced
 
 MERGED = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
+PLANS = 4  # tower plans an adapter keeps (per grid list; ~30 MB each at 8 x 1008 px)
 
 
 class Qwen2VLAdapter(Adapter):
@@ -55,6 +56,10 @@ class Qwen2VLAdapter(Adapter):
     signal_kinds = ("keys", "mean_received", "mean_received_layers")
     supports_tower_layer = True
     supports_compile_tower = True
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._plans: dict[tuple, qwen_tower.TowerPlan] = {}  # recent tower plans, oldest first
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -211,11 +216,23 @@ class Qwen2VLAdapter(Adapter):
     def _start(self, pixel_values: Tensor, grids: list[tuple[int, int, int]]) -> qwen_tower.TowerState:
         """Embed the patches and lay them out in the tower's order."""
         tower = self.vision_tower
-        grid_thw = torch.tensor(grids)  # on the host: the layout is planned there
-        patches = self._embed_patches(pixel_values.to(tower.dtype), grid_thw.to(pixel_values.device))
-        layout, unit_order = self._layout(grid_thw, grids)
+        patches = self._embed_patches(pixel_values.to(tower.dtype), torch.tensor(grids, device=pixel_values.device))
         steps = qwen_tower.compiled_steps(qwen_tower.COMPILE_BACKEND) if self.compile_tower else None
-        return qwen_tower.start(tower, patches, grid_thw, layout, unit_order, steps)
+        return qwen_tower.start(patches, self._plan(grids, patches.device), steps)
+
+    def _plan(self, grids: list[tuple[int, int, int]], device: torch.device) -> qwen_tower.TowerPlan:
+        """The tower plan of these grids, from the last PLANS ones planned for this model (by grids, device
+        and tower dtype) or planned now."""
+        key = (tuple(grids), device, self.vision_tower.dtype)
+        found = self._plans.get(key)
+        if found is None:
+            grid_thw = torch.tensor(grids)  # on the host: the layout is planned there
+            layout, unit_order = self._layout(grid_thw, grids)
+            found = qwen_tower.plan(self.vision_tower, grid_thw, layout, unit_order, device)
+            if len(self._plans) >= PLANS:
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = found
+        return found
 
     def _embed_patches(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
         """The tower's input rows [T, C] (natural order): the patch embedding."""
