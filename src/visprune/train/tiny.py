@@ -20,6 +20,13 @@
    within a few hundred steps. The LM is free to use any head for answering; only these two are guided.
    Optional curriculum (`--sparse-fraction`, off by default): the first part of the stage feeds the LM
    only the object / text rows (plus a few background rows) at their dense positions.
+   Optional augmentation (`--reduce-fraction`, off by default): on that share of the steps each image
+   gives the LM only a subset of its rows (5-50% by default, object / text rows first on half of those
+   steps, uniformly random on the rest), renumbered as encoder-side methods hand them over. A model
+   trained on dense sequences only reads an object's place from RoPE distances, which a shorter
+   renumbered sequence distorts; with these steps it reads it from the features (the tower is trained
+   to encode each patch's row and column), as real LLaVA models largely do. A deviation from plain
+   LLaVA training, made so that the suite ranks reduction methods as real models do.
 
 Images are rendered by DataLoader workers from seeds (`SceneStream`) and kept in a GPU replay buffer:
 every step takes one fresh batch and fills the rest of its batch from the buffer. A time guard ends
@@ -104,6 +111,12 @@ class TrainArgs:
     sparse_fraction: float = 0.0  # stage 3 curriculum: this first fraction feeds the LM only object rows
     sparse_tokens: int = 192  # rows per image in that phase (object / text patches first, then background)
     sparse_background: float = 0.08  # chance that a background patch is preferred like an object patch
+    # Stage 3 augmentation: on this share of steps the LM sees a subset of each image's rows, renumbered
+    # (as encoder-side methods hand it), so it reads position from the features, not from RoPE distances.
+    reduce_fraction: float = 0.0
+    reduce_min: float = 0.05  # the kept share of the N rows on such a step, drawn uniformly in [min, max]
+    reduce_max: float = 0.5
+    reduce_content: float = 0.5  # share of those steps whose subset prefers object / text rows (else uniform)
     fresh: int = 32  # images rendered per DataLoader batch
     stage1_fresh: int = 2  # fresh DataLoader batches per step in each stage
     lm_fresh: int = 1
@@ -430,6 +443,19 @@ def _sparse_rows(patch: Tensor, k: int, background: float, gen: torch.Generator)
     return score.topk(k, dim=1).indices.sort(dim=1).values
 
 
+def _reduced_rows(patch: Tensor, args: TrainArgs, gen: torch.Generator) -> Tensor:
+    """[B, k] ascending grid indices of a reduced step: k = round(N * share), share drawn uniformly in
+    [reduce_min, reduce_max] (one k for the batch); with chance reduce_content the object / text rows
+    come first (as attention-based methods keep them), otherwise the k rows are uniformly random."""
+    n = patch.shape[1]
+    draws = torch.rand(2, generator=gen, device=gen.device).tolist()
+    k = max(1, min(n, round(n * (args.reduce_min + (args.reduce_max - args.reduce_min) * draws[0]))))
+    if draws[1] < args.reduce_content:
+        return _sparse_rows(patch, k, args.sparse_background, gen)
+    noise = torch.rand(patch.shape[:2], device=patch.device, generator=gen)
+    return noise.topk(k, dim=1).indices.sort(dim=1).values
+
+
 def _captions(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     ids, length = batch["cap_ids"].long(), batch["cap_len"].long()
     j = torch.arange(ids.shape[1], device=ids.device)
@@ -569,13 +595,20 @@ class Trainer:
             b = self.replay.batch(slots, a.stage3_images)
             suffix, targets, refers = _dialogues(b, a.turns, self.gen)
             feats = self._image_rows(b["image"])
-            rows = None
+            rows = kept = None
             if self.progress < a.sparse_fraction:
                 rows = _sparse_rows(b["patch"], a.sparse_tokens, a.sparse_background, self.gen)
                 feats = feats.gather(1, rows.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+            elif float(torch.rand(1, generator=self.gen, device=self.gen.device)) < a.reduce_fraction:
+                kept = _reduced_rows(b["patch"], a, self.gen)  # renumbered: lm_loss gets no rows
+                feats = feats.gather(1, kept.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
             loss, acc = lm_loss(self.model, feats, suffix, targets, rows)
-            metrics = {"tok_acc": acc, "sparse": torch.tensor(float(rows is not None))}
-            if recorder is not None and rows is None:
+            metrics = {
+                "tok_acc": acc,
+                "sparse": torch.tensor(float(rows is not None)),
+                "reduced": torch.tensor(float(kept is not None)),
+            }
+            if recorder is not None and rows is None and kept is None:
                 ground = grounding_loss(recorder, refers, b["owner"], len(PREFIX_IDS), a.ground_head)
                 loss = loss + a.ground_weight * ground
                 metrics["ground"] = ground.detach()
@@ -583,6 +616,11 @@ class Trainer:
 
         layers = [int(i) for i in a.ground_layers.split(",") if i] if a.ground_weight > 0 else []
         decoder_layers = self.model.model.language_model.layers
+        if any(not 0 <= i < len(decoder_layers) for i in layers):
+            raise SystemExit(
+                f"--ground-layers {a.ground_layers}: this LM has layers 0..{len(decoder_layers) - 1}; "
+                "pass layers in that range (or --ground-weight 0)"
+            )
         recorder = LayerInputs([decoder_layers[i] for i in layers]) if layers else None
         self._set_trainable(tower=False, lm=True)
         try:
@@ -683,6 +721,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, argparse.Names
             text_mlp=128,
         )
         args.config = small.to_dict()
+        args.ground_layers = "0,1"  # its LM has two layers
     return args, ns
 
 
