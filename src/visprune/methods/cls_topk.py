@@ -99,9 +99,10 @@ def fastervlm(
     CLS column dropped; on a tower without CLS ("mean-received") the head-averaged attention each
     patch receives, averaged over the patch queries. Keeps exactly `budget`
     tokens per image, in spatial order; `assignment` marks the dropped ones with -1. The grid is not
-    needed and only validated when given. Same as the official code, which also keeps the tokens in
-    spatial order (it marks torch.topk's indices in a boolean mask and selects with it); ties at the
-    budget boundary go to the lower index here, where torch.topk leaves their order unspecified.
+    needed and only validated when given. Same order as the official code (Theia-4869/FasterVLM), which
+    sorts torch.topk's indices before gathering; ties at the budget boundary go to the lower index here,
+    where torch.topk leaves their order unspecified. The official code also ranks with the first image's
+    attention for the whole batch (it indexes [0]); here every image is ranked by its own.
 
     Options:
         budget: number of tokens kept per image (default 64), 1 <= budget <= N.

@@ -93,6 +93,12 @@ def dart(
     keeps pivots + 8 * (budget // 8), i.e. 68 for budget 64). Real non-visual tokens are kept;
     padding positions come back False.
 
+    Pivot order: the result depends on it (each pivot takes its share from the tokens earlier pivots
+    left). The implementation we could read (llmc's DART, batch 1) visits the pivots in the iteration
+    order of a Python set of their sequence positions: deterministic, but neither norm nor position
+    order (it depends on the positions modulo the set's hash-table size). visprune fixes a documented
+    order instead: image pivots by descending key norm, then text pivots by descending key norm.
+
     Options:
         layer: decoder layer K whose input is pruned (>= 1; keys come from layer K - 1). Default: 2,
             as published for a 32-layer LLM; kept on every LLM it fits and moved to the same

@@ -76,6 +76,10 @@ def fastv(
     the last real token of each sample (the last prompt token; the last real token also when the
     sample has no query tokens). Keeps floor(n_b * keep_ratio) image tokens (at least 1) of the n_b
     present in sample b; every real non-visual token is kept; padding positions come back False.
+    The official code keeps round(n * (1 - R)) (Python's round: halves to even), so the two differ by
+    one token where n * keep_ratio has a fractional part above 1/2 (or exactly 1/2 with an odd floor);
+    floor is kept here because it never exceeds a budget given as keep_ratio = budget / n, and the
+    count is computed on the exact fraction (64/576 keeps 64 of 576, not 63).
 
     Options:
         layer: decoder layer K whose input is pruned (>= 1; scores come from layer K - 1). Default: 2,

@@ -120,7 +120,10 @@ def uniform_stride(count: Tensor, n: int, images: int = 1) -> Tensor:
     r = count / (images * n) is the outlier fraction (count outliers among `images` images of n tokens
     each; images=1 for a per-image fence), floored at 1 / n so that r = 0 (no outliers) acts as one
     kept token instead of dividing by zero. Computed in exact integers: floor(1 / r) =
-    (images * n) // max(count, images). Never 0: r > 1/3 gives stride 1 (every token sampled).
+    (images * n) // max(count, images). The stride is 1 (every token sampled, so the whole image is
+    kept) as soon as floor(1 / r) < 6, i.e. r > 1/6, in the official formula as here; it would reach 0
+    (the official code's crash) only for r > 1/3, which IQR outliers (at most about a quarter of the
+    tokens) never reach. Never 0 here.
     """
     step = (images * n) // count.clamp(min=images)
     return (step // 3).clamp(min=1)
@@ -363,9 +366,15 @@ def prumerge_plus(
     runs over the enlarged kept set; the extra token sums the tokens still pruned. On a tower without
     CLS the score (and merge weight) is the mean-received attention, as in `prumerge`.
 
+    How many tokens: about 4m (m outliers plus ~3m samples), ~25% of the image at LLaVA-1.5's typical
+    r ~ 5.5%. An image with more than N/6 outliers gets stride 1 and keeps ALL its tokens, exactly as
+    the official formula does (floor(floor(1/r) / 3) = 1 for r in (1/6, 1/4]): kept faithfully, so
+    `handle.stats.visual_tokens_out` shows N for such images; use prumerge or a fixed-budget method
+    where a reduction must happen on every image.
+
     Deviations from the official code: works for batch > 1 (the official code crashes, its issue
     #11): the uniform samples are computed per image; r = 0 (flat attention, no outliers) counts as
-    m = 1 instead of dividing by zero; r > 1/3 gives stride 1 (every token kept, no extra token)
+    m = 1 instead of dividing by zero; r > 1/3 (unreachable with IQR outliers) would give stride 1
     instead of a zero-stride crash; the candidate range runs to N (official: a hard-coded 575);
     step is computed in exact integers (floor(N / m)). The fence, weights and order options as in
     `prumerge`.
