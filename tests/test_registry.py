@@ -19,6 +19,7 @@ EXPECTED = {
     "pool": Placement.ENCODER,
     "divprune": Placement.ENCODER,
     "vispruner": Placement.ENCODER,
+    "cdpruner": Placement.ENCODER,
     "knee+text": Placement.BOTH,
     "fastv": Placement.LLM,
     "sparsevlm": Placement.LLM,
@@ -39,7 +40,7 @@ def test_every_option_is_documented_and_signals_resolve(name):
     assert set(spec.param_docs) >= set(spec.defaults)
     assert all(spec.param_docs[k] for k in spec.defaults)
     signals = spec.signals(spec.defaults)
-    kinds = {"cls_attn", "cls_attn_layers", "keys", "projected", "q", "k", "hidden"}
+    kinds = {"cls_attn", "cls_attn_layers", "keys", "projected", "prompt", "q", "k", "hidden"}
     assert all(req.kind in kinds for req in signals.values())
     if spec.placement is not Placement.ENCODER:
         layers = spec.layers(spec.defaults)

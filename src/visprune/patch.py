@@ -22,6 +22,7 @@ from visprune.llm_pruning import DecoderPruner
 from visprune.methods import MethodSpec, Placement, Reduction, SignalRequest, get_method
 from visprune.models import Adapter, adapter_for
 from visprune.models.splice import IGNORE_INDEX, Spliced, image_runs, splice
+from visprune.prompts import prompts_for
 
 _ATTR = "_visprune_handle"
 DENSE = "none"
@@ -54,7 +55,10 @@ class Reducer:
 
     `budget` is the method's token budget per image (None for adaptive methods); adapters that split an
     image into crops call the reducer with a per-crop `budget` override. `tower_layer`: the vision block
-    at whose input the adapter reduces (None: after the tower).
+    at whose input the adapter reduces (None: after the tower). The Reducer computes the signals of the
+    REDUCER_KINDS itself: "projected" with `project` (the adapter's projector), "prompt" from `prompts`
+    [images, D] (`prompts.prompt_vectors`), for which adapters pass the image index of each row
+    (`images`).
     """
 
     def __init__(
@@ -65,14 +69,21 @@ class Reducer:
         stats: Stats,
         tower_layer: int | None = None,
         project: Callable[[Tensor], Tensor] | None = None,
+        prompts: Tensor | None = None,
     ):
         self.spec = spec
         self.tower_layer = tower_layer
         self.options = options
-        self.requests, self._projected = split_projected(spec.signals(options))
+        self.requests, self._own = split_reducer_signals(spec.signals(options))
         self.project = project
+        self.prompts = prompts
         self.sync = sync
         self.stats = stats
+
+    @property
+    def needs_prompts(self) -> bool:
+        """Whether the method reads the "prompt" signal (the caller then passes `prompts`)."""
+        return "prompt" in self._own.values()
 
     @property
     def budget(self) -> int | None:
@@ -85,26 +96,49 @@ class Reducer:
         return self.spec.budget_rule.apply(budget, self.options)
 
     def __call__(
-        self, features: Tensor, grid: tuple[int, int], signals: dict[str, Tensor], budget: int | None = None
+        self,
+        features: Tensor,
+        grid: tuple[int, int],
+        signals: dict[str, Tensor],
+        budget: int | None = None,
+        images: Sequence[int] | None = None,
     ) -> list[Reduction]:
         _sync(features, self.sync)
         t0 = time.perf_counter()
-        if self._projected:
-            if self.project is None:
-                raise UnsupportedModelError(f"{self.spec.name} needs the projected features, which this model lacks")
-            rows = self.project(features)
-            signals = {**signals, **dict.fromkeys(self._projected, rows)}
+        if self._own:
+            signals = {**signals, **self._reducer_signals(features, images)}
         out = self.spec.fn(features, grid=grid, **signals, **self._options_for(budget))
         _sync(features, self.sync)
         self.stats.timings["reduce"] = self.stats.timings.get("reduce", 0.0) + time.perf_counter() - t0
         return out
 
+    def _reducer_signals(self, features: Tensor, images: Sequence[int] | None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, kind in self._own.items():
+            if kind == "projected":
+                if self.project is None:
+                    raise UnsupportedModelError(
+                        f"{self.spec.name} needs the projected features, which this model lacks"
+                    )
+                out[name] = self.project(features)
+            else:
+                if self.prompts is None or images is None:
+                    raise UnsupportedModelError(
+                        f"{self.spec.name} needs the prompt of each image, which this call does not give "
+                        "(visprune passes it from the model's input_ids in forward and generate)"
+                    )
+                out[name] = self.prompts[torch.as_tensor(list(images), device=self.prompts.device)].to(features.device)
+        return out
 
-def split_projected(requests: dict[str, SignalRequest]) -> tuple[dict[str, SignalRequest], list[str]]:
-    """(the requests an adapter computes from its tower, the names of the "projected" requests: the Reducer
-    computes those itself, with the adapter's projector, from the features it is given)."""
-    projected = [name for name, req in requests.items() if req.kind == "projected"]
-    return {name: req for name, req in requests.items() if name not in projected}, projected
+
+REDUCER_KINDS = ("projected", "prompt")  # signal kinds the Reducer computes, not the adapter
+
+
+def split_reducer_signals(requests: dict[str, SignalRequest]) -> tuple[dict[str, SignalRequest], dict[str, str]]:
+    """(the requests an adapter computes from its tower, {name: kind} of those the Reducer computes itself:
+    the REDUCER_KINDS)."""
+    own = {name: req.kind for name, req in requests.items() if req.kind in REDUCER_KINDS}
+    return {name: req for name, req in requests.items() if name not in own}, own
 
 
 def encoder_budget(spec: MethodSpec, options: dict[str, Any]) -> int | None:
@@ -318,8 +352,8 @@ def apply(
         if encoder is None:
             raise InputError("tower_layer needs an encoder-side method to reduce inside the tower")
     if encoder is not None:
-        from_tower, projected = split_projected(encoder.signals(enc_opts))
-        if projected and tower_layer is not None:
+        from_tower, own = split_reducer_signals(encoder.signals(enc_opts))
+        if "projected" in own.values() and tower_layer is not None:
             raise UnsupportedModelError(
                 f"{encoder.name} selects on the projected tokens, which do not exist inside the vision tower; "
                 "apply it without tower_layer"
@@ -451,6 +485,8 @@ def _prepare(
                 handle.tower_layer,
                 adapter.project,
             )
+            if reducer.needs_prompts:
+                reducer.prompts = prompts_for(adapter, input_ids, attention_mask)
         _sync(pixel_values, handle.sync_timings)
         t0 = time.perf_counter()
         tokens = adapter.image_tokens(pixel_values, reducer, image_kwargs)

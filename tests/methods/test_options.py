@@ -20,6 +20,7 @@ BAD: dict[str, dict[str, list]] = {
     },
     "tome": {"budget": [0, "64", None]},
     "divprune": {"budget": [0, "64", None, 2.5]},
+    "cdpruner": {"budget": [0, "64", None, 2.5]},
     "vispruner": {"budget": [0, "64"], "important_ratio": [-0.1, 1.5, "0.5", True], "signal": ["attention"]},
     "random": {"budget": [0, None], "seed": ["0", 1.5, None]},
     "pool": {"budget": [0, "64"], "output_grid": [(4,), (4, 0), (4, 4, 4), "4x4", (2.0, 2)]},
@@ -94,6 +95,7 @@ def direct_call(method: str, options: dict):
             "keys": torch.randn(2, 16, 8, generator=g),
             "cls_attn_layers": torch.rand(2, 4, 16, generator=g),
             "projected": torch.randn(2, 16, 8, generator=g),
+            "prompt": torch.randn(2, 8, generator=g),
         }
         wanted = spec.signals(spec.defaults)
         return spec.fn(feats, **{k: v for k, v in signals.items() if k in wanted}, **options)

@@ -22,6 +22,7 @@ OPTIONS = {
     "random": [{"budget": 5}],
     "pool": [{"budget": 4}],
     "divprune": [{"budget": 5}],
+    "cdpruner": [{"budget": 5}],
     "vispruner": [{"budget": 5}, {"budget": 7, "important_ratio": 0.0}, {"budget": 6, "important_ratio": 1.0}],
     "knee": [{"k_min": 2}, {"k_min": 1, "detector": "max-gap", "smooth": 3}, {"k_min": 1, "detector": "max-curvature"}],
     "prumerge": [
@@ -66,6 +67,8 @@ def inputs_for(name: str, options: dict, features: torch.Tensor, scores: torch.T
             kwargs[arg] = keys
         elif req.kind == "projected":
             kwargs[arg] = keys  # any [B, N, D] rows: zero and equal ones included
+        elif req.kind == "prompt":
+            kwargs[arg] = keys[:, 0]  # any [B, D] vector: zero included
         else:  # cls_attn_layers: the same row at every layer, with a sign flip to mix things up
             rows = [scores * (-1) ** i for i in range(len(req.layers))]
             kwargs[arg] = torch.stack(rows, dim=1)

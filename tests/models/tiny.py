@@ -169,6 +169,7 @@ METHOD_OPTIONS: dict[str, dict] = {
     "pool": {"budget": 16},
     "divprune": {"budget": 8},
     "vispruner": {"budget": 8},
+    "cdpruner": {"budget": 8},
     "fastv": {"layer": 2},
     "sparsevlm": {"layers": (1, 2), "keep_counts": (24, 10)},
     "dart": {"layer": 2, "budget": 8},
@@ -185,6 +186,7 @@ FIXED_BUDGET = {
     "pool": 16,
     "divprune": 8,
     "vispruner": 8,
+    "cdpruner": 8,
 }
 COMPOSITION = (["visionzip", "fastv"], {"visionzip": {"dominant": 6, "contextual": 2}, "fastv": {"layer": 2}})
 

@@ -36,7 +36,8 @@ from visprune.errors import InputError
 from visprune.methods import MethodSpec, Placement, Reduction, get_method
 from visprune.methods.base import select_tokens
 from visprune.models import adapter_for
-from visprune.patch import DENSE, Reducer, Stats, split_projected
+from visprune.patch import DENSE, Reducer, Stats, split_reducer_signals
+from visprune.prompts import prompts_for
 
 
 @dataclass
@@ -98,7 +99,7 @@ def cases(cfg: BenchConfig, num_layers: int, dense: int) -> tuple[list[Case], li
             if c.method in ("dense", DENSE) or get_method(c.method).placement is Placement.LLM:
                 continue
             spec = get_method(c.method)
-            if split_projected(spec.signals({**spec.defaults, **c.options}))[1]:
+            if "projected" in split_reducer_signals(spec.signals({**spec.defaults, **c.options}))[1].values():
                 reason = "selects on the projected tokens, which do not exist inside the vision tower"
                 skipped.append({"method": c.method, "budget": c.budget, "share": c.share, "reason": reason})
                 continue
@@ -130,7 +131,7 @@ class _Probe(Reducer):
 
     def __init__(self, spec: MethodSpec, options: dict[str, Any], tower_layer: int | None = None):
         super().__init__(spec, options, False, Stats(), tower_layer)
-        self.calls: list[tuple[torch.Tensor, tuple[int, int], dict[str, torch.Tensor], int | None]] | None = []
+        self.calls: list[tuple[torch.Tensor, tuple[int, int], dict[str, torch.Tensor], int | None, Any]] | None = []
 
     def __call__(
         self,
@@ -138,9 +139,10 @@ class _Probe(Reducer):
         grid: tuple[int, int],
         signals: dict[str, torch.Tensor],
         budget: int | None = None,
+        images: Any = None,
     ) -> list[Reduction]:
         if self.calls is not None:
-            self.calls.append((features, grid, signals, budget))
+            self.calls.append((features, grid, signals, budget, images))
         first = torch.zeros(features.shape[0], 1, dtype=torch.long, device=features.device)
         return select_tokens(features, first)
 
@@ -219,6 +221,8 @@ class Bench:
         adapter, spec, opts = handle.adapter, handle.encoder, handle.encoder_options
         probe = _Probe(spec, opts, handle.tower_layer)
         reducer = Reducer(spec, opts, False, Stats(), handle.tower_layer, adapter.project)
+        if reducer.needs_prompts:
+            reducer.prompts = prompts_for(adapter, self.inputs["input_ids"], self.inputs.get("attention_mask"))
         pixels = self.inputs["pixel_values"]
         image_kwargs = {k: self.inputs[k] for k in adapter.image_inputs if k in self.inputs}
         with torch.inference_mode():
@@ -226,7 +230,7 @@ class Bench:
         calls, probe.calls = probe.calls or [], None
         return {
             "vision": self._time(lambda: adapter.image_tokens(pixels, probe, image_kwargs)),
-            "reduce": self._time(lambda: [reducer(f, g, s, budget=b) for f, g, s, b in calls]),
+            "reduce": self._time(lambda: [reducer(f, g, s, budget=b, images=i) for f, g, s, b, i in calls]),
         }
 
     def _ideal(self, visual_out: list[int], tokens: list[list[int]], options: dict[str, Any]) -> dict[str, Any]:

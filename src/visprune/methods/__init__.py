@@ -22,6 +22,7 @@ __all__ = [
     "resolve_options",
     "select_tokens",
 ]
+from visprune.methods import cdpruner as _cdpruner  # noqa: F401
 from visprune.methods import cls_topk as _cls_topk  # noqa: F401
 from visprune.methods import dart as _dart  # noqa: F401
 from visprune.methods import divprune as _divprune  # noqa: F401

@@ -96,7 +96,7 @@ class LlavaAdapter(Adapter):
             reductions = dense_reduction(out.features)
         else:
             grid = self.grid if self.grid[0] * self.grid[1] == n else _square(n)
-            reductions = reducer(out.features, grid, out.signals)
+            reductions = reducer(out.features, grid, out.signals, images=range(out.features.shape[0]))
         counts = [r.count for r in reductions]
         projected = self.projector(torch.cat([r.features for r in reductions]).unsqueeze(0)).squeeze(0)
         return ImageTokens(

@@ -151,7 +151,10 @@ class LlavaNextAdapter(LlavaAdapter):
                 feats = features[idx].gather(1, local.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
                 kinds = {name: req.kind for name, req in reducer.requests.items()} if reducer is not None else {}
                 sig = {k: _take_tokens(v[idx], local, kinds[k]) for k, v in signals.items()}
-            reds = dense_reduction(feats) if reducer is None else reducer(feats, grid, sig, budget=budget)
+            if reducer is None:
+                reds = dense_reduction(feats)
+            else:
+                reds = reducer(feats, grid, sig, budget=budget, images=[c.image for c in members])
             for c, r in zip(members, reds, strict=True):
                 result[(c.image, c.crop)] = r
         return [[result[(c.image, c.crop)] for c in image_crops] for image_crops in crops]

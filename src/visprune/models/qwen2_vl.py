@@ -208,7 +208,8 @@ class Qwen2VLAdapter(Adapter):
                 reds = dense_reduction(stacked)
             else:
                 sig = {name: torch.stack([parts[i] for i in members]) for name, parts in signals.items()}
-                reds = reducer(stacked, (t * h // 2, w // 2), sig, budget=_image_budget(reducer, stacked.shape[1]))
+                budget = _image_budget(reducer, stacked.shape[1])
+                reds = reducer(stacked, (t * h // 2, w // 2), sig, budget=budget, images=members)
             for i, r in zip(members, reds, strict=True):
                 reductions[i] = r
         return reductions

@@ -1,0 +1,119 @@
+"""CDPruner (Zhang et al., NeurIPS 2025, arXiv 2506.10967): keep the visual tokens of maximal conditional
+diversity. A determinantal point process over the tokens, whose kernel is their pairwise similarity
+weighted by each token's relevance to the instruction, picks the budget by greedy MAP inference. It
+needs no attention map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visprune.errors import InputError
+from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
+from visprune.methods.budget_rules import TOKENS
+from visprune.methods.checks import check_budget, check_count, check_features, check_grid, check_tensor
+from visprune.methods.registry import register
+
+EPS = 1e-6  # the official code's offset in the relevance normalisation; also the floor of a pivot variance
+
+
+def check_options(*, budget: Any) -> None:
+    """CDPruner's option: a budget >= 1 (the bound against N needs the data)."""
+    check_count(budget, "budget", 1)
+
+
+def conditional_kernel(projected: Tensor, prompt: Tensor) -> Tensor:
+    """[B, N, N] float32 kernel r_i S_ij r_j: S the cosine similarity of the tokens `projected` [B, N, D],
+    r each token's cosine similarity to the instruction vector `prompt` [B, D], min-max normalised per
+    image to (0, 1] ((r - min + EPS) / (max - min); all ones when the tokens are equally relevant or
+    there is no instruction, a zero prompt)."""
+    unit = F.normalize(projected.float(), dim=-1)
+    similarity = unit @ unit.transpose(1, 2)
+    relevance = (unit @ F.normalize(prompt.float(), dim=-1).unsqueeze(-1)).squeeze(-1)  # [B, N]
+    low, high = relevance.amin(dim=1, keepdim=True), relevance.amax(dim=1, keepdim=True)
+    relevance = (relevance - low + EPS) / (high - low).clamp(min=EPS)
+    return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+
+
+def greedy_map(kernel: Tensor, k: int) -> Tensor:
+    """[B, k] indices in selection order: greedy MAP inference of the DPP with `kernel` [B, N, N] (each step
+    adds the token that most increases log det of the selected submatrix), by the incremental Cholesky
+    update of Chen et al. (NeurIPS 2018), batched over images: one step per selected token, O(N k) each.
+
+    d_j^2 is token j's variance left unexplained by the selection (the Schur complement); the step
+    takes the largest (ties to the lowest index), appends its Cholesky row e = (L_j - c_j^T C) / d_j
+    and subtracts e^2 from every d^2. A taken token is never taken again; when the kernel's rank is
+    exhausted (every d^2 <= 0, duplicate tokens) the division uses EPS and the order stays greedy.
+    """
+    b, n, _ = kernel.shape
+    batch = torch.arange(b, device=kernel.device)
+    variance = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d^2 [B, N]
+    rows = kernel.new_zeros(k, b, n)  # the Cholesky rows of the selected tokens, c_i [B, N]
+    taken = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
+    chosen = []
+    for i in range(k):
+        j = variance.masked_fill(taken, float("-inf")).argmax(dim=1)
+        row = kernel[batch, j]  # [B, N]
+        if i:
+            row = row - torch.einsum("tb,tbn->bn", rows[:i, batch, j], rows[:i])
+        e = row / variance[batch, j].clamp(min=EPS).sqrt().unsqueeze(1)
+        rows[i] = e
+        variance = variance - e.square()
+        taken[batch, j] = True
+        chosen.append(j)
+    return torch.stack(chosen, dim=1)
+
+
+@register(
+    "cdpruner",
+    description="CDPruner: the most conditionally diverse tokens, a DPP over the projected tokens weighted by "
+    "their relevance to the prompt, greedy MAP (fixed K, no attention map)",
+    placement=Placement.ENCODER,
+    adaptive=False,
+    signals=lambda o: {"projected": SignalRequest("projected"), "prompt": SignalRequest("prompt")},
+    check=check_options,
+    budget_rule=TOKENS,
+)
+def cdpruner(
+    features: Tensor,
+    *,
+    projected: Tensor,
+    prompt: Tensor,
+    grid: tuple[int, int] | None = None,
+    budget: int = 64,
+) -> list[Reduction]:
+    """Keep `budget` tokens per image chosen by `greedy_map` on `conditional_kernel(projected, prompt)`:
+    projected [B, N, D] the tokens as the LLM receives them (the projector applied to every row, as the
+    official code computes the similarity), prompt [B, D] the instruction of each image
+    (`prompts.prompt_vectors`: the mean of the L2-normalised LLM input embeddings of the prompt's text
+    after the image). features [B, N, C] are what is kept; grid is only validated.
+
+    Output: the kept tokens in spatial order, unchanged; `assignment` marks the dropped ones with -1.
+
+    Deviations from the official code (Theia-4869/CDPruner, LLaVA): there, relevance is the NEGATED
+    cosine similarity between CLIP's projected patch embeddings and CLIP text-encoder embeddings of the
+    instruction, min-max normalised over the whole batch. A Hugging Face LLaVA (or Qwen-VL) carries no
+    CLIP text tower, so here relevance is the cosine similarity, in the LLM's input space, between each
+    projected token and the instruction's token embeddings (not negated: the official sign is tied to
+    CLIP's patch embeddings), normalised per image so that an image's selection does not depend on the
+    rest of the batch. The official code's optional theta re-weighting is not offered (it ships
+    disabled). Exactly `budget` tokens per image of any batch; duplicates handled (see greedy_map).
+
+    Options:
+        budget: tokens kept per image (default 64), 1 <= budget <= N.
+    """
+    check_options(budget=budget)
+    b, n, _ = check_features(features)
+    if grid is not None:
+        check_grid(grid, n)
+    check_tensor(projected, "projected", (b, n, None))
+    check_tensor(prompt, "prompt", (b, projected.shape[2]))
+    for name, value in (("projected", projected), ("prompt", prompt)):
+        if not value.is_floating_point():
+            raise InputError(f"{name} must be a floating point tensor, got {value.dtype}")
+    k = check_budget(budget, n)
+    return select_tokens(features, greedy_map(conditional_kernel(projected, prompt), k))
