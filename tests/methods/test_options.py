@@ -21,6 +21,7 @@ BAD: dict[str, dict[str, list]] = {
     "tome": {"budget": [0, "64", None]},
     "divprune": {"budget": [0, "64", None, 2.5]},
     "cdpruner": {"budget": [0, "64", None, 2.5]},
+    "scope": {"budget": [0, "64", None, 2.5], "alpha": [-1, "1", None, True, float("nan")], "signal": ["bogus"]},
     "vispruner": {"budget": [0, "64"], "important_ratio": [-0.1, 1.5, "0.5", True], "signal": ["attention"]},
     "random": {"budget": [0, None], "seed": ["0", 1.5, None]},
     "pool": {"budget": [0, "64"], "output_grid": [(4,), (4, 0), (4, 4, 4), "4x4", (2.0, 2)]},

@@ -23,6 +23,7 @@ OPTIONS = {
     "pool": [{"budget": 4}],
     "divprune": [{"budget": 5}],
     "cdpruner": [{"budget": 5}],
+    "scope": [{"budget": 5}, {"budget": 7, "alpha": 0.0}, {"budget": 6, "alpha": 2.5}],
     "vispruner": [{"budget": 5}, {"budget": 7, "important_ratio": 0.0}, {"budget": 6, "important_ratio": 1.0}],
     "knee": [{"k_min": 2}, {"k_min": 1, "detector": "max-gap", "smooth": 3}, {"k_min": 1, "detector": "max-curvature"}],
     "prumerge": [

@@ -30,6 +30,7 @@ from visprune.methods import fastv as _fastv  # noqa: F401
 from visprune.methods import knee as _knee  # noqa: F401
 from visprune.methods import pdrop as _pdrop  # noqa: F401
 from visprune.methods import prumerge as _prumerge  # noqa: F401
+from visprune.methods import scope as _scope  # noqa: F401
 from visprune.methods import simple as _simple  # noqa: F401
 from visprune.methods import sparsevlm as _sparsevlm  # noqa: F401
 from visprune.methods import text_stage as _text_stage  # noqa: F401

@@ -1,0 +1,107 @@
+"""SCOPE (Deng et al., NeurIPS 2025, arXiv 2510.24214): saliency-coverage oriented token selection.
+
+The coverage of a token j by a selected set is its largest cosine similarity to a selected token (0 for
+the empty set). Each step adds the token whose coverage gain, the summed increase of every token's
+coverage, times its saliency (CLS attention, raised to `alpha`) is largest: salient tokens that cover
+what is not yet covered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visprune.errors import InputError
+from visprune.methods.base import (
+    Placement,
+    Reduction,
+    check_signal_option,
+    document_signal,
+    score_request,
+    select_tokens,
+)
+from visprune.methods.budget_rules import TOKENS
+from visprune.methods.checks import check_budget, check_count, check_features, check_grid
+from visprune.methods.cls_topk import check_signal
+from visprune.methods.registry import register
+
+
+def check_options(*, budget: Any, alpha: Any, signal: Any) -> None:
+    """SCOPE's options: a budget >= 1, a saliency exponent alpha >= 0."""
+    check_count(budget, "budget", 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+        raise InputError(f"alpha must be a number >= 0 (the saliency exponent), got {alpha!r}")
+    check_signal_option(signal)
+
+
+def saliency_coverage_selection(features: Tensor, saliency: Tensor, k: int) -> Tensor:
+    """[B, k] indices in selection order. features [B, N, C] (cosine similarity S), saliency [B, N] >= 0.
+
+    coverage [B, N] starts at 0; a step scores every unselected token i by
+    saliency_i * sum_j max(0, S_ji - coverage_j), takes the best (ties to the lowest index) and raises
+    coverage to max(coverage, S_i). Batched over images; one step per selected token, O(N^2) each.
+    """
+    b, n, _ = features.shape
+    unit = F.normalize(features.float(), dim=-1)
+    similarity = unit @ unit.transpose(1, 2)  # [B, N, N], symmetric
+    batch = torch.arange(b, device=features.device)
+    coverage = similarity.new_zeros(b, n)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=features.device)
+    chosen = []
+    for _ in range(k):
+        gain = (similarity - coverage.unsqueeze(2)).clamp(min=0).sum(dim=1)  # [B, N]: column i's gain
+        best = (gain * saliency).masked_fill(taken, float("-inf")).argmax(dim=1)
+        chosen.append(best)
+        taken[batch, best] = True
+        coverage = torch.maximum(coverage, similarity[batch, best])
+    return torch.stack(chosen, dim=1)
+
+
+@register(
+    "scope",
+    description="SCOPE: greedy tokens of largest saliency x coverage gain (CLS attention, cosine coverage of "
+    "the not-yet-covered tokens; fixed K)",
+    placement=Placement.ENCODER,
+    adaptive=False,
+    signals=lambda o: {"cls_attn": score_request(o["signal"], (-2,), "sum")},
+    check=check_options,
+    budget_rule=TOKENS,
+    published_attention="vision",
+)
+@document_signal
+def scope(
+    features: Tensor,
+    *,
+    cls_attn: Tensor,
+    grid: tuple[int, int] | None = None,
+    budget: int = 64,
+    alpha: float = 1.0,
+    signal: str | None = None,
+) -> list[Reduction]:
+    """Keep `budget` tokens per image chosen by `saliency_coverage_selection` on the features [B, N, C]
+    (the tower's feature layer, as the official code measures coverage) with saliency cls_attn ** alpha:
+    cls_attn [B, N] the score chosen by `signal` at encoder layer -2, summed over heads (CLS attention,
+    or on a tower without CLS the attention each patch receives, averaged over the patch queries).
+
+    Output: the kept tokens, unchanged, in spatial order; `assignment` marks the dropped ones -1.
+    Deviations from the official code: the budget is per image (it divides a total by the batch size);
+    its environment switches (ALPHA, and COMBINED='add' instead of the product) are the `alpha` option
+    here and the product only; a saliency below zero (none of the supported signals gives one) would be
+    used as is.
+
+    Options:
+        budget: tokens kept per image (default 64), 1 <= budget <= N.
+        alpha: exponent of the saliency in the product (default 1.0, the official default; 0 ignores
+            the saliency: coverage alone).
+        signal: {SIGNAL}
+    """
+    check_options(budget=budget, alpha=alpha, signal=signal)
+    b, n, _ = check_features(features)
+    if grid is not None:
+        check_grid(grid, n)
+    k = check_budget(budget, n)
+    scores = check_signal(cls_attn, "cls_attn", (b, n), features)
+    return select_tokens(features, saliency_coverage_selection(features, scores.float() ** alpha, k))
