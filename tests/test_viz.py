@@ -70,3 +70,32 @@ def test_score_attention_uses_the_best_signal_of_the_tower(tower) -> None:
     assert summarize_attention(scores, label).label == label
     received, label = score_attention(model, pixels, "mean-received")
     assert label == "mean-received attention" and received.shape == (64,)
+
+
+@pytest.mark.skipif(not bundled.available(), reason="bundled model weights missing")
+def test_llm_side_panels_show_how_far_each_token_reaches() -> None:
+    """fastv drops half the visual tokens at LLM layer 2: the panel's reach is every layer for the kept
+    half and 2 for the rest; knee+text's tokens the knee dropped reach 0 layers; an encoder-only method
+    has no reach (its token overlay is drawn)."""
+    from visprune.viz import run_methods
+
+    net, processor = bundled.load(None, device="cpu")
+    item = load_split("test", 7)[6]
+    views = run_methods(net, processor, [item.image()], [item.text], ["fastv", "knee+text", "fastervlm"])
+    layers = net.config.text_config.num_hidden_layers
+    fastv = views["fastv"][0]
+    assert sorted(set(fastv.reach.tolist())) == [2, layers]
+    assert int((fastv.reach == layers).sum()) == fastv.tokens_last == 576 // 2
+    knee = views["knee+text"][0]
+    assert int((knee.reach > 0).sum()) == knee.tokens_llm and int((knee.reach == layers).sum()) == knee.tokens_last
+    assert views["fastervlm"][0].reach is None
+
+
+def test_survival_overlay_darkens_tokens_that_never_reach_the_llm() -> None:
+    from visprune.viz import survival_overlay
+
+    image = np.full((4, 4, 3), 200, dtype=np.uint8)
+    out = survival_overlay(image, np.array([0, 2, 4, 4]), (2, 2), 4)
+    assert out[0, 0].max() < 0.2 < out[0, 2].max()  # token 0 (top left) dark, token 1 lit
+    assert not np.allclose(out[0, 2], out[2, 2])  # reached 2 of 4 layers vs all 4: different colours
+    np.testing.assert_allclose(out[2, 0], out[2, 2])  # both reach all layers

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visprune.synth import Item, load_split, score
-from visprune.viz import MethodView, _grid_of, _pyplot, describe_tokens, draw_tokens, run_methods
+from visprune.viz import MethodView, _grid_of, _pyplot, add_legend, describe_tokens, draw_tokens, run_methods
 
 # Test-split items, one per question family: reading, counting, colour, position, relation.
 DEMO_ITEMS: tuple[int, ...] = (6, 3, 8, 4, 12)
@@ -31,8 +31,12 @@ def _label(method: str) -> str:
     return LABELS.get(method, method)
 
 
-def draw(items: list[Item], views: dict[str, list[MethodView]], grid: tuple[int, int], out: Path) -> Path:
-    """Rows = scenes, columns = methods; each panel shows the tokens that method kept."""
+def draw(
+    items: list[Item], views: dict[str, list[MethodView]], grid: tuple[int, int], out: Path, n_layers: int = 1
+) -> Path:
+    """Rows = scenes, columns = methods; each panel shows the tokens that method kept (or, for a method
+    that prunes inside the LLM, how many of the `n_layers` LLM layers each token reaches); a legend
+    says what the marks mean."""
     import numpy as np
 
     plt = _pyplot()
@@ -45,7 +49,7 @@ def draw(items: list[Item], views: dict[str, list[MethodView]], grid: tuple[int,
             view = views[method][r]
             mark = "ok" if score(view.answer, item.answer) else "wrong"
             title = f"{_label(method)}: {view.answer} ({mark})\n{describe_tokens(view)} tokens"
-            draw_tokens(axes[r, c], image, view.reduction, grid, title)
+            draw_tokens(axes[r, c], image, view, grid, title, n_layers)
         axes[r, 0].text(
             -0.05,
             0.5,
@@ -56,8 +60,9 @@ def draw(items: list[Item], views: dict[str, list[MethodView]], grid: tuple[int,
             fontsize=8,
             wrap=True,
         )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.subplots_adjust(left=0.2)
+    add_legend(fig, [v for rows in views.values() for v in rows], n_layers)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
@@ -89,7 +94,7 @@ def run_demo(
             view = views[method][r]
             mark = "ok   " if score(view.answer, item.answer) else "wrong"
             echo(f"    {_label(method):<{width}}  {mark}  {view.answer:<12}  visual tokens: {describe_tokens(view)}")
-    png = draw(chosen, views, _grid_of(net), Path(out))
+    png = draw(chosen, views, _grid_of(net), Path(out), net.config.text_config.num_hidden_layers)
     echo("")
     echo("visual tokens: those entering the LLM (-> those left after knee+text's in-LLM stage); dense = 576.")
     echo(f"wrote {png}")

@@ -42,12 +42,16 @@ class PrunerState:
     """Per-call state: reset by `begin` before each prefill."""
 
     layout: TokenLayout | None = None
+    prefill_layout: TokenLayout | None = None  # the layout of the whole prefill sequence (layer 0's)
     phase: str = "off"  # off | prefill | decode
     groups: list[_Group] = field(default_factory=list)
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     real_tokens: list[int] = field(default_factory=list)
     signals: dict[str, Tensor] = field(default_factory=dict)
     rows_per_sample: int = 1  # > 1 when generate expanded the batch (beam search, several return sequences)
+    # Per stage (decoder layer, [B, S] bool over the prefill sequence): the visual tokens present from that
+    # layer on (what `Stats.llm_visual_kept` reports).
+    visual_kept: list[tuple[int, Tensor]] = field(default_factory=list)
 
 
 def format_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
@@ -91,7 +95,9 @@ class DecoderPruner:
 
     def begin(self, layout: TokenLayout) -> None:
         """Arm the pruner for the next prefill over a sequence with this layout."""
-        self.state = PrunerState(layout=layout, phase="armed", real_tokens=layout.attention_mask.sum(1).tolist())
+        self.state = PrunerState(
+            layout=layout, prefill_layout=layout, phase="armed", real_tokens=layout.attention_mask.sum(1).tolist()
+        )
 
     def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         st = self.state
@@ -250,6 +256,11 @@ class DecoderPruner:
         if isinstance(position_ids, Tensor):
             new_pos_ids = position_ids.expand(b, -1).gather(1, index)
         base_index = index if prev is None else prev.index.gather(1, index)
+        first = st.prefill_layout
+        width0 = first.visual.shape[1]
+        present = torch.zeros(b, width0 + 1, dtype=torch.bool, device=hidden.device)
+        present.scatter_(1, torch.where(valid, base_index, width0), True)
+        st.visual_kept.append((layer_idx, present[:, :width0] & first.visual & first.attention_mask))
 
         all_valid = bool(valid.all())
         plain = all_valid and self.attn_impl != "eager"

@@ -40,6 +40,10 @@ class Stats:
     reductions: per image, the Reduction(s) behind its tokens (one per crop).
     timings: seconds of host wall-clock for 'vision' (tower + signals) and 'reduce'; with
         apply(..., sync_timings=True) CUDA is synchronised around them so they are device times.
+    llm_visual: with an LLM-side method, [B, S] bool over the prefill sequence the LLM received: its
+        visual tokens (sample b's k-th True is the k-th visual token of its images, in order).
+    llm_visual_kept: with an LLM-side method, per stage (decoder layer, [B, S] bool over the same
+        sequence): the visual tokens still present from that layer on.
     """
 
     visual_tokens_in: list[int] = field(default_factory=list)
@@ -48,6 +52,8 @@ class Stats:
     position_map: Tensor | None = None
     reductions: list[list[Reduction]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    llm_visual: Tensor | None = None
+    llm_visual_kept: list[tuple[int, Tensor]] = field(default_factory=list)
 
 
 class Reducer:
@@ -692,6 +698,9 @@ def _finish_stats(handle: Handle) -> None:
     pruner = handle.pruner
     if pruner is not None and pruner.state.tokens_per_layer:
         handle.stats.tokens_per_layer = pruner.state.tokens_per_layer
+        layout = pruner.state.prefill_layout
+        handle.stats.llm_visual = layout.visual & layout.attention_mask
+        handle.stats.llm_visual_kept = list(pruner.state.visual_kept)
 
 
 def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:

@@ -2,7 +2,9 @@
 
 Each method's panel shows the image as the model sees it (after the processor) on the patch grid:
 tokens kept as tokens of their own are outlined and coloured by output slot, tokens merged into a
-kept token carry that slot's colour faintly, dropped tokens are dimmed. A last pair of panels shows
+kept token carry that slot's colour faintly, dropped tokens are dimmed. For methods that prune inside
+the LLM the panel colours every token by how many LLM layers process it (`survival_overlay`). Every
+figure carries a legend saying so (`add_legend`). A last pair of panels shows
 the score that PruMerge and the knee methods rank with by default (the last encoder layer's CLS
 attention, or on a tower without CLS the attention each patch receives) as a heat map, and its
 sorted curve with PruMerge's IQR fence (Q3 + 1.5 IQR) and the knee.
@@ -165,10 +167,83 @@ def draw_attention(
     ax_curve.tick_params(labelsize=7)
 
 
-def draw_tokens(ax: Any, image: np.ndarray, reduction: Reduction | None, grid: tuple[int, int], title: str) -> None:
-    ax.imshow(token_overlay(image, reduction, grid))
+def layer_reach(
+    stats: visprune.Stats, sample: int, reduction: Reduction | None, n_tokens: int, n_layers: int
+) -> np.ndarray | None:
+    """[n_tokens] int: for each grid token of `sample`'s (single) image, how many LLM layers process it,
+    from the stats of a call with an LLM-side stage (None without one): all n_layers when it survives
+    every stage, L when the stage at decoder layer L drops it, 0 when the encoder stage dropped it. A
+    token merged into a kept one counts as that token."""
+    if not stats.llm_visual_kept or stats.llm_visual is None:
+        return None
+    visual = stats.llm_visual[sample]
+    count = int(visual.sum())
+    reach = np.full(count, n_layers)
+    for layer, kept in reversed(stats.llm_visual_kept):
+        reach[~kept[sample][visual].cpu().numpy()] = layer
+    if reduction is None:
+        return reach if count == n_tokens else None
+    assignment = reduction.assignment.cpu().numpy() if reduction.assignment is not None else None
+    if assignment is None or assignment.shape[0] != n_tokens or reduction.count != count:
+        return None
+    return np.where(assignment >= 0, reach[assignment.clip(min=0)], 0)
+
+
+def survival_overlay(image: np.ndarray, reach: np.ndarray, grid: tuple[int, int], n_layers: int) -> np.ndarray:
+    """float RGB [H, W, 3]: `image` tinted per grid token by the share of LLM layers that process it
+    (REACH_CMAP, from few to all), tokens that never reach the LLM darkened."""
+    from matplotlib import colormaps
+
+    h, w = grid
+    base = image.astype(np.float32) / 255.0
+    ph, pw = image.shape[0] // h, image.shape[1] // w
+    colors = colormaps[REACH_CMAP](reach / max(n_layers, 1))[:, :3].astype(np.float32)
+    shade = np.where(reach > 0, 1.0, 0.2).astype(np.float32)
+    alpha = np.where(reach > 0, 0.5, 0.0).astype(np.float32)
+    up = lambda a: np.repeat(np.repeat(a.reshape(h, w, *a.shape[1:]), ph, 0), pw, 1)  # noqa: E731
+    out = base.copy()
+    region = base[: h * ph, : w * pw]
+    out[: h * ph, : w * pw] = (region * (1 - up(alpha)[..., None]) + up(colors) * up(alpha)[..., None]) * up(shade)[
+        ..., None
+    ]
+    return out
+
+
+REACH_CMAP = "viridis"
+
+
+def draw_tokens(
+    ax: Any, image: np.ndarray, view: MethodView | None, grid: tuple[int, int], title: str, n_layers: int = 1
+) -> None:
+    """One method's panel: its survival overlay when it prunes inside the LLM, else its token overlay."""
+    if view is not None and view.reach is not None:
+        ax.imshow(survival_overlay(image, view.reach, grid, n_layers))
+    else:
+        ax.imshow(token_overlay(image, view.reduction if view is not None else None, grid))
     ax.set_title(title, fontsize=8)
     ax.axis("off")
+
+
+def add_legend(fig: Any, views: list[MethodView], n_layers: int) -> None:
+    """A figure legend for the token panels: what outlines, tints and darkening mean, and, when a panel
+    shows an LLM-side method, a colour bar for the number of LLM layers a token reaches."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(facecolor="white", edgecolor="black", label="kept token (its own token, outlined)"),
+        Patch(facecolor=(0.55, 0.35, 0.55), label="merged into the kept token of its colour"),
+        Patch(facecolor=(0.1, 0.1, 0.1), label="dropped (never reaches the LLM)"),
+    ]
+    fig.legend(handles=handles, loc="lower left", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.0, 0.0))
+    if any(v.reach is not None for v in views):
+        bar = fig.add_axes((0.68, 0.035, 0.28, 0.012))
+        mappable = ScalarMappable(norm=Normalize(0, n_layers), cmap=colormaps[REACH_CMAP])
+        cb = fig.colorbar(mappable, cax=bar, orientation="horizontal")
+        cb.ax.set_title("LLM layers a token reaches (methods pruning inside the LLM)", fontsize=7)
+        cb.ax.tick_params(labelsize=7)
 
 
 def _grid_of(model: Any) -> tuple[int, int]:
@@ -186,6 +261,9 @@ class MethodView:
     reduction: Reduction | None  # encoder-side reduction of the (base crop of the) image; None for LLM-side
     tokens_llm: int  # visual tokens entering the LLM
     tokens_last: int  # visual tokens at the LLM's last layer
+    # With an LLM-side stage: per grid token, how many LLM layers process it (0: it never reaches the
+    # LLM); None without one.
+    reach: np.ndarray | None = None
 
 
 def run_methods(
@@ -221,13 +299,15 @@ def run_methods(
         rows = []
         for i, answer in enumerate(answers):
             text = stats.tokens_per_layer[i][0] - stats.visual_tokens_out[i]
+            reduction = stats.reductions[i][0] if encoder_side else None
             rows.append(
                 MethodView(
                     method=method,
                     answer=answer.strip(),
-                    reduction=stats.reductions[i][0] if encoder_side else None,
+                    reduction=reduction,
                     tokens_llm=stats.visual_tokens_out[i],
                     tokens_last=stats.tokens_per_layer[i][-1] - text,
+                    reach=layer_reach(stats, i, reduction, n_visual, n_layers),
                 )
             )
         views[method] = rows
@@ -291,16 +371,15 @@ def run_viz(
     axes = list(grid_axes.flat)
     for ax in axes[panels:]:
         ax.axis("off")
+    n_layers = net.config.text_config.num_hidden_layers
     for ax, method in zip(axes, methods, strict=False):
         view = views[method][0]
-        if view.reduction is None:
-            title = f"{method}: acts inside the LLM\n{describe_tokens(view)} visual tokens"
-        else:
-            title = f"{method}: {describe_tokens(view)} tokens\nanswer: {view.answer}"
-        draw_tokens(ax, seen, view.reduction, grid, title)
+        title = f"{method}: {describe_tokens(view)} tokens\nanswer: {view.answer}"
+        draw_tokens(ax, seen, view, grid, title, n_layers)
     draw_attention(axes[panels - 2], axes[panels - 1], seen, summary, grid)
     fig.suptitle(f"{path.name} - question: {question}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    add_legend(fig, [views[m][0] for m in methods], n_layers)
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target)

@@ -135,3 +135,23 @@ def test_flat_images_work_for_every_method(model, inputs, fill):
         assert all(torch.isfinite(step).all() for step in out.logits), name
         if name in tiny.FIXED_BUDGET:
             assert handle.stats.visual_tokens_out == [tiny.FIXED_BUDGET[name]] * 3, name
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "knee+text"])
+def test_stats_say_which_visual_tokens_each_llm_stage_keeps(model, inputs, method):
+    """Stats.llm_visual_kept: one mask per stage over the prefill sequence, each within the previous one
+    and within the visual tokens, counting the visual tokens tokens_per_layer reports for that layer."""
+    handle = tiny.apply_method(model, method)
+    try:
+        tiny.greedy(model, inputs, 1)
+    finally:
+        visprune.remove(model)
+    stats = handle.stats
+    stages = stats.llm_visual_kept
+    assert [layer for layer, _ in stages] == list(visprune.get_method(method).layers(handle.options[method]))
+    previous = stats.llm_visual
+    for layer, kept in stages:
+        assert kept.shape == stats.llm_visual.shape and not (kept & ~previous).any()
+        text = [t[0] - v for t, v in zip(stats.tokens_per_layer, stats.visual_tokens_out, strict=True)]
+        assert kept.sum(1).tolist() == [t[layer] - x for t, x in zip(stats.tokens_per_layer, text, strict=True)]
+        previous = kept
