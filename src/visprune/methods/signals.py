@@ -6,7 +6,6 @@ here, in pure tensor code, so tests can check them against a plain attention com
 
 from __future__ import annotations
 
-import bisect
 import itertools
 
 import torch
@@ -119,15 +118,7 @@ def mean_received_attention(
         if q.dim() != 2 or q.shape != k.shape:
             raise InputError(f"with cu_seqlens, q and k must both be [T, C]; got {tuple(q.shape)} and {tuple(k.shape)}")
         bounds = _check_cu_seqlens(cu_seqlens, q.shape[0], skip)
-        lengths = {b - a for a, b in itertools.pairwise(bounds)}
-        if len(lengths) == 1:  # equal segments (images of one size): fold them into a batch, no mask
-            n = len(bounds) - 1
-            fold = lambda x: _split_heads(x.reshape(n, q.shape[0] // n, -1), h)  # noqa: E731
-            total, rows = _received(fold(q), fold(k), skip, chunk).flatten(), lengths.pop() - skip
-        else:
-            qh = _split_heads(q.float().unsqueeze(0), h)[0]  # [H, T, d]
-            kh = _split_heads(k.float().unsqueeze(0), h)[0]
-            total, rows = _received_packed(qh, kh, bounds, skip, chunk)
+        total, rows = _received_by_length(q, k, h, bounds, skip, chunk), 1
     mean = total / rows  # averaged over query rows, summed over heads
     return mean if heads == "sum" else mean / h
 
@@ -221,30 +212,23 @@ def _check_cu_seqlens(cu_seqlens: Tensor, total: int, skip: int) -> list[int]:
     return bounds
 
 
-def _received_packed(qh: Tensor, kh: Tensor, bounds: list[int], skip: int, chunk: int | None) -> tuple[Tensor, Tensor]:
-    """(column sums over heads and query rows [T_kept], query rows per kept column [T_kept]).
-
-    A chunk of query rows [r0, r1) sees the keys from the start of r0's segment to the end of
-    (r1 - 1)'s segment; keys of other segments are masked out of each row's softmax.
-    """
-    h, t, d = qh.shape
-    dev = qh.device
-    starts = torch.tensor(bounds[:-1], device=dev)
-    lengths = torch.tensor(bounds, device=dev).diff()
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths, output_size=t)  # [T]
-    pos = torch.arange(t, device=dev) - starts[seg]  # position within the segment
-    row_weight = (pos >= skip).float()
-    longest = max(b - a for a, b in itertools.pairwise(bounds))
-    step = chunk or max(1, min(longest, CHUNK_ELEMENTS // (h * min(t, 3 * longest))))
-    acc = qh.new_zeros(t)
-    scale = d**-0.5
-    for r0 in range(0, t, step):
-        r1 = min(r0 + step, t)
-        lo = bounds[bisect.bisect_right(bounds, r0) - 1]
-        hi = bounds[bisect.bisect_left(bounds, r1)]
-        scores = (qh[:, r0:r1] @ kh[:, lo:hi].transpose(-1, -2)) * scale  # [H, c, w]
-        other = seg[r0:r1].unsqueeze(1) != seg[lo:hi].unsqueeze(0)
-        probs = scores.masked_fill(other, float("-inf")).softmax(dim=-1)
-        acc[lo:hi] += (probs.sum(dim=0) * row_weight[r0:r1].unsqueeze(1)).sum(dim=0)
-    keep = pos >= skip
-    return acc[keep], (lengths - skip)[seg][keep].float()
+def _received_by_length(q: Tensor, k: Tensor, h: int, bounds: list[int], skip: int, chunk: int | None) -> Tensor:
+    """[T - S * skip]: per packed segment (in order, its first `skip` tokens dropped), the column sums over
+    heads of its attention averaged over its query rows. The segments of each distinct length are folded
+    into one batch (`_received`: fused kernels where they apply), so no mask and no score matrix spanning
+    segments is needed; images of one size are one batch."""
+    starts, lengths = bounds[:-1], [b - a for a, b in itertools.pairwise(bounds)]
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    parts: list[Tensor] = [q.new_empty(0)] * len(lengths)
+    for n, members in by_length.items():
+        if len(members) == len(lengths):  # one length: the segments are already a batch in order
+            qf, kf = (x.reshape(len(members), n, -1) for x in (q, k))
+        else:
+            rows = torch.cat([torch.arange(starts[i], starts[i] + n) for i in members]).to(q.device)
+            qf, kf = (x[rows].reshape(len(members), n, -1) for x in (q, k))
+        sums = _received(_split_heads(qf, h), _split_heads(kf, h), skip, chunk) / (n - skip)
+        for j, i in enumerate(members):
+            parts[i] = sums[j]
+    return torch.cat(parts)
