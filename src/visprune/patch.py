@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,142 +19,15 @@ from torch import Tensor, nn
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.llm_pruning import DecoderPruner
-from visprune.methods import MethodSpec, Placement, Reduction, SignalRequest, get_method
+from visprune.methods import MethodSpec, Placement, get_method
 from visprune.models import Adapter, adapter_for
 from visprune.models.splice import IGNORE_INDEX, Spliced, image_runs, splice
 from visprune.prompts import prompts_for
+from visprune.reducer import Reducer, encoder_budget, split_reducer_signals, sync_device
+from visprune.stats import Stats
 
 _ATTR = "_visprune_handle"
 DENSE = "none"
-
-
-@dataclass
-class Stats:
-    """What the last patched call did.
-
-    visual_tokens_in: per image, the tokens the dense model would feed the LLM.
-    visual_tokens_out: per image, the visual tokens that reached the LLM (after the encoder stage).
-    tokens_per_layer: per sample, the real tokens each decoder layer processed at prefill.
-    position_map: [B, S] for each of the caller's input positions, its index in the returned
-        `forward` logits (-1 for image placeholders, dropped tokens and padding).
-    reductions: per image, the Reduction(s) behind its tokens (one per crop).
-    timings: seconds of host wall-clock for 'vision' (tower + signals) and 'reduce'; with
-        apply(..., sync_timings=True) CUDA is synchronised around them so they are device times.
-    llm_visual: with an LLM-side method, [B, S] bool over the prefill sequence the LLM received: its
-        visual tokens (sample b's k-th True is the k-th visual token of its images, in order).
-    llm_visual_kept: with an LLM-side method, per stage (decoder layer, [B, S] bool over the same
-        sequence): the visual tokens still present from that layer on.
-    """
-
-    visual_tokens_in: list[int] = field(default_factory=list)
-    visual_tokens_out: list[int] = field(default_factory=list)
-    tokens_per_layer: list[list[int]] = field(default_factory=list)
-    position_map: Tensor | None = None
-    reductions: list[list[Reduction]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    llm_visual: Tensor | None = None
-    llm_visual_kept: list[tuple[int, Tensor]] = field(default_factory=list)
-
-
-class Reducer:
-    """An encoder-side method bound to its options: features [n, N, C] -> one Reduction per image.
-
-    `budget` is the method's token budget per image (None for adaptive methods); adapters that split an
-    image into crops call the reducer with a per-crop `budget` override. `tower_layer`: the vision block
-    at whose input the adapter reduces (None: after the tower). The Reducer computes the signals of the
-    REDUCER_KINDS itself: "projected" with `project` (the adapter's projector), "prompt" from `prompts`
-    [images, D] (`prompts.prompt_vectors`), for which adapters pass the image index of each row
-    (`images`).
-    """
-
-    def __init__(
-        self,
-        spec: MethodSpec,
-        options: dict[str, Any],
-        sync: bool,
-        stats: Stats,
-        tower_layer: int | None = None,
-        project: Callable[[Tensor], Tensor] | None = None,
-        prompts: Tensor | None = None,
-    ):
-        self.spec = spec
-        self.tower_layer = tower_layer
-        self.options = options
-        self.requests, self._own = split_reducer_signals(spec.signals(options))
-        self.project = project
-        self.prompts = prompts
-        self.sync = sync
-        self.stats = stats
-
-    @property
-    def needs_prompts(self) -> bool:
-        """Whether the method reads the "prompt" signal (the caller then passes `prompts`)."""
-        return "prompt" in self._own.values()
-
-    @property
-    def budget(self) -> int | None:
-        return encoder_budget(self.spec, self.options)
-
-    def _options_for(self, budget: int | None) -> dict[str, Any]:
-        """The options for a per-crop `budget` override, by the method's own budget rule."""
-        if budget is None or budget == self.budget or self.spec.budget_rule is None:
-            return self.options
-        return self.spec.budget_rule.apply(budget, self.options)
-
-    def __call__(
-        self,
-        features: Tensor,
-        grid: tuple[int, int],
-        signals: dict[str, Tensor],
-        budget: int | None = None,
-        images: Sequence[int] | None = None,
-    ) -> list[Reduction]:
-        _sync(features, self.sync)
-        t0 = time.perf_counter()
-        if self._own:
-            signals = {**signals, **self._reducer_signals(features, images)}
-        out = self.spec.fn(features, grid=grid, **signals, **self._options_for(budget))
-        _sync(features, self.sync)
-        self.stats.timings["reduce"] = self.stats.timings.get("reduce", 0.0) + time.perf_counter() - t0
-        return out
-
-    def _reducer_signals(self, features: Tensor, images: Sequence[int] | None) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for name, kind in self._own.items():
-            if kind == "projected":
-                if self.project is None:
-                    raise UnsupportedModelError(
-                        f"{self.spec.name} needs the projected features, which this model lacks"
-                    )
-                out[name] = self.project(features)
-            else:
-                if self.prompts is None or images is None:
-                    raise UnsupportedModelError(
-                        f"{self.spec.name} needs the prompt of each image, which this call does not give "
-                        "(visprune passes it from the model's input_ids in forward and generate)"
-                    )
-                out[name] = self.prompts[torch.as_tensor(list(images), device=self.prompts.device)].to(features.device)
-        return out
-
-
-REDUCER_KINDS = ("projected", "prompt")  # signal kinds the Reducer computes, not the adapter
-
-
-def split_reducer_signals(requests: dict[str, SignalRequest]) -> tuple[dict[str, SignalRequest], dict[str, str]]:
-    """(the requests an adapter computes from its tower, {name: kind} of those the Reducer computes itself:
-    the REDUCER_KINDS)."""
-    own = {name: req.kind for name, req in requests.items() if req.kind in REDUCER_KINDS}
-    return {name: req for name, req in requests.items() if name not in own}, own
-
-
-def encoder_budget(spec: MethodSpec, options: dict[str, Any]) -> int | None:
-    """Tokens per image a fixed-count encoder-side method keeps with these options (None: adaptive)."""
-    return None if spec.budget_rule is None else spec.budget_rule.of(options)
-
-
-def _sync(t: Tensor, enabled: bool) -> None:
-    if enabled and t.is_cuda:
-        torch.cuda.synchronize(t.device)
 
 
 @dataclass
@@ -493,10 +366,10 @@ def _prepare(
             )
             if reducer.needs_prompts:
                 reducer.prompts = prompts_for(adapter, input_ids, attention_mask)
-        _sync(pixel_values, handle.sync_timings)
+        sync_device(pixel_values, handle.sync_timings)
         t0 = time.perf_counter()
         tokens = adapter.image_tokens(pixel_values, reducer, image_kwargs)
-        _sync(pixel_values, handle.sync_timings)
+        sync_device(pixel_values, handle.sync_timings)
         stats.timings["vision"] = time.perf_counter() - t0 - stats.timings.get("reduce", 0.0)
         features, extras = tokens.features, tokens.extras
         stats.visual_tokens_in = tokens.tokens_in

@@ -236,7 +236,7 @@ def test_every_encoder_method_reduces_inside_the_tower_or_says_why(method):
 
 
 def _reducer(handle):
-    from visprune.patch import Reducer
+    from visprune.reducer import Reducer
 
     return Reducer(handle.encoder, handle.encoder_options, False, handle.stats, handle.tower_layer)
 

@@ -36,8 +36,10 @@ from visprune.errors import InputError
 from visprune.methods import MethodSpec, Placement, Reduction, get_method
 from visprune.methods.base import select_tokens
 from visprune.models import adapter_for
-from visprune.patch import DENSE, Reducer, Stats, split_reducer_signals
+from visprune.patch import DENSE
 from visprune.prompts import prompts_for
+from visprune.reducer import Reducer, split_reducer_signals
+from visprune.stats import Stats
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""Reducer: an encoder-side method bound to its options, as adapters call it on each image group, and the
+signals it computes itself (the projected tokens, the prompt vectors)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visprune.errors import UnsupportedModelError
+from visprune.methods import MethodSpec, Reduction, SignalRequest
+from visprune.stats import Stats
+
+
+class Reducer:
+    """An encoder-side method bound to its options: features [n, N, C] -> one Reduction per image.
+
+    `budget` is the method's token budget per image (None for adaptive methods); adapters that split an
+    image into crops call the reducer with a per-crop `budget` override. `tower_layer`: the vision block
+    at whose input the adapter reduces (None: after the tower). The Reducer computes the signals of the
+    REDUCER_KINDS itself: "projected" with `project` (the adapter's projector), "prompt" from `prompts`
+    [images, D] (`prompts.prompt_vectors`), for which adapters pass the image index of each row
+    (`images`).
+    """
+
+    def __init__(
+        self,
+        spec: MethodSpec,
+        options: dict[str, Any],
+        sync: bool,
+        stats: Stats,
+        tower_layer: int | None = None,
+        project: Callable[[Tensor], Tensor] | None = None,
+        prompts: Tensor | None = None,
+    ):
+        self.spec = spec
+        self.tower_layer = tower_layer
+        self.options = options
+        self.requests, self._own = split_reducer_signals(spec.signals(options))
+        self.project = project
+        self.prompts = prompts
+        self.sync = sync
+        self.stats = stats
+
+    @property
+    def needs_prompts(self) -> bool:
+        """Whether the method reads the "prompt" signal (the caller then passes `prompts`)."""
+        return "prompt" in self._own.values()
+
+    @property
+    def budget(self) -> int | None:
+        return encoder_budget(self.spec, self.options)
+
+    def _options_for(self, budget: int | None) -> dict[str, Any]:
+        """The options for a per-crop `budget` override, by the method's own budget rule."""
+        if budget is None or budget == self.budget or self.spec.budget_rule is None:
+            return self.options
+        return self.spec.budget_rule.apply(budget, self.options)
+
+    def __call__(
+        self,
+        features: Tensor,
+        grid: tuple[int, int],
+        signals: dict[str, Tensor],
+        budget: int | None = None,
+        images: Sequence[int] | None = None,
+    ) -> list[Reduction]:
+        sync_device(features, self.sync)
+        t0 = time.perf_counter()
+        if self._own:
+            signals = {**signals, **self._reducer_signals(features, images)}
+        out = self.spec.fn(features, grid=grid, **signals, **self._options_for(budget))
+        sync_device(features, self.sync)
+        self.stats.timings["reduce"] = self.stats.timings.get("reduce", 0.0) + time.perf_counter() - t0
+        return out
+
+    def _reducer_signals(self, features: Tensor, images: Sequence[int] | None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, kind in self._own.items():
+            if kind == "projected":
+                if self.project is None:
+                    raise UnsupportedModelError(
+                        f"{self.spec.name} needs the projected features, which this model lacks"
+                    )
+                out[name] = self.project(features)
+            else:
+                if self.prompts is None or images is None:
+                    raise UnsupportedModelError(
+                        f"{self.spec.name} needs the prompt of each image, which this call does not give "
+                        "(visprune passes it from the model's input_ids in forward and generate)"
+                    )
+                out[name] = self.prompts[torch.as_tensor(list(images), device=self.prompts.device)].to(features.device)
+        return out
+
+
+REDUCER_KINDS = ("projected", "prompt")  # signal kinds the Reducer computes, not the adapter
+
+
+def split_reducer_signals(requests: dict[str, SignalRequest]) -> tuple[dict[str, SignalRequest], dict[str, str]]:
+    """(the requests an adapter computes from its tower, {name: kind} of those the Reducer computes itself:
+    the REDUCER_KINDS)."""
+    own = {name: req.kind for name, req in requests.items() if req.kind in REDUCER_KINDS}
+    return {name: req for name, req in requests.items() if name not in own}, own
+
+
+def encoder_budget(spec: MethodSpec, options: dict[str, Any]) -> int | None:
+    """Tokens per image a fixed-count encoder-side method keeps with these options (None: adaptive)."""
+    return None if spec.budget_rule is None else spec.budget_rule.of(options)
+
+
+def sync_device(t: Tensor, enabled: bool) -> None:
+    """Synchronise `t`'s CUDA device when `enabled` (timings that measure device time)."""
+    if enabled and t.is_cuda:
+        torch.cuda.synchronize(t.device)
