@@ -373,3 +373,27 @@ def test_the_tower_plan_is_reused_for_the_same_grids(monkeypatch):
     assert len(planned) == 2
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     torch.testing.assert_close(torch.cat(again), stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["keys", "mean_received"])
+def test_signals_from_the_runners_own_q_and_k_equal_recomputed_ones(kind):
+    """A signal reads the q / k (and pre-RoPE keys) the runner kept for the block; recomputing them from
+    the block's input gives the same signal."""
+    from dataclasses import replace
+
+    from visprune.methods import SignalRequest
+    from visprune.models import qwen_tower
+
+    model = tiny_qwen.tiny_qwen("qwen2.5-vl")
+    adapter = adapter_for(model)
+    pixels, grid = _pixels(model, GRIDS)
+    with torch.no_grad():
+        state = adapter._start(pixels, [tuple(g) for g in grid.tolist()])
+        inputs, _ = qwen_tower.run_blocks(adapter.vision_tower, state, 2, inputs={1})
+        seen = inputs[1]
+        assert seen.q is not None and seen.keys is not None
+        req = SignalRequest(kind, layers=(1,), heads="mean")
+        block = adapter.vision_tower.blocks[1]
+        kept = adapter._signal(block, seen, req)
+        recomputed = adapter._signal(block, replace(seen, q=None, k=None, keys=None), req)
+    torch.testing.assert_close(kept, recomputed, rtol=1e-5, atol=1e-6)

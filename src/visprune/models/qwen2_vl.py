@@ -286,12 +286,14 @@ class Qwen2VLAdapter(Adapter):
         """One block's signal per merged token (tower order), from the block's input."""
         attn = block.attn
         t = seen.hidden.shape[0]
-        keys = self._kind(req) == "keys"
-        if keys or seen.q is None or seen.k is None:
-            q, k = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)[:2]  # [T, H, d]
-            if keys:
-                pooled = k.flatten(1).reshape(t // MERGED, MERGED, -1).mean(1)
-                return patch_keys(pooled.unsqueeze(0), attn.num_heads, req.heads, has_cls=False)[0]
+        if self._kind(req) == "keys":
+            k = seen.keys
+            if k is None:
+                k = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1)[:, 1]
+            pooled = k.flatten(1).reshape(t // MERGED, MERGED, -1).mean(1)
+            return patch_keys(pooled.unsqueeze(0), attn.num_heads, req.heads, has_cls=False)[0]
+        if seen.q is None or seen.k is None:
+            q, k = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)[:2]
             q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
         else:
             q, k = seen.q, seen.k  # the runner's own, kept when the block ran

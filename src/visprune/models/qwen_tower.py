@@ -83,10 +83,11 @@ class BlockInput:
     cos: Tensor
     sin: Tensor
     segments: Segments
-    # The block's q and k [T, heads, d] after RoPE, kept when the runner computed them (sdpa / eager), so a
-    # signal on this block's attention does not compute them again.
+    # The block's q and k [T, heads, d] after RoPE (and k before it), kept when the runner computed them
+    # (sdpa / eager), so a signal on this block does not compute them again.
     q: Tensor | None = None
     k: Tensor | None = None
+    keys: Tensor | None = None  # the block's keys before RoPE
 
 
 class BlockSteps(NamedTuple):
@@ -206,19 +207,20 @@ def run_block(
         cu = segments.cu_seqlens(hidden.device)
         return block(hidden, cu_seqlens=cu, max_seqlen=max(segments.lengths), position_embeddings=(cos, sin))
     steps = steps or EAGER_STEPS
-    q, k, v = steps.attention_inputs(block, hidden, cos, sin, rope)
+    q, k, v, keys = steps.attention_inputs(block, hidden, cos, sin, rope)
     if record is not None:
-        record.q, record.k = q, k
+        record.q, record.k, record.keys = q, k, keys
     out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
     return steps.finish_block(block, hidden, out)
 
 
 def attention_inputs(block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, rope: Callable) -> tuple[Tensor, ...]:
-    """norm1 -> qkv -> the vision RoPE of q and k: the block's q, k, v [T, heads, d]."""
+    """norm1 -> qkv -> the vision RoPE of q and k: the block's q, k, v [T, heads, d], and its keys before
+    RoPE (what the "keys" signal reads)."""
     attn = block.attn
-    q, k, v = attn.qkv(block.norm1(hidden)).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
-    q, k = rope(q, k, cos, sin)
-    return q, k, v
+    q, keys, v = attn.qkv(block.norm1(hidden)).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+    q, k = rope(q, keys, cos, sin)
+    return q, k, v, keys
 
 
 def finish_block(block: nn.Module, hidden: Tensor, attended: Tensor) -> Tensor:
