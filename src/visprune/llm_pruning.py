@@ -122,6 +122,7 @@ class DecoderPruner:
             )
         r = rows // b
         st.layout = TokenLayout(*(t.repeat_interleave(r, dim=0) for t in _layout_masks(st.layout)))
+        st.prefill_layout = st.layout
         st.real_tokens = [n for n in st.real_tokens for _ in range(r)]
         st.rows_per_sample = r
 
