@@ -165,6 +165,7 @@ QWEN_ARGS = [
     "none",
     "fastervlm",
     "divprune",
+    "cdpruner",
     "fastv",
     "--tower-layer",
     "3",
@@ -189,7 +190,9 @@ def test_qwen_runs_every_size_and_batch_with_shares(qwen_results):
     assert "not measured on Qwen-VL" in qwen_results["not_measured"]["materialized"]
     assert "graph" not in qwen_results["not_measured"]  # batch 1 was not asked for
     skipped = [(s["method"], s["share"], s["image_size"]) for s in qwen_results["skipped"]]
-    assert skipped == [("divprune", share, size) for size in (56, 112) for share in (0.5, 0.25)]
+    assert skipped == [
+        (m, share, size) for size in (56, 112) for m in ("divprune", "cdpruner") for share in (0.5, 0.25)
+    ]
     assert all("projected tokens" in s["reason"] for s in qwen_results["skipped"])
     for run in qwen_results["runs"]:
         dense = run["dense_visual_tokens"]
@@ -202,6 +205,8 @@ def test_qwen_runs_every_size_and_batch_with_shares(qwen_results):
             ("fastervlm", 0.25, None),
             ("divprune", 0.5, None),  # selects on projected tokens: not inside the tower (skipped below)
             ("divprune", 0.25, None),
+            ("cdpruner", 0.5, None),  # projected tokens and the prompt: not inside the tower either
+            ("cdpruner", 0.25, None),
             ("fastv", 0.5, None),
             ("fastv", 0.25, None),
             ("fastervlm", 0.5, 3),  # reducing inside the tower, at block 3
@@ -216,7 +221,9 @@ def test_qwen_runs_every_size_and_batch_with_shares(qwen_results):
             assert c["budget"] == round(c["share"] * dense)
             assert c["ideal"]["median_ms"] > 0 and c["efficiency"] > 0 and c["speedup"] > 0
             assert c["decode_tokens_per_s"] > 0
-            if c["method"] in ("fastervlm", "divprune"):
+            if c["method"] in ("divprune", "cdpruner"):  # the reducer replayed with its projector and prompts
+                assert c["reduce"]["median_ms"] > 0 and c["vision"]["median_ms"] > 0
+            if c["method"] in ("fastervlm", "divprune", "cdpruner"):
                 assert c["visual_tokens"] == c["budget"] and c["options"]["budget"] == c["budget"]
                 assert c["tokens_per_layer"] == [c["budget"] + run["text_tokens"]] * 4
                 assert c["vision"]["repeats"] == 2 and c["reduce"]["repeats"] == 2
