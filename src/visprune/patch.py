@@ -179,8 +179,9 @@ def apply(
     run on the kept tokens only, so the reduction saves tower time as well as LLM time. Methods whose
     output tokens all stand at a grid cell (selection and merging into kept tokens); Qwen-VL family only.
     compile_tower: run the vision blocks' work around attention (norms, RoPE, MLP) through torch.compile,
-    which fuses their elementwise passes (a GPU option: ~1.5x on Qwen2.5-VL's tower at 1008 px, see
-    docs/bench). The first forward of a process compiles (tens of seconds); Qwen-VL family, sdpa/eager.
+    which fuses their elementwise passes (a GPU option: 251 -> 149 ms for Qwen2.5-VL-7B's tower at 1008 px
+    batch 8 on an H200, docs/bench/qwen2.5-vl-7b). The first forward of a process compiles (seconds to
+    tens of seconds); Qwen-VL family, sdpa/eager.
     The model keeps its attention implementation; `generate` and `forward` keep their signatures.
     """
     adapter = adapter_for(model)
@@ -211,17 +212,18 @@ def apply(
             llm, llm_opts = spec, opts
     if not isinstance(compile_tower, bool):
         raise InputError(f"compile_tower must be True or False, got {compile_tower!r}")
-    if compile_tower and not adapter.supports_compile_tower:
-        raise UnsupportedModelError(
-            f"compile_tower is not supported for {type(model).__name__}; it is for the Qwen-VL family, whose vision "
-            "tower visprune runs itself"
-        )
-    tower_impl = adapter.vision_tower.config._attn_implementation if compile_tower else "sdpa"
-    if tower_impl not in ("sdpa", "eager"):
-        raise UnsupportedModelError(
-            f"compile_tower compiles the vision blocks that run with sdpa or eager attention; this tower uses "
-            f"{tower_impl!r}, whose blocks run their own forward: apply without compile_tower"
-        )
+    if compile_tower:
+        if not adapter.supports_compile_tower:
+            raise UnsupportedModelError(
+                f"compile_tower is not supported for {type(model).__name__}; it is for the Qwen-VL family, whose "
+                "vision tower visprune runs itself"
+            )
+        tower_impl = adapter.vision_tower.config._attn_implementation
+        if tower_impl not in ("sdpa", "eager"):
+            raise UnsupportedModelError(
+                f"compile_tower compiles the vision blocks that run with sdpa or eager attention; this tower uses "
+                f"{tower_impl!r}, whose blocks run their own forward: apply without compile_tower"
+            )
     adapter.compile_tower = compile_tower
     if tower_layer is not None:
         if not adapter.supports_tower_layer:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visprune.models.splice import image_runs
+
 
 def prompt_vectors(
     input_ids: Tensor,
@@ -42,8 +44,6 @@ def prompt_vectors(
 def prompts_for(adapter: Any, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     """`prompt_vectors` of a model call: the images' placeholder runs in `input_ids`, the adapter's image
     token and its LLM's input embedding."""
-    from visprune.models.splice import image_runs
-
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     runs = image_runs(input_ids, mask, adapter.image_token_id)
     embedding = adapter.language_model.get_input_embeddings()

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
 from visprune.methods.budget_rules import TOKENS
-from visprune.methods.checks import check_budget, check_count, check_features, check_grid, check_tensor
+from visprune.methods.checks import check_budget, check_count, check_features, check_grid
+from visprune.methods.cls_topk import check_signal
 from visprune.methods.registry import register
 
 EPS = 1e-6  # the official code's offset in the relevance normalisation; also the floor of a pivot variance
@@ -110,10 +110,7 @@ def cdpruner(
     b, n, _ = check_features(features)
     if grid is not None:
         check_grid(grid, n)
-    check_tensor(projected, "projected", (b, n, None))
-    check_tensor(prompt, "prompt", (b, projected.shape[2]))
-    for name, value in (("projected", projected), ("prompt", prompt)):
-        if not value.is_floating_point():
-            raise InputError(f"{name} must be a floating point tensor, got {value.dtype}")
+    check_signal(projected, "projected", (b, n, None), features)
+    check_signal(prompt, "prompt", (b, projected.shape[2]), features)
     k = check_budget(budget, n)
     return select_tokens(features, greedy_map(conditional_kernel(projected, prompt), k))

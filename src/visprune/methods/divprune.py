@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
 from visprune.methods.budget_rules import TOKENS
-from visprune.methods.checks import check_budget, check_count, check_features, check_grid, check_tensor
+from visprune.methods.checks import check_budget, check_count, check_features, check_grid
+from visprune.methods.cls_topk import check_signal
 from visprune.methods.registry import register
 
 
@@ -82,8 +82,6 @@ def divprune(
     b, n, _ = check_features(features)
     if grid is not None:
         check_grid(grid, n)
-    check_tensor(projected, "projected", (b, n, None))
-    if not projected.is_floating_point():
-        raise InputError(f"projected must be a floating point tensor, got {projected.dtype}")
+    check_signal(projected, "projected", (b, n, None), features)
     k = check_budget(budget, n)
     return select_tokens(features, max_min_selection(projected, k))

@@ -273,11 +273,9 @@ class Qwen2VLAdapter(Adapter):
     ) -> list[Tensor]:
         """A request's signal per image (natural order): [N_i], [L, N_i] or [N_i, D]."""
         blocks = self.vision_tower.blocks
-        per_block: dict[int, Tensor] = {}  # several layers may read one block (Qwen2.5-VL): computed once
-        for i in self._blocks(req, depth):
-            if i not in per_block:
-                per_block[i] = self._signal(blocks[i], inputs[i], req)[order]
-        rows = [per_block[i] for i in self._blocks(req, depth)]
+        read = self._blocks(req, depth)  # several layers may read one block (Qwen2.5-VL): scored once
+        per_block = {i: self._signal(blocks[i], inputs[i], req)[order] for i in dict.fromkeys(read)}
+        rows = [per_block[i] for i in read]
         if self._kind(req) == "mean_received_layers":
             return list(torch.stack(rows).split(counts, dim=1))
         return list(rows[0].split(counts))

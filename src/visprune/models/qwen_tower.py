@@ -21,7 +21,7 @@ within its own frame or window, now over the kept units of that frame or window 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache, cached_property
 from typing import NamedTuple
 
@@ -94,7 +94,7 @@ class BlockSteps(NamedTuple):
     """The two halves of a block around its attention call (`attention_inputs`, `finish_block`), plain
     or compiled."""
 
-    attention_inputs: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    attention_inputs: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]  # q, k, v, keys before RoPE
     finish_block: Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
@@ -107,7 +107,7 @@ class TowerState:
     sin: Tensor  # [T, d]
     layout: TowerLayout
     unit_natural: Tensor  # [U] long (device): the natural (row-major, all images) unit index of each unit
-    steps: BlockSteps = field(default_factory=lambda: EAGER_STEPS)
+    steps: BlockSteps  # how the blocks run (EAGER_STEPS or compiled_steps)
     next_block: int = 0
 
     def natural_order(self) -> Tensor:
@@ -195,7 +195,7 @@ def run_block(
     sin: Tensor,
     segments: Segments,
     rope: Callable,
-    steps: BlockSteps | None = None,
+    steps: BlockSteps,
     record: BlockInput | None = None,
 ) -> Tensor:
     """One Qwen-VL vision block with its attention batched over `segments`; its q and k go into `record`
@@ -206,7 +206,6 @@ def run_block(
         # FlashAttention and others: the block's own varlen path is already a single call.
         cu = segments.cu_seqlens(hidden.device)
         return block(hidden, cu_seqlens=cu, max_seqlen=max(segments.lengths), position_embeddings=(cos, sin))
-    steps = steps or EAGER_STEPS
     q, k, v, keys = steps.attention_inputs(block, hidden, cos, sin, rope)
     if record is not None:
         record.q, record.k, record.keys = q, k, keys
@@ -238,7 +237,7 @@ COMPILE_BACKEND = "inductor"
 def compiled_steps(backend: str = COMPILE_BACKEND) -> BlockSteps:
     """`attention_inputs` and `finish_block` through torch.compile: one graph each, shared by every block
     of every Qwen-VL tower (modules are inputs, token counts dynamic), so a process compiles once per
-    dtype and device (tens of seconds on first use). fullgraph: a graph break would be an error here, not
+    dtype and device (seconds to tens of seconds on first use). fullgraph: a graph break would be an error here, not
     a silent slowdown. A machine where the backend cannot compile (no C compiler for inductor on a CPU,
     say) gets an UnsupportedModelError that says so."""
     from torch._dynamo.exc import BackendCompilerFailed
@@ -295,7 +294,8 @@ def cut(state: TowerState, rows: Tensor, natural: Tensor) -> Tensor:
     kept = tower_pos[order]
     # Gathered (not reshaped views): a compiled block sees the same kind of tensor in every block.
     state.hidden = rows.reshape(-1, rows.shape[1] // UNIT)[_patch_rows(order)]
-    state.cos, state.sin = state.cos[_patch_rows(kept)], state.sin[_patch_rows(kept)]
+    kept_rows = _patch_rows(kept)
+    state.cos, state.sin = state.cos[kept_rows], state.sin[kept_rows]
     state.layout = state.layout.keep(kept.cpu())
     state.unit_natural = natural[order]
     return order.argsort()
