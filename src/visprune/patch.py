@@ -20,6 +20,7 @@ from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.llm_pruning import DecoderPruner
 from visprune.methods import MethodSpec, Placement, get_method
+from visprune.methods.base import available_requests
 from visprune.models import Adapter, adapter_for
 from visprune.models.splice import IGNORE_INDEX, Spliced, image_runs, splice
 from visprune.prompts import prompts_for
@@ -234,6 +235,7 @@ def apply(
             raise InputError("tower_layer needs an encoder-side method to reduce inside the tower")
     if encoder is not None:
         from_tower, own = split_reducer_signals(encoder.signals(enc_opts))
+        from_tower = available_requests(from_tower, adapter.signal_kinds)
         if "projected" in own.values() and tower_layer is not None:
             raise UnsupportedModelError(
                 f"{encoder.name} selects on the projected tokens, which do not exist inside the vision tower; "
@@ -365,6 +367,7 @@ def _prepare(
                 stats,
                 handle.tower_layer,
                 adapter.project,
+                available=adapter.signal_kinds,
             )
             if reducer.needs_prompts:
                 reducer.prompts = prompts_for(adapter, input_ids, attention_mask)

@@ -4,7 +4,7 @@ signals it computes itself (the projected tokens, the prompt vectors)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch import Tensor
 
 from visprune.errors import UnsupportedModelError
 from visprune.methods import MethodSpec, Reduction, SignalRequest
+from visprune.methods.base import available_requests
 from visprune.stats import Stats
 
 
@@ -23,7 +24,8 @@ class Reducer:
     at whose input the adapter reduces (None: after the tower). The Reducer computes the signals of the
     REDUCER_KINDS itself: "projected" with `project` (the adapter's projector), "prompt" from `prompts`
     [images, D] (`prompts.prompt_vectors`), for which adapters pass the image index of each row
-    (`images`).
+    (`images`). `available`: the signal kinds the adapter computes (`Adapter.signal_kinds`); the method's
+    optional requests outside them are left out (None keeps every request).
     """
 
     def __init__(
@@ -35,11 +37,14 @@ class Reducer:
         tower_layer: int | None = None,
         project: Callable[[Tensor], Tensor] | None = None,
         prompts: Tensor | None = None,
+        available: Collection[str] | None = None,
     ):
         self.spec = spec
         self.tower_layer = tower_layer
         self.options = options
         self.requests, self._own = split_reducer_signals(spec.signals(options))
+        if available is not None:
+            self.requests = available_requests(self.requests, available)
         self.project = project
         self.prompts = prompts
         self.sync = sync

@@ -17,6 +17,7 @@ BAD: dict[str, dict[str, list]] = {
         "contextual": [-1, "10"],
         "budget": [0, "64", 3.0],
         "signal": ["received", True],
+        "cls_token": ["yes", 1],
     },
     "tome": {"budget": [0, "64", None]},
     "divprune": {"budget": [0, "64", None, 2.5]},

@@ -70,6 +70,8 @@ def inputs_for(name: str, options: dict, features: torch.Tensor, scores: torch.T
             kwargs[arg] = keys  # any [B, N, D] rows: zero and equal ones included
         elif req.kind == "prompt":
             kwargs[arg] = keys[:, 0]  # any [B, D] vector: zero included
+        elif req.kind == "cls_feature":
+            kwargs[arg] = features[:, 0]  # any [B, C] row
         else:  # cls_attn_layers: the same row at every layer, with a sign flip to mix things up
             rows = [scores * (-1) ** i for i in range(len(req.layers))]
             kwargs[arg] = torch.stack(rows, dim=1)

@@ -4,7 +4,7 @@ import pytest
 
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods import SignalRequest, get_method
-from visprune.methods.base import score_request
+from visprune.methods.base import available_requests, score_request
 
 CLS_METHODS = ["prumerge", "prumerge+", "knee", "knee+text", "fastervlm", "vtc-cls", "visionzip", "vispruner"]
 NO_CLS = {"mean_received", "mean_received_layers", "keys"}
@@ -30,9 +30,11 @@ def test_every_cls_method_takes_signal_and_documents_it(name):
 
 @pytest.mark.parametrize("name", CLS_METHODS)
 def test_signal_picks_the_kind_and_the_keyword_stays(name):
-    default = {k: r for k, r in encoder_requests(name).items() if r.kind != "keys"}
-    cls = {k: r for k, r in encoder_requests(name, signal="cls").items() if r.kind != "keys"}
-    received = {k: r for k, r in encoder_requests(name, signal="mean-received").items() if r.kind != "keys"}
+    default = {k: r for k, r in encoder_requests(name).items() if r.kind not in ("keys", "cls_feature")}
+    cls = {k: r for k, r in encoder_requests(name, signal="cls").items() if r.kind not in ("keys", "cls_feature")}
+    received = {
+        k: r for k, r in encoder_requests(name, signal="mean-received").items() if r.kind not in ("keys", "cls_feature")
+    }
     assert len(default) == 1 and default.keys() == cls.keys() == received.keys()
     (key,) = default
     assert cls[key].kind.startswith("cls_attn") and cls[key].fallback is None
@@ -57,3 +59,16 @@ def test_score_request_layers_and_errors():
         score_request("CLS", (-1,), "mean")
     with pytest.raises(UnsupportedModelError, match="'cls_attn' or 'mean_received'"):
         score_request(None, (-1,), "mean").resolve({"keys"})
+
+
+def test_optional_requests_are_left_out_where_the_model_lacks_them():
+    """An optional request (VisionZip's CLS token) is dropped on a model without its kind; a required one
+    is kept (the adapter then refuses it with its own error), and so is one whose fallback exists."""
+    optional = SignalRequest("cls_feature", optional=True)
+    required = SignalRequest("cls_feature")
+    scored = score_request(None, (-1,), "mean")
+    requests = {"a": optional, "b": required, "c": scored}
+    assert available_requests(requests, WITH_CLS | {"cls_feature"}) == requests
+    assert available_requests(requests, NO_CLS) == {"b": required, "c": scored}
+    with pytest.raises(UnsupportedModelError, match="optional signal"):
+        optional.resolve(NO_CLS)

@@ -16,17 +16,22 @@ from visprune.methods.visionzip import split_budget, visionzip
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def reference(x: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor, d: int, c: int):
-    """One image, straight from the description: returns (features [D+C, C], sources, assignment)."""
+def reference(x: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor, d: int, c: int, cls: torch.Tensor | None = None):
+    """One image, straight from the description: returns (features [D+C, C], sources, assignment).
+    With `cls` (the CLS token's features) it is the first dominant token and D-1 patches join it."""
     n = x.shape[0]
     score = attn.tolist()
-    dom = sorted(sorted(range(n), key=lambda i: (-score[i], i))[:d])
+    first = 0 if cls is None else 1
+    dom = sorted(sorted(range(n), key=lambda i: (-score[i], i))[: d - first])
     rest = [i for i in range(n) if i not in dom]
     assignment = [-1] * n
     for slot, i in enumerate(dom):
-        assignment[i] = slot
+        assignment[i] = first + slot
     feats = [x[i].double() for i in dom]
     sources = list(dom)
+    if cls is not None:
+        feats.insert(0, cls.double())
+        sources.insert(0, -1)
     if c:
         step = max(1, len(rest) // c)
         targets = [rest[p] for p in range(0, len(rest), step)][:c]
@@ -50,8 +55,8 @@ def reference(x: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor, d: int, c
     return torch.stack(feats), sources, assignment
 
 
-@given(b=st.integers(1, 2), n=st.integers(1, 30), data=st.data())
-def test_matches_reference(b, n, data):
+@given(b=st.integers(1, 2), n=st.integers(1, 30), with_cls=st.booleans(), data=st.data())
+def test_matches_reference(b, n, with_cls, data):
     d = data.draw(st.integers(1, n))
     c = data.draw(st.integers(0, n - d))
     seed = data.draw(st.integers(0, 2**16))
@@ -59,20 +64,45 @@ def test_matches_reference(b, n, data):
     x = torch.randn(b, n, 5, generator=g)
     attn = torch.randint(0, 4, (b, n), generator=g).float()  # ties on purpose
     keys = torch.randn(b, n, 3, generator=g)
-    out = visionzip(x, cls_attn=attn, keys=keys, dominant=d, contextual=c)
+    cls = torch.randn(b, 5, generator=g) if with_cls else None
+    out = visionzip(x, cls_attn=attn, keys=keys, cls_feature=cls, dominant=d, contextual=c)
     assert len(out) == b
+    first = int(with_cls)
     for i, r in enumerate(out):
-        feats, sources, assignment = reference(x[i], attn[i], keys[i], d, c)
+        feats, sources, assignment = reference(x[i], attn[i], keys[i], d, c, None if cls is None else cls[i])
         assert r.count == d + c
         assert r.sources.tolist() == sources
         assert r.assignment.tolist() == assignment
         torch.testing.assert_close(r.features.double(), feats, rtol=1e-5, atol=1e-5)
-        # dominant block and contextual block are each in spatial order
-        assert r.sources[:d].tolist() == sorted(sources[:d])
+        # dominant block and contextual block are each in spatial order, after the CLS token
+        assert r.sources[first:d].tolist() == sorted(sources[first:d])
         assert r.sources[d:].tolist() == sorted(sources[d:])
-        assert torch.equal(r.assignment[r.sources], torch.arange(d + c))
+        patches = r.sources[first:]
+        assert torch.equal(r.assignment[patches], torch.arange(first, d + c))
         if c:
-            assert bool((r.assignment >= 0).all())
+            assert bool((r.assignment >= first).all())
+
+
+def test_cls_token_is_the_first_dominant_token():
+    """The official selection: with the CLS token, the top D-1 patches join it, so visionzip with the CLS
+    token at D keeps the same patches as without it at D-1, and the CLS features come first, unmerged."""
+    g = torch.Generator().manual_seed(3)
+    x, attn, keys, cls = (
+        torch.randn(2, 40, 6, generator=g),
+        torch.rand(2, 40, generator=g),
+        torch.randn(2, 40, 4, generator=g),
+        torch.randn(2, 6, generator=g),
+    )
+    with_cls = visionzip(x, cls_attn=attn, keys=keys, cls_feature=cls, dominant=9, contextual=3)
+    without = visionzip(x, cls_attn=attn, keys=keys, dominant=8, contextual=3)
+    for r, s, c in zip(with_cls, without, cls, strict=True):
+        assert r.count == 12 and s.count == 11
+        assert torch.equal(r.features[0], c)
+        assert torch.equal(r.sources[1:], s.sources)
+        torch.testing.assert_close(r.features[1:], s.features)
+        assert torch.equal(r.assignment, s.assignment + 1)
+    only_cls = visionzip(x, cls_attn=attn, keys=keys, cls_feature=cls, budget=1)  # D=1: the CLS token alone
+    assert [r.sources.tolist() for r in only_cls] == [[-1], [-1]]
 
 
 def test_published_defaults_and_budget_split():
@@ -127,11 +157,16 @@ def test_registered_spec():
     spec = get_method("visionzip")
     assert spec.fn is visionzip
     assert spec.placement is Placement.ENCODER and spec.adaptive is False
-    assert spec.defaults == {"dominant": 54, "contextual": 10, "budget": None, "signal": None}
+    assert spec.defaults == {"dominant": 54, "contextual": 10, "budget": None, "signal": None, "cls_token": None}
     assert spec.signals(spec.defaults) == {
         "cls_attn": SignalRequest("cls_attn", (-2,), "sum", fallback="mean_received"),
         "keys": SignalRequest("keys", (-2,), "mean"),
+        "cls_feature": SignalRequest("cls_feature", optional=True),
     }
+    assert spec.signals(spec.options(cls_token=True))["cls_feature"] == SignalRequest("cls_feature")
+    assert "cls_feature" not in spec.signals(spec.options(cls_token=False))
+    with pytest.raises(InputError, match="cls_token"):
+        spec.options(cls_token="yes")
     assert spec.signals(spec.options(signal="mean-received"))["cls_attn"] == SignalRequest(
         "mean_received", (-2,), "sum"
     )
@@ -161,6 +196,12 @@ def test_errors():
         visionzip(x, cls_attn=attn[:1], keys=keys, budget=4)
     with pytest.raises(InputError, match="does not match"):
         visionzip(x, cls_attn=attn, keys=keys, grid=(5, 3), budget=4)
+    with pytest.raises(InputError, match="cls_token=True needs cls_feature"):
+        visionzip(x, cls_attn=attn, keys=keys, budget=4, cls_token=True)
+    with pytest.raises(InputError, match="cls_token=False"):
+        visionzip(x, cls_attn=attn, keys=keys, budget=4, cls_token=False, cls_feature=x[:, 0])
+    with pytest.raises(InputError, match="cls_feature must have shape"):
+        visionzip(x, cls_attn=attn, keys=keys, budget=4, cls_feature=x[:, :2])
     bad = keys.clone()
     bad[0, 0, 0] = math.inf
     with pytest.raises(InputError, match="NaN or inf"):

@@ -60,6 +60,9 @@ def _signal(model, hidden_states, attentions, req) -> torch.Tensor:
         rows = attentions[layer_idx][:, :, 0, 1:]  # [B, H, N] from the eager attention map
         return rows.sum(1) if req.heads == "sum" else rows.mean(1)
 
+    if req.kind == "cls_feature":  # the CLS row of the layer LLaVA reads (vision_feature_layer=-2)
+        assert model.config.vision_feature_layer == -2
+        return hidden_states[-2][:, 0]
     idx = [layer % n for layer in req.layers]
     if req.kind == "cls_attn":
         return cls_row(idx[0])
@@ -127,6 +130,11 @@ def test_llm_receives_projected_method_output(model, eager, inputs, tower_output
         assert torch.equal(rec[0].sources, exp.sources)
     if method in tiny.FIXED_BUDGET:
         assert stats.visual_tokens_out == [tiny.FIXED_BUDGET[method]] * 3
+    if method == "visionzip":  # the official selection: the CLS token's features first, then the patches
+        cls_rows = model.model.multi_modal_projector(hidden_states[-2][:, 0])
+        for got, cls_row, exp in zip(rows, cls_rows, expected, strict=True):
+            torch.testing.assert_close(got[0], cls_row, rtol=1e-5, atol=1e-5)
+            assert exp.sources[0] == -1 and bool((exp.sources[1:] >= 0).all())
 
 
 def test_signals_depend_on_the_requested_layer(model, tower_outputs):

@@ -114,6 +114,8 @@ def test_bad_inputs_raise_visprune_errors(model, inputs):
             visprune.apply(model, "random", budget=4, keep_positions=True)
         with pytest.raises(visprune.UnsupportedModelError, match="no CLS token"):
             visprune.apply(model, "fastervlm", budget=4, signal="cls")
+        with pytest.raises(visprune.UnsupportedModelError, match="cls_token=True needs the CLS token"):
+            visprune.apply(model, "visionzip", dominant=3, contextual=1, cls_token=True)
     finally:
         if getattr(model, "_visprune_handle", None) is not None:
             visprune.remove(model)

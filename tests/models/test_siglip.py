@@ -87,6 +87,22 @@ def test_cls_request_without_fallback_is_refused_with_a_clear_error(model):
         )
 
 
+def test_visionzip_keeps_patches_only_without_cls_and_refuses_cls_token(model, inputs):
+    """VisionZip keeps the CLS token where the tower has one; SigLIP has none, so D patches, and asking
+    for the CLS token explicitly is refused at apply with the option to change."""
+    handle = visprune.apply(model, "visionzip", dominant=6, contextual=2)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        assert all(bool((crops[0].sources >= 0).all()) for crops in handle.stats.reductions)
+        assert handle.stats.visual_tokens_out == [8] * len(handle.stats.visual_tokens_out)
+    finally:
+        visprune.remove(model)
+    with pytest.raises(UnsupportedModelError, match=r"cls_token=True needs the CLS token.*cls_token=False"):
+        visprune.apply(model, "visionzip", dominant=6, contextual=2, cls_token=True)
+    assert getattr(model, "_visprune_handle", None) is None
+
+
 @pytest.mark.parametrize("method", CLS_METHODS)
 def test_signal_cls_on_siglip_raises_at_apply(model, method):
     with pytest.raises(UnsupportedModelError, match="has no CLS token"):

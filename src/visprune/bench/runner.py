@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import platform
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -34,7 +34,7 @@ from visprune.budgets import budget_for_share, options_for_budget
 from visprune.bundled import resolve_device
 from visprune.errors import InputError
 from visprune.methods import MethodSpec, Placement, Reduction, get_method
-from visprune.methods.base import select_tokens
+from visprune.methods.base import available_requests, select_tokens
 from visprune.models import adapter_for
 from visprune.patch import DENSE
 from visprune.prompts import prompts_for
@@ -131,8 +131,14 @@ class _Probe(Reducer):
     through the adapter contract (`image_tokens`) it times the vision tower plus the signals the method
     requests, and it records what the real reducer receives (while `calls` is a list)."""
 
-    def __init__(self, spec: MethodSpec, options: dict[str, Any], tower_layer: int | None = None):
-        super().__init__(spec, options, False, Stats(), tower_layer)
+    def __init__(
+        self,
+        spec: MethodSpec,
+        options: dict[str, Any],
+        tower_layer: int | None = None,
+        available: Collection[str] | None = None,
+    ):
+        super().__init__(spec, options, False, Stats(), tower_layer, available=available)
         self.calls: list[tuple[torch.Tensor, tuple[int, int], dict[str, torch.Tensor], int | None, Any]] | None = []
 
     def __call__(
@@ -221,8 +227,10 @@ class Bench:
         the adapter's `image_tokens` with the reduction stubbed out; 'reduce': the method's reducer on
         exactly the features and signals it receives in the patched forward."""
         adapter, spec, opts = handle.adapter, handle.encoder, handle.encoder_options
-        probe = _Probe(spec, opts, handle.tower_layer)
-        reducer = Reducer(spec, opts, False, Stats(), handle.tower_layer, adapter.project)
+        probe = _Probe(spec, opts, handle.tower_layer, adapter.signal_kinds)
+        reducer = Reducer(
+            spec, opts, False, Stats(), handle.tower_layer, adapter.project, available=adapter.signal_kinds
+        )
         if reducer.needs_prompts:
             reducer.prompts = prompts_for(adapter, self.inputs["input_ids"], self.inputs.get("attention_mask"))
         pixels = self.inputs["pixel_values"]
@@ -299,7 +307,9 @@ class Bench:
         if where == "vision":
             handle = visprune.apply(self.model, case.method, **case.options)
             try:
-                requests = handle.encoder.signals(handle.encoder_options)
+                requests = available_requests(
+                    handle.encoder.signals(handle.encoder_options), handle.adapter.signal_kinds
+                )
                 res["sdpa_path"] = self._time(lambda: handle.adapter.encode(pixels, requests))
             finally:
                 visprune.remove(self.model)
@@ -352,7 +362,7 @@ class Bench:
                     if spec.placement is not Placement.LLM:
                         enc = get_method(spec.encoder_stage) if spec.encoder_stage else spec
                         own = {k: v for k, v in r["options"].items() if k in enc.defaults}
-                        requests = enc.signals(enc.options(**own))
+                        requests = available_requests(enc.signals(enc.options(**own)), adapter.signal_kinds)
                 vision = _graph_time(lambda req=requests: adapter.encode(pixels, req), self)
                 reduce_ms = r.get("reduce", {}).get("median_ms", 0.0)
                 total = vision["median_ms"] + reduce_ms + llm_cache[seq]["median_ms"]

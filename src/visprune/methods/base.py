@@ -125,6 +125,8 @@ class SignalRequest:
                        per-head keys (D = C / H), heads="single" keeps the full width (D = C).
         "q", "k"    -> LLM layer queries [B, H, S, d] / keys [B, H_kv, S, d] with RoPE applied.
         "hidden"    -> LLM layer input hidden states [B, S, C].
+        "cls_feature" -> [B, C] the CLS token's row of the hidden state(s) the features are taken from
+                       (LLaVA's `vision_feature_layer`, concatenated like the features); towers with CLS.
     layers: encoder layer indices (negative counts from the end: -1 is the last encoder layer, whose
         INPUT is LLaVA's hidden_states[-2]; -2 is the layer that PRODUCES hidden_states[-2]).
     heads: "single" treats the full projection as one head; "mean"/"sum" combine per-head rows.
@@ -135,6 +137,9 @@ class SignalRequest:
         `signal=None`, "best available": "cls_attn" falls back to "mean_received" on a tower
         without CLS). Adapters call `resolve` with the kinds they provide; the result has the same
         shape either way, and the method receives it under the same keyword.
+    optional: a signal the method uses where the model provides it and does without otherwise (VisionZip's
+        CLS token on towers that have one): `available_requests` leaves it out on a model that lacks it,
+        and the method's keyword keeps its default (None).
     """
 
     kind: str
@@ -142,6 +147,7 @@ class SignalRequest:
     heads: str = "mean"
     rows: str = "all"
     fallback: str | None = None
+    optional: bool = False
 
     def resolve(self, available: Collection[str]) -> SignalRequest:
         """The request to compute on a model that provides the kinds in `available`: this one, or
@@ -151,8 +157,22 @@ class SignalRequest:
             return replace(self, fallback=None)
         if self.fallback is not None and self.fallback in available:
             return replace(self, kind=self.fallback, fallback=None)
+        if self.optional:
+            raise UnsupportedModelError(
+                f"optional signal {self.kind!r} is not available; leave it out (`available_requests`)"
+            )
         wanted = repr(self.kind) if self.fallback is None else f"{self.kind!r} or {self.fallback!r}"
         raise UnsupportedModelError(f"signal {wanted} is not available on this model; it provides {sorted(available)}")
+
+
+def available_requests(requests: dict[str, SignalRequest], available: Collection[str]) -> dict[str, SignalRequest]:
+    """`requests` less the optional ones that a model providing the kinds in `available` cannot compute
+    (neither their kind nor their fallback). The rest are kept as asked: adapters resolve them."""
+    return {
+        name: req
+        for name, req in requests.items()
+        if not req.optional or req.kind in available or req.fallback in available
+    }
 
 
 # A method's `signal` option: which per-token score ranks the patches (None: the best available).

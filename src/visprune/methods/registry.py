@@ -16,7 +16,9 @@ from visprune.methods.depth import RelativeDepth, check_fits
 _REGISTRY: dict[str, MethodSpec] = {}
 
 # Keyword arguments that carry tensors or structure, never user options.
-RESERVED = frozenset({"features", "grid", "cls_attn", "cls_attn_layers", "keys", "q", "k", "hidden", "layout", "stage"})
+RESERVED = frozenset(
+    {"features", "grid", "cls_attn", "cls_attn_layers", "keys", "cls_feature", "q", "k", "hidden", "layout", "stage"}
+)
 
 
 def _no_signals(_: dict[str, Any]) -> dict[str, SignalRequest]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,11 @@ class Adapter(ABC):
     @abstractmethod
     def check_pixels(self, pixel_values: Tensor) -> None:
         """Raise InputError unless `pixel_values` has the shape and values this model's processor gives."""
+
+    @property
+    def signal_kinds(self) -> Collection[str]:
+        """The encoder signal kinds this adapter computes (`SignalRequest.resolve`'s `available`)."""
+        return ()
 
     @abstractmethod
     def check_encoder_method(self, requests: dict[str, SignalRequest], tower_layer: int | None = None) -> None:

@@ -45,6 +45,10 @@ class LlavaAdapter(Adapter):
         return side, side
 
     @property
+    def signal_kinds(self) -> frozenset[str]:
+        return vision.available_signals(self.vision_tower)
+
+    @property
     def vision_layers(self) -> int:
         return vision.num_encoder_layers(self.vision_tower)
 

@@ -186,7 +186,9 @@ class LlavaNextAdapter(LlavaAdapter):
 def _take_tokens(signal: Tensor, local: Tensor, kind: str) -> Tensor:
     """Select tokens `local` [n, N'] from a signal of the requested `kind` (its fallback has the same
     shape): cls_attn / mean_received / cls_cosine [n, N], keys [n, N, D], cls_attn_layers / mean_received_layers
-    [n, L, N]."""
+    [n, L, N]; cls_feature [n, C] is per crop, not per token, and passes unchanged."""
+    if kind == "cls_feature":
+        return signal
     if kind in ("cls_attn", "mean_received", "cls_cosine"):
         return signal.gather(1, local)
     if kind == "keys":

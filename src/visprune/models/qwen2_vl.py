@@ -39,6 +39,7 @@ from visprune.models import qwen_tower
 from visprune.models.base import Adapter, Embedded, ImageTokens, Reducer
 from visprune.models.llava import dense_reduction
 from visprune.models.splice import Spliced
+from visprune.models.vision import missing_cls
 
 MERGED = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
 PLANS = 4  # tower plans an adapter keeps (per grid list; ~30 MB each at 8 x 1008 px)
@@ -118,10 +119,7 @@ class Qwen2VLAdapter(Adapter):
         try:
             return req.resolve(self.signal_kinds).kind
         except UnsupportedModelError:
-            raise UnsupportedModelError(
-                f"the Qwen-VL vision tower has no CLS token, so the {req.kind!r} signal does not exist; leave the "
-                "method's `signal` option unset or pass signal='mean-received'"
-            ) from None
+            raise missing_cls(req.kind, type(self.vision_tower).__name__) from None
 
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         reductions, counts = self._reductions(pixel_values, reducer, image_kwargs)

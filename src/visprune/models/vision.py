@@ -17,7 +17,7 @@ from visprune.errors import UnsupportedModelError
 from visprune.methods.base import SignalRequest
 from visprune.methods.signals import cls_attention, cls_cosine, mean_received_attention, patch_keys
 
-CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers", "cls_cosine"})
+CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers", "cls_cosine", "cls_feature"})
 CLS_FREE_KINDS = frozenset({"mean_received", "mean_received_layers", "keys"})
 
 
@@ -96,6 +96,7 @@ def encode(
     feature_layers: LLaVA's `vision_feature_layer` (index into hidden_states: -2 is the output of the
     second-to-last layer); a list concatenates several along channels as LLaVA does.
     Signal layers index encoder LAYERS (SignalRequest docs): their input hidden state is used.
+    "cls_feature" reads the CLS row of the feature layer(s), whatever the select strategy.
     Each request is first resolved for the tower (`SignalRequest.resolve` with `available_signals`):
     a CLS request with a fallback becomes "mean_received" on a tower without CLS.
     """
@@ -132,7 +133,10 @@ def encode(
     signals: dict[str, Tensor] = {}
     for name, req in requests.items():
         idx = [layer % n_layers for layer in req.layers]
-        if req.kind == "cls_cosine":
+        if req.kind == "cls_feature":
+            cls_rows = [states[i][:, 0] for i in feat_idx]
+            signals[name] = cls_rows[0] if len(cls_rows) == 1 else torch.cat(cls_rows, dim=-1)
+        elif req.kind == "cls_cosine":
             signals[name] = cls_cosine(qk[idx[0]].hidden)
         elif req.kind in CLS_KINDS:
             rows = [cls_attention(qk[i].cls_query(), qk[i].keys, qk[i].heads, req.heads) for i in idx]
@@ -156,10 +160,20 @@ def resolve_requests(tower: nn.Module, requests: dict[str, SignalRequest]) -> di
     resolved = {}
     for name, req in requests.items():
         if req.kind in CLS_KINDS and req.kind not in available and req.fallback not in available:
-            option = "cosine" if req.kind == "cls_cosine" else "cls"
-            raise UnsupportedModelError(
-                f"signal={option!r} needs the CLS token, but the vision tower {type(tower).__name__} has no CLS "
-                "token; pass signal='mean-received' (or leave signal unset: it resolves to 'mean-received' here)"
-            )
+            raise missing_cls(req.kind, type(tower).__name__)
         resolved[name] = req.resolve(available)
     return resolved
+
+
+def missing_cls(kind: str, tower_name: str) -> UnsupportedModelError:
+    """The error for a CLS signal `kind` asked for explicitly on a tower without CLS: which option to change."""
+    if kind == "cls_feature":
+        return UnsupportedModelError(
+            f"cls_token=True needs the CLS token, but the vision tower {tower_name} has none; leave cls_token "
+            "unset (it keeps the CLS token where the tower has one) or pass cls_token=False"
+        )
+    option = "cosine" if kind == "cls_cosine" else "cls"
+    return UnsupportedModelError(
+        f"signal={option!r} needs the CLS token, but the vision tower {tower_name} has no CLS token; pass "
+        "signal='mean-received' (or leave signal unset: it resolves to 'mean-received' here)"
+    )
