@@ -41,7 +41,18 @@ def test_every_option_is_documented_and_signals_resolve(name):
     assert set(spec.param_docs) >= set(spec.defaults)
     assert all(spec.param_docs[k] for k in spec.defaults)
     signals = spec.signals(spec.defaults)
-    kinds = {"cls_attn", "cls_attn_layers", "keys", "projected", "prompt", "q", "k", "hidden", "cls_feature"}
+    kinds = {
+        "cls_attn",
+        "cls_attn_layers",
+        "keys",
+        "projected",
+        "prompt",
+        "q",
+        "k",
+        "hidden",
+        "cls_feature",
+        "cls_cosine",
+    }
     assert all(req.kind in kinds for req in signals.values())
     if spec.placement is not Placement.ENCODER:
         layers = spec.layers(spec.defaults)

@@ -71,8 +71,12 @@ def test_registered_spec():
         "signal": None,
     }
     assert set(spec.param_docs) == set(spec.defaults)
+    # default: the CLS-patch cosine where the tower has CLS (chosen on validation items), else mean-received
     assert spec.signals(spec.defaults) == {
-        "cls_attn": SignalRequest("cls_attn", (-1,), heads="single", fallback="mean_received")
+        "cls_attn": SignalRequest("cls_cosine", (-1,), heads="single", fallback="mean_received")
+    }
+    assert spec.signals(spec.options(signal="cosine")) == {
+        "cls_attn": SignalRequest("cls_cosine", (-1,), heads="single")
     }
     assert spec.signals(spec.options(attention="mean", signal="cls")) == {
         "cls_attn": SignalRequest("cls_attn", (-1,), heads="mean")

@@ -62,7 +62,7 @@ def inputs_for(name: str, options: dict, features: torch.Tensor, scores: torch.T
     spec = get_method(name)
     kwargs = {}
     for arg, req in spec.signals(spec.bind(options, llm_layers=None, vision_layers=24)).items():
-        if req.kind == "cls_attn":
+        if req.kind in ("cls_attn", "cls_cosine"):  # [B, N] scores of either kind
             kwargs[arg] = scores
         elif req.kind == "keys":
             kwargs[arg] = keys

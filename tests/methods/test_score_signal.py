@@ -8,7 +8,8 @@ from visprune.methods.base import available_requests, score_request
 
 CLS_METHODS = ["prumerge", "prumerge+", "knee", "knee+text", "fastervlm", "vtc-cls", "visionzip", "vispruner"]
 NO_CLS = {"mean_received", "mean_received_layers", "keys"}
-WITH_CLS = NO_CLS | {"cls_attn", "cls_attn_layers"}
+WITH_CLS = NO_CLS | {"cls_attn", "cls_attn_layers", "cls_cosine", "cls_feature"}
+KNEE = ("knee", "knee+text")  # their default is the CLS-patch cosine, not CLS attention
 
 
 def encoder_requests(name: str, **options) -> dict[str, SignalRequest]:
@@ -41,9 +42,10 @@ def test_signal_picks_the_kind_and_the_keyword_stays(name):
     assert received[key].kind == cls[key].kind.replace("cls_attn", "mean_received")
     assert received[key].fallback is None
     assert (received[key].layers, received[key].heads) == (cls[key].layers, cls[key].heads)
-    assert default[key].kind == cls[key].kind and default[key].fallback == received[key].kind
-    # The best available: CLS attention where the tower has it, mean-received where it does not.
-    assert default[key].resolve(WITH_CLS) == cls[key]
+    best = "cls_cosine" if name in KNEE else cls[key].kind
+    assert default[key].kind == best and default[key].fallback == received[key].kind
+    # The best available: CLS attention (knee: the CLS cosine) where the tower has CLS, else mean-received.
+    assert default[key].resolve(WITH_CLS) == SignalRequest(best, cls[key].layers, cls[key].heads)
     assert default[key].resolve(NO_CLS) == received[key]
     assert received[key].resolve(WITH_CLS) == received[key]
     with pytest.raises(UnsupportedModelError, match="cls_attn"):
@@ -68,7 +70,7 @@ def test_optional_requests_are_left_out_where_the_model_lacks_them():
     required = SignalRequest("cls_feature")
     scored = score_request(None, (-1,), "mean")
     requests = {"a": optional, "b": required, "c": scored}
-    assert available_requests(requests, WITH_CLS | {"cls_feature"}) == requests
+    assert available_requests(requests, WITH_CLS) == requests
     assert available_requests(requests, NO_CLS) == {"b": required, "c": scored}
     with pytest.raises(UnsupportedModelError, match="optional signal"):
         optional.resolve(NO_CLS)

@@ -109,7 +109,7 @@ def test_knee_cuts_a_long_tail():
     k[0, 0, 2:26, 0] = torch.linspace(0, -0.2, 24)
     k[0, 0, strong, 0] = 4.0
     q = torch.ones(1, 1, 28, 1)
-    keep = text_stage(q=q, k=k, layout=lay)
+    keep = text_stage(q=q, k=k, layout=lay, text_keep_ratio=None)
     kept = (keep & lay.visual)[0].nonzero().flatten()
     assert set(strong.tolist()) <= set(kept.tolist()) and len(kept) <= 5
     assert torch.equal(keep & ~lay.visual, lay.attention_mask & ~lay.visual)
@@ -132,7 +132,7 @@ def test_spec_and_encoder_options():
     knee = get_method("knee")
     o = spec.bind({}, llm_layers=32, vision_layers=24)
     assert spec.placement is Placement.BOTH and spec.adaptive and spec.encoder_stage == "knee"
-    own = {"text_layer": 2, "text_keep_ratio": None, "text_detector": "kneedle", "text_smooth": 1, "prune_text": False}
+    own = {"text_layer": 2, "text_keep_ratio": 0.5, "text_detector": "kneedle", "text_smooth": 1, "prune_text": False}
     assert o == {**knee.defaults, **own}
     assert not set(own) & set(knee.defaults)
     assert spec.layers(o) == (2,) and spec.layers(spec.options(text_layer=4)) == (4,)

@@ -64,6 +64,9 @@ def _signal(model, hidden_states, attentions, req) -> torch.Tensor:
         assert model.config.vision_feature_layer == -2
         return hidden_states[-2][:, 0]
     idx = [layer % n for layer in req.layers]
+    if req.kind == "cls_cosine":  # CLS-patch cosine similarity of the hidden states entering the layer
+        h = hidden_states[idx[0]].double()
+        return torch.nn.functional.cosine_similarity(h[:, 1:], h[:, :1], dim=-1).float()
     if req.kind == "cls_attn":
         return cls_row(idx[0])
     if req.kind == "cls_attn_layers":
