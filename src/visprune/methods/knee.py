@@ -94,7 +94,8 @@ def knee(
     Long-Tail Distribution for Dynamic Optimized Token Representation in Multimodal Large Language
     Models"). Its first-stage score is "the similarity between visual and CLS tokens": the default
     reads it literally as cosine similarity, which on validation items of the synthetic suite kept more
-    accuracy than CLS attention at every detector and text-stage rule (docs/results/knee-operating-point).
+    accuracy than CLS attention with the kneedle and max-gap detectors under every text-stage rule
+    (docs/results/knee-operating-point).
     Ties in the scores are broken towards the lower index.
 
     Options:

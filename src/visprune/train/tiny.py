@@ -30,13 +30,16 @@
 
 Images are rendered by DataLoader workers from seeds (`SceneStream`) and kept in a GPU replay buffer:
 every step takes one fresh batch and fills the rest of its batch from the buffer. A time guard ends
-training early and still saves. The bundled weights came from two runs (docs/results/README.md gives
+training early and still saves. The bundled weights came from three runs (docs/results/README.md gives
 the exact commands, the step counts and the GPU time):
 
     python -m visprune.train.tiny --out /tmp/runA --seed 0 --stage1-seconds 360 --stage2-seconds 20 \
         --stage3-seconds 150 --time-limit 570 --reserve 25 --ground-weight 0
     python -m visprune.train.tiny --out /tmp/runB --seed 0 --resume /tmp/runA --stages 3 \
         --stage3-seconds 530 --stream-start 200000 --time-limit 575 --reserve 25
+    python -m visprune.train.tiny --out /tmp/runC --resume /tmp/runB --stages 3 --stage3-seconds 420 \
+        --time-limit 480 --reserve 30 --reduce-fraction 0.5 --reduce-content 0.7 --lr-instruct 3e-4 \
+        --stream-start 500000
 
 Stages end at their step count or their seconds (`--stageN-seconds`, the default), so a time-limited
 run's step count depends on the GPU. The end-of-run check measures the validation split
