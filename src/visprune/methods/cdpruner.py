@@ -16,6 +16,7 @@ from visprune.methods.base import Placement, Reduction, SignalRequest, select_to
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.cls_topk import check_signal
+from visprune.methods.graphs import replayed
 from visprune.methods.registry import register
 
 EPS = 1e-6  # the official code's offset in the relevance normalisation; also the floor of a pivot variance
@@ -63,9 +64,15 @@ def greedy_map(kernel: Tensor, k: int) -> Tensor:
         e = row / variance[batch, j].clamp(min=EPS).sqrt().unsqueeze(1)
         rows[i] = e
         variance = variance - e.square()
-        taken[batch, j] = True
+        taken.scatter_(1, j.unsqueeze(1), True)
         chosen.append(j)
     return torch.stack(chosen, dim=1)
+
+
+def conditional_selection(projected: Tensor, prompt: Tensor, k: int) -> Tensor:
+    """[B, k] indices: `greedy_map` of `conditional_kernel(projected, prompt)`; no host synchronisation
+    (`graphs.replayed` captures it)."""
+    return greedy_map(conditional_kernel(projected, prompt), k)
 
 
 @register(
@@ -113,4 +120,4 @@ def cdpruner(
     check_signal(projected, "projected", (b, n, None), features)
     check_signal(prompt, "prompt", (b, projected.shape[2]), features)
     k = check_budget(budget, n)
-    return select_tokens(features, greedy_map(conditional_kernel(projected, prompt), k))
+    return select_tokens(features, replayed(conditional_selection, projected, prompt, k=k))

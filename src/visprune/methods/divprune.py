@@ -17,6 +17,7 @@ from visprune.methods.base import Placement, Reduction, SignalRequest, select_to
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.cls_topk import check_signal
+from visprune.methods.graphs import replayed
 from visprune.methods.registry import register
 
 
@@ -30,7 +31,8 @@ def max_min_selection(x: Tensor, k: int) -> Tensor:
 
     x [B, N, D]. Step 0 takes the token farthest from its nearest other token; each later step takes
     the token farthest from its nearest selected token. A selected token is never taken again; ties go
-    to the lowest index. Batched over images; one step per selected token.
+    to the lowest index. Batched over images; one step per selected token, no host synchronisation (so
+    `graphs.replayed` can capture it).
     """
     b, n, _ = x.shape
     unit = F.normalize(x.float(), dim=-1)
@@ -84,4 +86,4 @@ def divprune(
         check_grid(grid, n)
     check_signal(projected, "projected", (b, n, None), features)
     k = check_budget(budget, n)
-    return select_tokens(features, max_min_selection(projected, k))
+    return select_tokens(features, replayed(max_min_selection, projected, k=k))

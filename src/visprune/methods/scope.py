@@ -26,6 +26,7 @@ from visprune.methods.base import (
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.cls_topk import check_signal
+from visprune.methods.graphs import replayed
 from visprune.methods.registry import register
 
 
@@ -42,7 +43,8 @@ def saliency_coverage_selection(features: Tensor, saliency: Tensor, k: int) -> T
 
     coverage [B, N] starts at 0; a step scores every unselected token i by
     saliency_i * sum_j max(0, S_ji - coverage_j), takes the best (ties to the lowest index) and raises
-    coverage to max(coverage, S_i). Batched over images; one step per selected token, O(N^2) each.
+    coverage to max(coverage, S_i). Batched over images; one step per selected token, O(N^2) each; no host
+    synchronisation (`graphs.replayed` captures it).
     """
     b, n, _ = features.shape
     unit = F.normalize(features.float(), dim=-1)
@@ -55,7 +57,7 @@ def saliency_coverage_selection(features: Tensor, saliency: Tensor, k: int) -> T
         gain = (similarity - coverage.unsqueeze(2)).clamp(min=0).sum(dim=1)  # [B, N]: column i's gain
         best = (gain * saliency).masked_fill(taken, float("-inf")).argmax(dim=1)
         chosen.append(best)
-        taken[batch, best] = True
+        taken.scatter_(1, best.unsqueeze(1), True)
         coverage = torch.maximum(coverage, similarity[batch, best])
     return torch.stack(chosen, dim=1)
 
@@ -104,4 +106,4 @@ def scope(
         check_grid(grid, n)
     k = check_budget(budget, n)
     scores = check_signal(cls_attn, "cls_attn", (b, n), features)
-    return select_tokens(features, saliency_coverage_selection(features, scores.float() ** alpha, k))
+    return select_tokens(features, replayed(saliency_coverage_selection, features, scores.float() ** alpha, k=k))

@@ -28,6 +28,7 @@ from visprune.methods.base import (
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budget, check_count, check_features, check_grid
 from visprune.methods.cls_topk import check_signal
+from visprune.methods.graphs import replayed
 from visprune.methods.registry import register
 
 ROUND = 8  # tokens dropped per thinning round at most, as in the official code
@@ -115,8 +116,16 @@ def vispruner(
         check_grid(grid, n)
     k = check_budget(budget, n)
     scores = check_signal(cls_attn, "cls_attn", (b, n), features)
-    important = int(k * important_ratio)
+    return select_tokens(
+        features, replayed(important_and_diverse, features, scores, k=k, important=int(k * important_ratio))
+    )
+
+
+def important_and_diverse(features: Tensor, scores: Tensor, k: int, important: int) -> Tensor:
+    """[B, k] indices: the `important` top tokens by `scores` [B, N], then `thin_duplicates` of the rest of
+    the features [B, N, C] in descending score order; no host synchronisation (`graphs.replayed`
+    captures it)."""
     ranked = scores.float().sort(dim=1, descending=True, stable=True).indices
     unit = F.normalize(features.float(), dim=-1)
     diverse = thin_duplicates(unit, ranked[:, important:], k - important)
-    return select_tokens(features, torch.cat([ranked[:, :important], diverse], dim=1))
+    return torch.cat([ranked[:, :important], diverse], dim=1)

@@ -1,0 +1,112 @@
+"""graphs.replayed: the sequential selection loops replayed from CUDA graphs compute exactly what the
+loops compute, for new inputs of a captured shape too (the graph's buffers are refilled every call)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from visprune.methods import graphs
+from visprune.methods.cdpruner import cdpruner, conditional_selection
+from visprune.methods.divprune import divprune, max_min_selection
+from visprune.methods.scope import saliency_coverage_selection, scope
+from visprune.methods.vispruner import important_and_diverse, vispruner
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _inputs(seed: int, b: int = 3, n: int = 40, c: int = 16, device: str = "cpu") -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(b, n, c, generator=g).to(device),
+        "prompt": torch.randn(b, c, generator=g).to(device),
+        "scores": torch.rand(b, n, generator=g).to(device),
+    }
+
+
+LOOPS = {
+    "divprune": (max_min_selection, lambda t: (t["x"],), {"k": 9}),
+    "cdpruner": (conditional_selection, lambda t: (t["x"], t["prompt"]), {"k": 9}),
+    "scope": (saliency_coverage_selection, lambda t: (t["x"], t["scores"]), {"k": 9}),
+    "vispruner": (important_and_diverse, lambda t: (t["x"], t["scores"]), {"k": 9, "important": 4}),
+}
+
+
+def test_off_the_gpu_the_loop_runs_and_nothing_is_cached():
+    graphs.clear()
+    for loop, args, static in LOOPS.values():
+        t = _inputs(0)
+        assert torch.equal(graphs.replayed(loop, *args(t), **static), loop(*args(t), **static))
+    assert not graphs._cache
+
+
+def test_a_loop_that_cannot_be_captured_runs_with_one_warning(monkeypatch):
+    """Where capture fails (an operation that needs the host), the loop runs step by step: the same result,
+    one warning for those shapes, no second attempt."""
+    graphs.clear()
+    attempts = []
+
+    def refuse(loop, inputs, static):
+        attempts.append(loop)
+        raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+
+    monkeypatch.setattr(graphs, "_replayable", lambda inputs: True)
+    monkeypatch.setattr(graphs, "_capture", refuse)
+    t = _inputs(0)
+    with pytest.warns(UserWarning, match="max_min_selection could not be captured.*same result"):
+        first = graphs.replayed(max_min_selection, t["x"], k=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = graphs.replayed(max_min_selection, t["x"], k=5)
+    assert torch.equal(first, max_min_selection(t["x"], k=5)) and torch.equal(second, first)
+    assert len(attempts) == 1
+    graphs.clear()
+
+
+@CUDA
+@pytest.mark.parametrize("name", sorted(LOOPS))
+def test_replays_equal_the_loop_for_new_inputs_and_shapes(name):
+    loop, args, static = LOOPS[name]
+    graphs.clear()
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            for seed, n in ((1, 40), (2, 40), (3, 40), (4, 57), (5, 40)):
+                t = _inputs(seed, n=n, device="cuda")
+                got = graphs.replayed(loop, *args(t), **static)
+                assert torch.equal(got, loop(*args(t), **static)), (name, seed, n)
+    assert len(graphs._cache) == 4  # two shapes x two autograd modes, each captured once
+
+
+@CUDA
+def test_the_cache_is_bounded(monkeypatch):
+    graphs.clear()
+    monkeypatch.setattr(graphs, "CACHE_SIZE", 2)
+    for n in (20, 21, 22, 23):
+        t = _inputs(0, n=n, device="cuda")
+        assert torch.equal(graphs.replayed(max_min_selection, t["x"], k=5), max_min_selection(t["x"], k=5))
+    assert len(graphs._cache) == 2
+    graphs.clear()
+    assert not graphs._cache
+
+
+@CUDA
+def test_methods_give_the_same_tokens_with_and_without_graphs(monkeypatch):
+    t = _inputs(7, b=4, n=64, c=24, device="cuda")
+    calls = {
+        "divprune": lambda: divprune(t["x"], projected=t["x"], budget=10),
+        "cdpruner": lambda: cdpruner(t["x"], projected=t["x"], prompt=t["prompt"], budget=10),
+        "scope": lambda: scope(t["x"], cls_attn=t["scores"], budget=10),
+        "vispruner": lambda: vispruner(t["x"], cls_attn=t["scores"], budget=10),
+    }
+    for name, call in calls.items():
+        with torch.inference_mode():
+            graphed = [call(), call()]  # capture, then replay
+            monkeypatch.setattr(graphs, "ENABLED", False)
+            plain = call()
+            monkeypatch.setattr(graphs, "ENABLED", True)
+        for replay in graphed:
+            for r, p in zip(replay, plain, strict=True):
+                assert torch.equal(r.sources, p.sources), name
+                assert torch.equal(r.features, p.features), name
