@@ -188,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from visprune import bundled
-    from visprune.eval import EvalConfig, evaluate, write_reports
+    from visprune.eval import EvalConfig, evaluate, parallel, write_reports
     from visprune.eval.synth import all_methods
 
     if args.task != "synth":
@@ -207,6 +207,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     results = evaluate(cfg, out, device=_device(args.device), progress=not args.quiet)
+    if not parallel.current().is_main:  # under `accelerate launch` the main process writes and reports
+        return 0
     command = "visprune " + " ".join(shlex.quote(a) for a in args.argv)
     paths = write_reports(results, out, command=command)
     print(paths["markdown"].read_text())

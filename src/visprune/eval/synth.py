@@ -32,6 +32,8 @@ import torch
 import visprune
 from visprune.budgets import options_for_budget
 from visprune.errors import InputError
+from visprune.eval import parallel
+from visprune.eval.parallel import Processes
 from visprune.synth import FAMILIES, load_split, score
 
 BUDGETS: tuple[int, ...] = (32, 64, 128, 192)
@@ -111,12 +113,18 @@ def _visual_per_layer(stats: visprune.Stats) -> list[float]:
 
 
 class Runner:
-    """Loads the model once, renders the items once, and evaluates cells into a results dict."""
+    """Loads the model once, renders the items once, and evaluates cells into a results dict.
 
-    def __init__(self, cfg: EvalConfig, device: str | None = None) -> None:
+    Under several processes (`processes`) each evaluates its own batches and every cell gathers the
+    per-item records of all of them, so every process returns the whole cell."""
+
+    def __init__(self, cfg: EvalConfig, device: str | None = None, processes: Processes | None = None) -> None:
         from visprune import bundled
 
         self.cfg = cfg
+        self.processes = processes or Processes()
+        if self.processes.device is not None and device in (None, "cuda"):
+            device = self.processes.device  # under accelerate: this process's own GPU (or its CPU)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.processor = bundled.load(cfg.model, device=self.device)
         self.dtype = next(self.model.parameters()).dtype
@@ -127,12 +135,14 @@ class Runner:
         vision = self.model.config.vision_config
         self.n_visual = (vision.image_size // vision.patch_size) ** 2
 
-    def batches(self) -> list[dict[str, torch.Tensor]]:
-        """Processor outputs for the items, in batches, on the device (computed once)."""
+    def batches(self) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        """(first item index, processor outputs on the device) of this process's batches (computed once)."""
         if self._batches is None:
             self._batches = []
             size = self.cfg.batch_size
-            for start in range(0, len(self.items), size):
+            for number, start in enumerate(range(0, len(self.items), size)):
+                if not self.processes.owns(number):
+                    continue
                 chunk = self.items[start : start + size]
                 inputs = self.processor(
                     images=[it.image() for it in chunk],
@@ -142,7 +152,7 @@ class Runner:
                 )
                 inputs = inputs.to(self.device)
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-                self._batches.append(dict(inputs))
+                self._batches.append((start, dict(inputs)))
         return self._batches
 
     @torch.inference_mode()
@@ -164,32 +174,31 @@ class Runner:
                     tick()
             return {"method": method, "budget": budget, "skipped": str(err)}
         handle = visprune.apply(self.model, method, keep_positions=self.cfg.keep_positions, **options)
-        correct = dict.fromkeys(FAMILIES, 0)
-        count = dict.fromkeys(FAMILIES, 0)
-        tokens_in: list[int] = []
-        tokens_out: list[int] = []
-        per_layer: list[float] = []
-        predictions: list[str] = []
+        records: list[tuple[int, str, int, int, float]] = []  # item, answer, tokens in, to the LLM, per layer
         t0 = time.perf_counter()
         try:
-            done = 0
-            for inputs in self.batches():
+            for start, inputs in self.batches():
                 out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
                 answers = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-                for item, answer in zip(self.items[done : done + len(answers)], answers, strict=True):
-                    ok = score(answer, item.answer)
-                    correct[item.family] += int(ok)
-                    count[item.family] += 1
-                    predictions.append(answer.strip())
-                done += len(answers)
                 stats = handle.stats
-                tokens_in += stats.visual_tokens_in
-                tokens_out += stats.visual_tokens_out
-                per_layer += _visual_per_layer(stats)
+                rows = zip(stats.visual_tokens_in, stats.visual_tokens_out, _visual_per_layer(stats), strict=True)
+                for i, (answer, (t_in, t_out, layer)) in enumerate(zip(answers, rows, strict=True)):
+                    records.append((start + i, answer.strip(), t_in, t_out, layer))
                 if tick is not None:
                     tick()
         finally:
             visprune.remove(self.model)
+        records = sorted(self.processes.gather(records))
+        correct = dict.fromkeys(FAMILIES, 0)
+        count = dict.fromkeys(FAMILIES, 0)
+        for index, answer, *_ in records:
+            item = self.items[index]
+            correct[item.family] += int(score(answer, item.answer))
+            count[item.family] += 1
+        predictions = [answer for _, answer, *_ in records]
+        tokens_in = [r[2] for r in records]
+        tokens_out = [r[3] for r in records]
+        per_layer = [r[4] for r in records]
         n = max(1, len(tokens_out))
         return {
             "method": method,
@@ -235,30 +244,40 @@ def load_results(path: Path, cfg: EvalConfig) -> dict[str, Any]:
 def evaluate(
     cfg: EvalConfig, out_dir: Path, device: str | None = None, progress: bool = True, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Run every pending cell of `cfg`, saving results.json after each one; returns the results."""
+    """Run every pending cell of `cfg`, saving results.json after each one; returns the results.
+
+    Under `accelerate launch --num_processes N` the items' batches are dealt out to the N processes (one
+    model each); every cell gathers them, and the main process alone writes and reports. The results
+    equal a single process's item by item."""
+    processes = parallel.current()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
     results = load_results(path, cfg)
+    processes.wait()  # every process has read the results before the main one writes them
     cells = plan_cells(cfg.methods, cfg.budgets)
     pending = [(m, b) for m, b in cells if cell_name(m, b) not in results["cells"]]
     skipped = len(cells) - len(pending)
-    if skipped:
+    if skipped and processes.is_main:
         log(f"resuming: {skipped} of {len(cells)} cells already in {path}")
     if pending:
-        runner = Runner(cfg, device=device)
+        runner = Runner(cfg, device=device, processes=processes)
         results["environment"] = environment(runner.device)
+        if processes.count > 1:
+            results["environment"]["processes"] = processes.count
         results["items"] = len(runner.items)
-        n_batches = len(range(0, len(runner.items), cfg.batch_size))
-        bar = _progress_bar(len(pending) * n_batches, progress)
+        bar = _progress_bar(len(pending) * len(runner.batches()), progress and processes.is_main)
         try:
             for method, budget in pending:
                 bar.set_description(cell_name(method, budget))
                 results["cells"][cell_name(method, budget)] = runner.run_cell(method, budget, tick=bar.update)
-                path.write_text(json.dumps(results, indent=1))
+                if processes.is_main:
+                    path.write_text(json.dumps(results, indent=1))
         finally:
             bar.close()
     results["cell_order"] = [cell_name(m, b) for m, b in cells]
-    path.write_text(json.dumps(results, indent=1))
+    if processes.is_main:
+        path.write_text(json.dumps(results, indent=1))
+    processes.wait()
     return results
 
 

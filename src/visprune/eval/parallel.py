@@ -1,0 +1,59 @@
+"""The processes an evaluation runs in: one, or several under `accelerate launch` / `torchrun` (data parallel).
+
+accelerate starts the processes and their process group; visprune only asks which process it is, on
+which device, and gathers each cell's per-item records onto every process. Batches are dealt out whole
+(batch i to process i mod N), so every batch holds exactly the items it holds in a single-process run and
+the results are the same item by item.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the evaluation's processes."""
+
+    index: int = 0
+    count: int = 1
+    device: str | None = None  # the device accelerate assigned (None: a single process chooses its own)
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def owns(self, batch: int) -> bool:
+        """Whether batch number `batch` is evaluated by this process."""
+        return batch % self.count == self.index
+
+    def gather(self, records: list[Any]) -> list[Any]:
+        """Every process's `records`, concatenated in process order, on every process."""
+        if self.count == 1:
+            return records
+        from accelerate.utils import gather_object
+
+        return gather_object(records)
+
+    def wait(self) -> None:
+        """Wait until every process gets here."""
+        if self.count > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
+
+def current() -> Processes:
+    """The processes of this run: accelerate's state under `accelerate launch` (or `torchrun`), one process
+    otherwise. Without a GPU (or with ACCELERATE_USE_CPU set) the processes run on the CPU and talk
+    through gloo."""
+    import torch
+    from accelerate import PartialState
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if state.num_processes == 1:
+        return Processes()
+    return Processes(index=state.process_index, count=state.num_processes, device=str(state.device))
