@@ -23,7 +23,6 @@ from visprune.methods import MethodSpec, Placement, get_method
 from visprune.methods.base import available_requests
 from visprune.models import Adapter, adapter_for
 from visprune.models.splice import IGNORE_INDEX, Spliced, image_runs, splice
-from visprune.prompts import prompts_for
 from visprune.reducer import Reducer, encoder_budget, split_reducer_signals, sync_device
 from visprune.stats import Stats
 
@@ -360,17 +359,16 @@ def _prepare(
     if pixel_values is not None:
         reducer = None
         if handle.encoder is not None:
-            reducer = Reducer(
+            reducer = Reducer.for_call(
+                adapter,
                 handle.encoder,
                 handle.encoder_options,
-                handle.sync_timings,
                 stats,
-                handle.tower_layer,
-                adapter.project,
-                available=adapter.signal_kinds,
+                input_ids,
+                attention_mask,
+                sync=handle.sync_timings,
+                tower_layer=handle.tower_layer,
             )
-            if reducer.needs_prompts:
-                reducer.prompts = prompts_for(adapter, input_ids, attention_mask)
         sync_device(pixel_values, handle.sync_timings)
         t0 = time.perf_counter()
         tokens = adapter.image_tokens(pixel_values, reducer, image_kwargs)

@@ -13,6 +13,7 @@ from torch import Tensor
 from visprune.errors import UnsupportedModelError
 from visprune.methods import MethodSpec, Reduction, SignalRequest
 from visprune.methods.base import available_requests
+from visprune.prompts import prompts_for
 from visprune.stats import Stats
 
 
@@ -49,6 +50,26 @@ class Reducer:
         self.prompts = prompts
         self.sync = sync
         self.stats = stats
+
+    @classmethod
+    def for_call(
+        cls,
+        adapter: Any,
+        spec: MethodSpec,
+        options: dict[str, Any],
+        stats: Stats,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        *,
+        sync: bool = False,
+        tower_layer: int | None = None,
+    ) -> Reducer:
+        """The reducer of one model call: the adapter's projector and signal kinds, and, for a method that
+        reads the "prompt" signal, the prompt vectors of the call's `input_ids`."""
+        reducer = cls(spec, options, sync, stats, tower_layer, adapter.project, available=adapter.signal_kinds)
+        if reducer.needs_prompts:
+            reducer.prompts = prompts_for(adapter, input_ids, attention_mask)
+        return reducer
 
     @property
     def needs_prompts(self) -> bool:

@@ -37,7 +37,6 @@ from visprune.methods import MethodSpec, Placement, Reduction, get_method
 from visprune.methods.base import available_requests, select_tokens
 from visprune.models import adapter_for
 from visprune.patch import DENSE
-from visprune.prompts import prompts_for
 from visprune.reducer import Reducer, split_reducer_signals
 from visprune.stats import Stats
 
@@ -228,11 +227,15 @@ class Bench:
         exactly the features and signals it receives in the patched forward."""
         adapter, spec, opts = handle.adapter, handle.encoder, handle.encoder_options
         probe = _Probe(spec, opts, handle.tower_layer, adapter.signal_kinds)
-        reducer = Reducer(
-            spec, opts, False, Stats(), handle.tower_layer, adapter.project, available=adapter.signal_kinds
+        reducer = Reducer.for_call(
+            adapter,
+            spec,
+            opts,
+            Stats(),
+            self.inputs["input_ids"],
+            self.inputs.get("attention_mask"),
+            tower_layer=handle.tower_layer,
         )
-        if reducer.needs_prompts:
-            reducer.prompts = prompts_for(adapter, self.inputs["input_ids"], self.inputs.get("attention_mask"))
         pixels = self.inputs["pixel_values"]
         image_kwargs = {k: self.inputs[k] for k in adapter.image_inputs if k in self.inputs}
         with torch.inference_mode():
