@@ -54,6 +54,28 @@ def test_positions_are_the_dense_ones(model, inputs):
         assert torch.equal(p[:3], torch.arange(3))
 
 
+@pytest.mark.parametrize(("method", "first_slot"), [("visionzip", True), ("prumerge", False)])
+def test_a_token_without_source_stands_at_the_first_or_last_slot(model, inputs, method, first_slot):
+    """VisionZip's leading CLS token takes the image's first position, PruMerge's trailing summary token
+    its last one; the patches keep their own."""
+    handle = tiny.apply_method(model, method, keep_positions=True)
+    try:
+        pos = prefill_positions(model, inputs)
+        layout = visprune.patch._prepare(
+            handle, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], None, None
+        ).layout
+    finally:
+        visprune.remove(model)
+    for b in range(3):
+        real = layout.attention_mask[b]
+        visual = pos[b][real][layout.visual[b][real]]
+        sources = handle.stats.reductions[b][0].sources
+        summary = sources < 0
+        assert int(summary.sum()) == 1 and bool(summary[0]) == first_slot and bool(summary[-1]) != first_slot
+        assert int(visual[summary]) == 3 + (0 if first_slot else 63)  # 3 system tokens, a 64-patch run
+        assert torch.equal(visual[~summary], 3 + sources[~summary])
+
+
 def test_default_renumbers_the_shorter_sequence(model, inputs):
     visprune.apply(model, "fastervlm", budget=8)
     try:

@@ -130,15 +130,18 @@ class Adapter(ABC):
         raise UnsupportedModelError(f"{type(self).__name__} cannot project features for a method")
 
     def placeholder_offsets(self, reductions: list[list[Reduction]], tokens_in: list[int]) -> list[Tensor] | None:
-        """Per image, each output row's offset in the image's placeholder run, for images of one crop
-        (a summary token with no source stands at the run's last slot); None when images have crops
-        whose packing has no such mapping."""
+        """Per image, each output row's offset in the image's placeholder run, for images of one crop; None
+        when images have crops whose packing has no such mapping. A token with no source stands at the
+        run's first slot when it leads the output (VisionZip's CLS token), else at its last slot (PruMerge's
+        trailing summary token)."""
         if any(len(crops) != 1 for crops in reductions):
             return None
-        return [
-            torch.where(crops[0].sources >= 0, crops[0].sources, n - 1)
-            for crops, n in zip(reductions, tokens_in, strict=True)
-        ]
+        out = []
+        for crops, n in zip(reductions, tokens_in, strict=True):
+            sources = crops[0].sources
+            leading = (sources >= 0).cumsum(0) == 0
+            out.append(torch.where(sources >= 0, sources, torch.where(leading, 0, n - 1)))
+        return out
 
     def position_ids(
         self,
