@@ -38,7 +38,7 @@ def test_plan_has_dense_adaptive_defaults_and_fixed_budgets() -> None:
     cells = ev.plan_cells(["prumerge", "fastv", "pool"], [32, 64])
     assert cells == [("none", None), ("prumerge", None), ("fastv", 32), ("fastv", 64), ("pool", 32), ("pool", 64)]
     every = ev.plan_cells(ev.all_methods(), list(ev.BUDGETS))
-    assert len(every) == 1 + 4 + 14 * 4  # dense, the 4 adaptive methods at their defaults, 14 fixed ones
+    assert len(every) == 1 + 4 + 15 * 4  # dense, the 4 adaptive methods at their defaults, 15 fixed ones
 
 
 def test_eval_end_to_end_and_resume(tmp_path, monkeypatch, capsys) -> None:

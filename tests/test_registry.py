@@ -21,6 +21,7 @@ EXPECTED = {
     "vispruner": Placement.ENCODER,
     "cdpruner": Placement.ENCODER,
     "scope": Placement.ENCODER,
+    "flowcut": Placement.ENCODER,
     "knee+text": Placement.BOTH,
     "fastv": Placement.LLM,
     "sparsevlm": Placement.LLM,
@@ -52,6 +53,7 @@ def test_every_option_is_documented_and_signals_resolve(name):
         "hidden",
         "cls_feature",
         "cls_cosine",
+        "flowcut",
     }
     assert all(req.kind in kinds for req in signals.values())
     if spec.placement is not Placement.ENCODER:
@@ -181,6 +183,7 @@ def test_where_published_code_materialises_attention_is_part_of_the_registration
         "visionzip": "vision",
         "vispruner": "vision",
         "scope": "vision",
+        "flowcut": "vision",
         "fastv": "llm",
         "sparsevlm": "llm",
         "pdrop": "llm",

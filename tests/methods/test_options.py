@@ -21,6 +21,7 @@ BAD: dict[str, dict[str, list]] = {
     },
     "tome": {"budget": [0, "64", None]},
     "divprune": {"budget": [0, "64", None, 2.5]},
+    "flowcut": {"budget": [0, "64", None, 2.5]},
     "cdpruner": {"budget": [0, "64", None, 2.5]},
     "scope": {"budget": [0, "64", None, 2.5], "alpha": [-1, "1", None, True, float("nan")], "signal": ["bogus"]},
     "vispruner": {"budget": [0, "64"], "important_ratio": [-0.1, 1.5, "0.5", True], "signal": ["attention"]},
@@ -98,6 +99,7 @@ def direct_call(method: str, options: dict):
             "cls_attn_layers": torch.rand(2, 4, 16, generator=g),
             "projected": torch.randn(2, 16, 8, generator=g),
             "prompt": torch.randn(2, 8, generator=g),
+            "kept": torch.arange(16).expand(2, 16),  # flowcut: the rows the tower kept (all 16)
         }
         wanted = spec.signals(spec.defaults)
         return spec.fn(feats, **{k: v for k, v in signals.items() if k in wanted}, **options)

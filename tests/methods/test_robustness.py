@@ -22,6 +22,7 @@ OPTIONS = {
     "random": [{"budget": 5}],
     "pool": [{"budget": 4}],
     "divprune": [{"budget": 5}],
+    "flowcut": [{"budget": 16}],  # its features are the rows the tower kept: all 16 here
     "cdpruner": [{"budget": 5}],
     "scope": [{"budget": 5}, {"budget": 7, "alpha": 0.0}, {"budget": 6, "alpha": 2.5}],
     "vispruner": [{"budget": 5}, {"budget": 7, "important_ratio": 0.0}, {"budget": 6, "important_ratio": 1.0}],
@@ -70,6 +71,8 @@ def inputs_for(name: str, options: dict, features: torch.Tensor, scores: torch.T
             kwargs[arg] = keys  # any [B, N, D] rows: zero and equal ones included
         elif req.kind == "prompt":
             kwargs[arg] = keys[:, 0]  # any [B, D] vector: zero included
+        elif req.kind == "flowcut":
+            kwargs[arg] = torch.arange(features.shape[1]).expand(features.shape[0], -1)
         elif req.kind == "cls_feature":
             kwargs[arg] = features[:, 0]  # any [B, C] row
         else:  # cls_attn_layers: the same row at every layer, with a sign flip to mix things up

@@ -28,7 +28,7 @@ def inputs(model):
 
 def test_options_table_covers_every_method():
     assert set(tiny.METHOD_OPTIONS) == set(ALL)
-    assert len(ALL) == 18
+    assert len(ALL) == 19
     for name, opts in tiny.METHOD_OPTIONS.items():
         visprune.get_method(name).options(**opts)  # every tiny option is a real option of its method
 

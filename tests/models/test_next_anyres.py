@@ -71,7 +71,8 @@ def test_keeping_every_token_reproduces_the_dense_packing(model, inputs):
 NEXT_OPTIONS = {**METHOD_OPTIONS, "pool": {"budget": 12}}  # per-crop shares of 12 factorise on 4 x 4 crops
 
 
-@pytest.mark.parametrize("method", [*METHOD_OPTIONS, "composition"])
+# flowcut prunes a LLaVA-1.5 CLIP tower and is refused on LLaVA-NeXT (tests/models/test_flowcut.py)
+@pytest.mark.parametrize("method", [*(m for m in METHOD_OPTIONS if m != "flowcut"), "composition"])
 def test_batch_equals_one_by_one(model, inputs, method):
     if method == "composition":
         handle = visprune.apply(model, list(COMPOSITION[0]), **COMPOSITION[1])

@@ -171,6 +171,7 @@ METHOD_OPTIONS: dict[str, dict] = {
     "vispruner": {"budget": 8},
     "cdpruner": {"budget": 8},
     "scope": {"budget": 8},
+    "flowcut": {"budget": 8},
     "fastv": {"layer": 2},
     "sparsevlm": {"layers": (1, 2), "keep_counts": (24, 10)},
     "dart": {"layer": 2, "budget": 8},
@@ -189,6 +190,7 @@ FIXED_BUDGET = {
     "vispruner": 8,
     "cdpruner": 8,
     "scope": 8,
+    "flowcut": 8,
 }
 COMPOSITION = (["visionzip", "fastv"], {"visionzip": {"dominant": 6, "contextual": 2}, "fastv": {"layer": 2}})
 

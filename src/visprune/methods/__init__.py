@@ -27,6 +27,7 @@ from visprune.methods import cls_topk as _cls_topk  # noqa: F401
 from visprune.methods import dart as _dart  # noqa: F401
 from visprune.methods import divprune as _divprune  # noqa: F401
 from visprune.methods import fastv as _fastv  # noqa: F401
+from visprune.methods import flowcut as _flowcut  # noqa: F401
 from visprune.methods import knee as _knee  # noqa: F401
 from visprune.methods import pdrop as _pdrop  # noqa: F401
 from visprune.methods import prumerge as _prumerge  # noqa: F401

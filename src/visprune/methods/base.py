@@ -127,6 +127,10 @@ class SignalRequest:
         "hidden"    -> LLM layer input hidden states [B, S, C].
         "cls_feature" -> [B, C] the CLS token's row of the hidden state(s) the features are taken from
                        (LLaVA's `vision_feature_layer`, concatenated like the features); towers with CLS.
+        "flowcut"   -> [B, `keep`] the original indices of the patches the tower kept while pruning itself
+                       progressively by FlowCut's flow (`visprune.methods.flowcut`); the features the
+                       adapter then hands the method are those patches' rows of the feature layer, computed
+                       on the pruned sequence. LLaVA-1.5-class CLIP towers only.
     layers: encoder layer indices (negative counts from the end: -1 is the last encoder layer, whose
         INPUT is LLaVA's hidden_states[-2]; -2 is the layer that PRODUCES hidden_states[-2]).
     heads: "single" treats the full projection as one head; "mean"/"sum" combine per-head rows.
@@ -137,6 +141,7 @@ class SignalRequest:
         `signal=None`, "best available": "cls_attn" falls back to "mean_received" on a tower
         without CLS). Adapters call `resolve` with the kinds they provide; the result has the same
         shape either way, and the method receives it under the same keyword.
+    keep: for "flowcut", the patches per image the tower keeps.
     optional: a signal the method uses where the model provides it and does without otherwise (VisionZip's
         CLS token on towers that have one): `available_requests` leaves it out on a model that lacks it,
         and the method's keyword keeps its default (None).
@@ -148,6 +153,7 @@ class SignalRequest:
     rows: str = "all"
     fallback: str | None = None
     optional: bool = False
+    keep: int | None = None  # "flowcut": the patches per image the tower keeps
 
     def resolve(self, available: Collection[str]) -> SignalRequest:
         """The request to compute on a model that provides the kinds in `available`: this one, or

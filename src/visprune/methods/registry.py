@@ -17,7 +17,20 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 # Keyword arguments that carry tensors or structure, never user options.
 RESERVED = frozenset(
-    {"features", "grid", "cls_attn", "cls_attn_layers", "keys", "cls_feature", "q", "k", "hidden", "layout", "stage"}
+    {
+        "features",
+        "grid",
+        "cls_attn",
+        "cls_attn_layers",
+        "keys",
+        "cls_feature",
+        "kept",
+        "q",
+        "k",
+        "hidden",
+        "layout",
+        "stage",
+    }
 )
 
 

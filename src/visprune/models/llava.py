@@ -82,6 +82,12 @@ class LlavaAdapter(Adapter):
                 f"this model uses {strategy!r}. Use an LLM-side method (e.g. 'fastv') instead"
             )
         vision.resolve_requests(self.vision_tower, requests)
+        layer = self.model.config.vision_feature_layer
+        if any(req.kind == "flowcut" for req in requests.values()) and not isinstance(layer, int):
+            raise UnsupportedModelError(
+                f"flowcut prunes the tower up to one feature layer, but this model reads several ({layer}); use "
+                "another encoder-side method"
+            )
 
     def encode(self, pixel_values: Tensor, requests: dict[str, SignalRequest]) -> vision.VisionOutput:
         cfg = self.model.config
@@ -95,7 +101,7 @@ class LlavaAdapter(Adapter):
     def image_tokens(self, pixel_values: Tensor, reducer: Reducer | None, image_kwargs: dict[str, Any]) -> ImageTokens:
         requests = getattr(reducer, "requests", {}) if reducer is not None else {}
         out = self.encode(pixel_values, requests)
-        n = out.features.shape[1]
+        n = out.patches or out.features.shape[1]  # the dense patches, also when the tower pruned itself
         if reducer is None:
             reductions = dense_reduction(out.features)
         else:

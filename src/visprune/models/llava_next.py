@@ -25,7 +25,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from visprune.errors import InputError, UnsupportedModelError
-from visprune.methods.base import Reduction
+from visprune.methods.base import Reduction, SignalRequest
 from visprune.models.base import ImageTokens, Reducer
 from visprune.models.llava import LlavaAdapter, check_image_tensor, dense_reduction
 
@@ -54,6 +54,19 @@ class LlavaNextAdapter(LlavaAdapter):
         h, w = self.grid
         tiles = max((ph // side) * (pw // side) for ph, pw in cfg.image_grid_pinpoints)
         return (1 + tiles) * h * w
+
+    @property
+    def signal_kinds(self) -> frozenset[str]:
+        return super().signal_kinds - {"flowcut"}
+
+    def check_encoder_method(self, requests: dict[str, SignalRequest], tower_layer: int | None = None) -> None:
+        if any(req.kind == "flowcut" for req in requests.values()):
+            raise UnsupportedModelError(
+                "flowcut is for LLaVA-1.5-class models: on LLaVA-NeXT the official method prunes every crop to half "
+                "the budget and adds a stage inside the LLM, which visprune does not implement; use vispruner, "
+                "divprune or scope"
+            )
+        super().check_encoder_method(requests, tower_layer)
 
     def check_pixels(self, pixel_values: Tensor) -> None:
         side = self.model.config.vision_config.image_size

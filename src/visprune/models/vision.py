@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from visprune.errors import UnsupportedModelError
+from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods.base import SignalRequest
+from visprune.methods.flowcut import keep_top, layer_scores, prune_counts, prune_layers
 from visprune.methods.signals import cls_attention, cls_cosine, mean_received_attention, patch_keys
 
-CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers", "cls_cosine", "cls_feature"})
+CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers", "cls_cosine", "cls_feature", "flowcut"})
 CLS_FREE_KINDS = frozenset({"mean_received", "mean_received_layers", "keys"})
 
 
@@ -27,6 +28,7 @@ class VisionOutput:
 
     features: Tensor  # [n, N, C] the features the projector would receive (CLS dropped per strategy)
     signals: dict[str, Tensor]
+    patches: int | None = None  # the patches per image before the tower pruned itself ("flowcut"); None: N
 
 
 def _parts(tower: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.ModuleList]:
@@ -104,6 +106,12 @@ def encode(
     n_layers = len(layers)
     cls = has_cls_token(tower)
     requests = resolve_requests(tower, requests)
+    flow = [name for name, req in requests.items() if req.kind == "flowcut"]
+    if flow:
+        if len(requests) > 1:
+            raise UnsupportedModelError("flowcut prunes the tower itself; it cannot be combined with other signals")
+        keep = requests[flow[0]].keep
+        return _encode_flowcut(tower, pixel_values, feature_layers, select_strategy, flow[0], keep)
     feats = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
     feat_idx = [f % (n_layers + 1) for f in feats]  # hidden_states index: 0 = embeddings
     signal_layers = {r.layers[i] % n_layers for r in requests.values() for i in range(len(r.layers))}
@@ -153,6 +161,86 @@ def encode(
     return VisionOutput(features=features, signals=signals)
 
 
+def _encode_flowcut(
+    tower: nn.Module, pixel_values: Tensor, feature_layers: int | list[int], select_strategy: str, name: str, keep: int
+) -> VisionOutput:
+    """The tower pruning itself progressively by FlowCut's flow (`visprune.methods.flowcut`): the feature
+    layer's rows of the `keep` surviving patches per image, and their original indices under `name`.
+
+    Images keep their own counts between pruning layers; a batch whose images kept different counts is
+    padded, the padding masked out of every attention (an additive mask, so the tower runs with SDPA or
+    eager attention; FlashAttention towers take no such mask and are refused)."""
+    embeddings, pre_norm, layers = _parts(tower)
+    if not isinstance(feature_layers, int) or select_strategy != "default":
+        raise UnsupportedModelError(
+            "flowcut needs one vision feature layer with the CLS token dropped (vision_feature_select_strategy="
+            f"'default'); this model uses layer(s) {feature_layers!r} with {select_strategy!r}"
+        )
+    feature = feature_layers % (len(layers) + 1)
+    plan = prune_layers(feature)
+    if not plan:
+        raise UnsupportedModelError(
+            f"flowcut prunes after vision layers before the feature layer; layer {feature} leaves none"
+        )
+    hidden = embeddings(pixel_values.to(dtype=next(tower.parameters()).dtype))
+    if pre_norm is not None:
+        hidden = pre_norm(hidden)
+    b, n = hidden.shape[0], hidden.shape[1] - 1
+    dense = n
+    if keep > n:
+        raise InputError(f"flowcut: budget={keep} exceeds the N={n} patches per image; pass at most {n}")
+    valid = torch.ones(b, n, dtype=torch.bool, device=hidden.device)
+    origin = torch.arange(n, device=hidden.device).expand(b, n)
+    flow: Tensor | None = None
+    impl = getattr(tower.config, "_attn_implementation", "eager")
+    for i in range(feature):
+        layer = layers[i]
+        if i <= max(plan):
+            score, attention = _flow_scores(layer, hidden, valid)
+            flow = score if flow is None else (flow + score) / 2
+        mask = None
+        if not bool(valid.all()):
+            if impl not in ("sdpa", "eager"):
+                raise UnsupportedModelError(
+                    f"flowcut pads images that kept different counts and masks the padding, which the {impl!r} "
+                    "vision attention does not take; load the model with attn_implementation='sdpa'"
+                )
+            keys = torch.cat([valid.new_ones(b, 1), valid], dim=1)
+            mask = torch.zeros(b, 1, 1, n + 1, dtype=hidden.dtype, device=hidden.device)
+            mask = mask.masked_fill(~keys[:, None, None, :], torch.finfo(hidden.dtype).min)
+        out = layer(hidden, mask)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if i in plan:
+            counts = prune_counts(attention, valid, keep, plan[i])
+            positions, valid = keep_top(flow, valid, counts)
+            rows = hidden[:, 1:].gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            hidden = torch.cat([hidden[:, :1], rows], dim=1)
+            origin, flow = origin.gather(1, positions), flow.gather(1, positions)
+            n = positions.shape[1]  # the current patches per image, padding included
+    return VisionOutput(features=hidden[:, 1:], signals={name: origin}, patches=dense)
+
+
+def _flow_scores(layer: nn.Module, hidden: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(FlowCut's layer score S [B, N], the CLS attention over the patches [B, N]) from the input of one
+    CLIP layer, in float32; padded patches (not `valid`) take no part and score 0."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    b, _, c = x.shape
+    heads = attn.num_heads
+
+    def split(proj: nn.Module, rows: Tensor) -> Tensor:
+        return proj(rows).float().view(b, rows.shape[1], heads, c // heads).transpose(1, 2)  # [B, H, T, d]
+
+    q, k, v = split(attn.q_proj, x[:, :1]), split(attn.k_proj, x), split(attn.v_proj, x)
+    padded = ~torch.cat([valid.new_ones(b, 1), valid], dim=1)[:, None, None, :]
+    attention = ((q @ k.transpose(-1, -2)) * attn.scale).masked_fill(padded, float("-inf")).softmax(-1)
+    semantic = (v[:, :, :1] @ v.transpose(-1, -2)).masked_fill(padded, float("-inf")).softmax(-1)
+    a = attention[:, :, 0, 1:].mean(dim=1)
+    s = semantic[:, :, 0, 1:].mean(dim=1)
+    value_norm = v.mean(dim=1)[:, 1:].abs().sum(dim=-1)
+    return layer_scores(a, s, value_norm, valid), a
+
+
 def resolve_requests(tower: nn.Module, requests: dict[str, SignalRequest]) -> dict[str, SignalRequest]:
     """Every request resolved for this tower (its fallback kind where it lacks the requested one); a CLS
     signal asked for explicitly on a tower without CLS raises UnsupportedModelError saying what to use."""
@@ -171,6 +259,11 @@ def missing_cls(kind: str, tower_name: str) -> UnsupportedModelError:
         return UnsupportedModelError(
             f"cls_token=True needs the CLS token, but the vision tower {tower_name} has none; leave cls_token "
             "unset (it keeps the CLS token where the tower has one) or pass cls_token=False"
+        )
+    if kind == "flowcut":
+        return UnsupportedModelError(
+            f"flowcut prunes a CLIP tower by its CLS token's attention, but the vision tower {tower_name} has no CLS "
+            "token; it is for LLaVA-1.5-class models. Use vispruner, divprune or scope instead"
         )
     option = "cosine" if kind == "cls_cosine" else "cls"
     return UnsupportedModelError(

@@ -1,0 +1,98 @@
+"""flowcut's pure parts: the pruning schedule, the per-layer score, the entropy-driven counts and the
+selection, each against the formula written out here; the registered method's output and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from visprune.errors import InputError
+from visprune.methods import Placement, SignalRequest, get_method
+from visprune.methods.flowcut import flowcut, keep_top, layer_scores, prune_counts, prune_layers
+
+
+def test_prune_layers_follow_the_feature_layer():
+    # CLIP ViT-L (24 layers) read at hidden_states[-2] = index 23: layers 1, 3, ..., 21, with 20, ..., 0 left
+    assert prune_layers(23) == {21: 0, 19: 2, 17: 4, 15: 6, 13: 8, 11: 10, 9: 12, 7: 14, 5: 16, 3: 18, 1: 20}
+    assert prune_layers(5) == {3: 0, 1: 2}
+    assert prune_layers(2) == {0: 0}
+    assert prune_layers(1) == {}
+
+
+def test_layer_scores_are_the_formula_on_the_valid_patches():
+    g = torch.Generator().manual_seed(0)
+    a, s, v = torch.rand(2, 6, generator=g), torch.rand(2, 6, generator=g), torch.rand(2, 6, generator=g)
+    valid = torch.tensor([[True] * 6, [True, True, True, True, False, False]])
+    got = layer_scores(a, s, v, valid)
+    for b in range(2):
+        m = valid[b]
+        want = (a[b][m] / a[b][m].sum() + s[b][m] / s[b][m].sum()) * v[b][m]
+        torch.testing.assert_close(got[b][m], want)
+        assert bool((got[b][~m] == 0).all())
+
+
+def reference_count(attention: list[float], target: int, remaining: int) -> int:
+    n = len(attention)
+    if remaining == 0:
+        return target
+    total = sum(attention)
+    p = [x / total for x in attention]
+    entropy = -sum(x * math.log(x) for x in p if x > 0)
+    rho = entropy / math.log(n)
+    pruned = round((n - target) / math.sqrt(remaining) * (1 - rho**2))  # Python's round: halves to even
+    return max(n - pruned, target)
+
+
+@pytest.mark.parametrize("remaining", [0, 2, 4, 20])
+def test_prune_counts_match_the_formula_per_image(remaining):
+    g = torch.Generator().manual_seed(remaining)
+    peaked = torch.rand(40, generator=g) ** 8
+    flat = torch.full((40,), 0.025)
+    sparse = torch.zeros(40).index_fill_(0, torch.tensor([3, 7]), 0.5)
+    attention = torch.stack([peaked, flat, sparse, peaked])
+    valid = torch.ones(4, 40, dtype=torch.bool)
+    valid[3, 30:] = False  # an image that kept 30 patches so far
+    got = prune_counts(attention, valid, 8, remaining)
+    for b in range(4):
+        want = reference_count(attention[b][valid[b]].tolist(), 8, remaining)
+        assert int(got[b]) == want, (b, remaining)
+    assert int(got[1]) == (8 if remaining == 0 else 40)  # uniform attention: entropy ln N, nothing pruned
+
+
+def test_keep_top_keeps_the_highest_flow_in_position_order_with_padding():
+    flow = torch.tensor([[0.1, 0.9, 0.5, 0.5, 0.0], [0.3, 0.2, 0.1, 0.7, 0.6]])
+    valid = torch.tensor([[True] * 5, [True, True, True, True, False]])
+    positions, kept = keep_top(flow, valid, torch.tensor([3, 2]))
+    assert positions.tolist() == [[1, 2, 3], [0, 3, 3]]  # ties to the lower position; padding repeats the last
+    assert kept.tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_registered_spec_and_method_output():
+    spec = get_method("flowcut")
+    assert spec.placement is Placement.ENCODER and not spec.adaptive and spec.published_attention == "vision"
+    assert spec.defaults == {"budget": 64}
+    assert spec.signals(spec.options(budget=32)) == {"kept": SignalRequest("flowcut", keep=32)}
+    features = torch.randn(2, 3, 4)
+    kept = torch.tensor([[0, 5, 8], [2, 3, 4]])
+    out = flowcut(features, kept=kept, grid=(3, 3), budget=3)
+    for r, f, k in zip(out, features, kept, strict=True):
+        assert torch.equal(r.features, f) and torch.equal(r.sources, k)
+        assert r.assignment.shape == (9,) and torch.equal(r.assignment[k], torch.arange(3))
+        assert int((r.assignment == -1).sum()) == 6
+
+
+def test_method_errors():
+    features = torch.randn(2, 3, 4)
+    kept = torch.tensor([[0, 5, 8], [2, 3, 4]])
+    with pytest.raises(InputError, match="budget=4"):
+        flowcut(features, kept=kept, grid=(3, 3), budget=4)
+    with pytest.raises(InputError, match="ascending patch indices"):
+        flowcut(features, kept=kept.flip(1), grid=(3, 3), budget=3)
+    with pytest.raises(InputError, match="pass grid"):
+        flowcut(features, kept=kept, budget=3)
+    with pytest.raises(InputError, match="kept must have shape"):
+        flowcut(features, kept=kept[:1], grid=(3, 3), budget=3)
+    with pytest.raises(InputError, match="budget must be"):
+        get_method("flowcut").options(budget=0)
