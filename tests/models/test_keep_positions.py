@@ -34,8 +34,9 @@ def prefill_positions(model, inputs):
     return seen["position_ids"]
 
 
-def test_positions_are_the_dense_ones(model, inputs):
-    handle = visprune.apply(model, "fastervlm", budget=8, keep_positions=True)
+def positions_with(model, inputs, method: str):
+    """(handle, prefill position ids, spliced layout) of `method` with the tiny options and keep_positions."""
+    handle = tiny.apply_method(model, method, keep_positions=True)
     try:
         pos = prefill_positions(model, inputs)
         layout = visprune.patch._prepare(
@@ -43,6 +44,11 @@ def test_positions_are_the_dense_ones(model, inputs):
         ).layout
     finally:
         visprune.remove(model)
+    return handle, pos, layout
+
+
+def test_positions_are_the_dense_ones(model, inputs):
+    handle, pos, layout = positions_with(model, inputs, "fastervlm")
     dense_len = inputs["attention_mask"].sum(1)
     for b in range(3):
         real = layout.attention_mask[b]
@@ -58,14 +64,7 @@ def test_positions_are_the_dense_ones(model, inputs):
 def test_a_token_without_source_stands_at_the_first_or_last_slot(model, inputs, method, first_slot):
     """VisionZip's leading CLS token takes the image's first position, PruMerge's trailing summary token
     its last one; the patches keep their own."""
-    handle = tiny.apply_method(model, method, keep_positions=True)
-    try:
-        pos = prefill_positions(model, inputs)
-        layout = visprune.patch._prepare(
-            handle, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], None, None
-        ).layout
-    finally:
-        visprune.remove(model)
+    handle, pos, layout = positions_with(model, inputs, method)
     for b in range(3):
         real = layout.attention_mask[b]
         visual = pos[b][real][layout.visual[b][real]]
