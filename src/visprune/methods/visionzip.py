@@ -68,7 +68,8 @@ def _kept(options: dict[str, Any]) -> int | None:
 
 @register(
     "visionzip",
-    description="VisionZip: D dominant tokens by CLS attention + C contextual tokens merged by key similarity.",
+    description="VisionZip: D dominant tokens (the CLS token + the top D-1 patches by CLS attention) + C contextual "
+    "tokens merged by key similarity.",
     placement=Placement.ENCODER,
     adaptive=False,
     signals=lambda o: {
