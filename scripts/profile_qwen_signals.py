@@ -9,14 +9,14 @@ from torch.profiler import ProfilerActivity, profile
 
 import visprune
 from visprune.bench.model import build_model, family_for
-from visprune.bench.runner import _Probe
+from visprune.bench.runner import ProbeReducer
 
 model = build_model("qwen2.5-vl-7b", torch.bfloat16, torch.device("cuda"))
 family = family_for(model.config)
 inputs = family.make_inputs(model, 8, 1008)
 for method in ("vtc-cls", "fastervlm"):
     h = visprune.apply(model, method, budget=162, compile_tower=True)
-    probe = _Probe(h.encoder, h.encoder_options, None)
+    probe = ProbeReducer(h.encoder, h.encoder_options, None, h.adapter.signal_kinds)
     probe.calls = None
     kw = {"image_grid_thw": inputs["image_grid_thw"]}
     with torch.inference_mode():

@@ -125,7 +125,7 @@ def environment(device: torch.device, dtype: str) -> dict[str, Any]:
     return env
 
 
-class _Probe(Reducer):
+class ProbeReducer(Reducer):
     """An encoder method's reducer whose reduction is replaced by keeping each image's first token:
     through the adapter contract (`image_tokens`) it times the vision tower plus the signals the method
     requests, and it records what the real reducer receives (while `calls` is a list)."""
@@ -226,7 +226,7 @@ class Bench:
         the adapter's `image_tokens` with the reduction stubbed out; 'reduce': the method's reducer on
         exactly the features and signals it receives in the patched forward."""
         adapter, spec, opts = handle.adapter, handle.encoder, handle.encoder_options
-        probe = _Probe(spec, opts, handle.tower_layer, adapter.signal_kinds)
+        probe = ProbeReducer(spec, opts, handle.tower_layer, adapter.signal_kinds)
         reducer = Reducer.for_call(
             adapter,
             spec,
