@@ -56,6 +56,15 @@ def check_budget(budget: Any, n: int, name: str = "budget") -> int:
     return budget
 
 
+def check_budgeted_features(features: Any, grid: tuple[int, int] | None, budget: Any) -> tuple[int, int, int]:
+    """(B, N, K) of a fixed-budget method's call: features [B, N, C], the grid validated when given, and the
+    budget K in [1, N]."""
+    b, n, _ = check_features(features)
+    if grid is not None:
+        check_grid(grid, n)
+    return b, n, check_budget(budget, n)
+
+
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
     """An int (not bool) >= minimum, e.g. a token budget before N is known."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -26,7 +26,11 @@ from visprune.methods.base import (
     select_tokens,
 )
 from visprune.methods.budget_rules import TOKENS
-from visprune.methods.checks import check_budget, check_count, check_features, check_grid, check_tensor
+from visprune.methods.checks import (
+    check_budgeted_features,
+    check_count,
+    check_tensor,
+)
 from visprune.methods.depth import RelativeDepth, published
 from visprune.methods.registry import register
 
@@ -68,11 +72,6 @@ def check_vtc_cls(*, budget: Any, start_layer: Any, signal: Any) -> None:
         raise InputError(f"start_layer must be a negative int <= -2 (e.g. -5 for layers -5..-2), got {start_layer!r}")
 
 
-def _check_grid_if_given(grid: tuple[int, int] | None, n: int) -> None:
-    if grid is not None:
-        check_grid(grid, n)
-
-
 @register(
     "fastervlm",
     description="FasterVLM: keep the top-K patch tokens by head-averaged CLS attention of layer -2 (fixed K).",
@@ -109,9 +108,7 @@ def fastervlm(
         signal: {SIGNAL}
     """
     check_fastervlm(budget=budget, signal=signal)
-    b, n, _ = check_features(features)
-    _check_grid_if_given(grid, n)
-    k = check_budget(budget, n)
+    b, n, k = check_budgeted_features(features, grid, budget)
     scores = check_signal(cls_attn, "cls_attn", (b, n), features)
     return select_tokens(features, top_indices(scores, k))
 
@@ -162,9 +159,7 @@ def vtc_cls(
         signal: {SIGNAL} Summed over the same layers.
     """
     check_vtc_cls(budget=budget, start_layer=start_layer, signal=signal)
-    b, n, _ = check_features(features)
-    _check_grid_if_given(grid, n)
-    k = check_budget(budget, n)
+    b, n, k = check_budgeted_features(features, grid, budget)
     layers = -1 - published(start_layer)
     scores = check_signal(cls_attn_layers, "cls_attn_layers", (b, layers, n), features)
     return select_tokens(features, top_indices(scores.float().sum(dim=1), k))

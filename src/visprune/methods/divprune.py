@@ -15,7 +15,7 @@ from torch import Tensor
 
 from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
 from visprune.methods.budget_rules import TOKENS
-from visprune.methods.checks import check_budget, check_count, check_features, check_grid
+from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.graphs import replayed
 from visprune.methods.registry import register
@@ -81,9 +81,6 @@ def divprune(
         budget: tokens kept per image (default 64), 1 <= budget <= N.
     """
     check_options(budget=budget)
-    b, n, _ = check_features(features)
-    if grid is not None:
-        check_grid(grid, n)
+    b, n, k = check_budgeted_features(features, grid, budget)
     check_signal(projected, "projected", (b, n, None), features)
-    k = check_budget(budget, n)
     return select_tokens(features, replayed(max_min_selection, projected, k=k))

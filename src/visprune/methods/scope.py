@@ -24,7 +24,7 @@ from visprune.methods.base import (
     select_tokens,
 )
 from visprune.methods.budget_rules import TOKENS
-from visprune.methods.checks import check_budget, check_count, check_features, check_grid
+from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.graphs import replayed
 from visprune.methods.registry import register
@@ -101,9 +101,6 @@ def scope(
         signal: {SIGNAL}
     """
     check_options(budget=budget, alpha=alpha, signal=signal)
-    b, n, _ = check_features(features)
-    if grid is not None:
-        check_grid(grid, n)
-    k = check_budget(budget, n)
+    b, n, k = check_budgeted_features(features, grid, budget)
     scores = check_signal(cls_attn, "cls_attn", (b, n), features)
     return select_tokens(features, replayed(saliency_coverage_selection, features, scores.float() ** alpha, k=k))

@@ -15,7 +15,7 @@ from torch import Tensor
 from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, select_tokens
 from visprune.methods.budget_rules import TOKENS
-from visprune.methods.checks import check_budget, check_count, check_features, check_grid
+from visprune.methods.checks import check_budget, check_budgeted_features, check_count, check_features, check_grid
 from visprune.methods.registry import register
 
 
@@ -66,10 +66,7 @@ def random_subset(
         seed: seed of the CPU generator (default 0); a different seed gives different subsets.
     """
     check_random(budget=budget, seed=seed)
-    b, n, _ = check_features(features)
-    if grid is not None:
-        check_grid(grid, n)
-    k = check_budget(budget, n)
+    b, n, k = check_budgeted_features(features, grid, budget)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     draws = torch.rand(1, n, generator=gen, dtype=torch.float64)
     idx = draws.sort(dim=1, stable=True).indices[:, :k].expand(b, k)

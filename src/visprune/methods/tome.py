@@ -9,7 +9,7 @@ from torch import Tensor
 
 from visprune.methods.base import Placement, Reduction, SignalRequest
 from visprune.methods.budget_rules import TOKENS
-from visprune.methods.checks import check_budget, check_count, check_features, check_grid
+from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.registry import register
 
@@ -96,10 +96,7 @@ def tome(
         budget: number of tokens left per image (default 64), 1 <= budget <= N.
     """
     check_options(budget=budget)
-    b, n, _ = check_features(features)
-    if grid is not None:
-        check_grid(grid, n)
-    target = check_budget(budget, n)
+    b, n, target = check_budgeted_features(features, grid, budget)
     key = check_signal(keys, "keys", (b, n, None), features)
     dev = features.device
     x = features.float()

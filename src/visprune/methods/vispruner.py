@@ -26,7 +26,7 @@ from visprune.methods.base import (
     select_tokens,
 )
 from visprune.methods.budget_rules import TOKENS
-from visprune.methods.checks import check_budget, check_count, check_features, check_grid
+from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.graphs import replayed
 from visprune.methods.registry import register
@@ -111,10 +111,7 @@ def vispruner(
         signal: {SIGNAL}
     """
     check_options(budget=budget, important_ratio=important_ratio, signal=signal)
-    b, n, _ = check_features(features)
-    if grid is not None:
-        check_grid(grid, n)
-    k = check_budget(budget, n)
+    b, n, k = check_budgeted_features(features, grid, budget)
     scores = check_signal(cls_attn, "cls_attn", (b, n), features)
     return select_tokens(
         features, replayed(important_and_diverse, features, scores, k=k, important=int(k * important_ratio))

@@ -185,17 +185,17 @@ def _encode_flowcut(
     hidden = embeddings(pixel_values.to(dtype=next(tower.parameters()).dtype))
     if pre_norm is not None:
         hidden = pre_norm(hidden)
-    b, n = hidden.shape[0], hidden.shape[1] - 1
-    dense = n
-    if keep > n:
-        raise InputError(f"flowcut: budget={keep} exceeds the N={n} patches per image; pass at most {n}")
-    valid = torch.ones(b, n, dtype=torch.bool, device=hidden.device)
-    origin = torch.arange(n, device=hidden.device).expand(b, n)
+    b, dense = hidden.shape[0], hidden.shape[1] - 1
+    if keep > dense:
+        raise InputError(f"flowcut: budget={keep} exceeds the N={dense} patches per image; pass at most {dense}")
+    valid = torch.ones(b, dense, dtype=torch.bool, device=hidden.device)
+    origin = torch.arange(dense, device=hidden.device).expand(b, dense)
     flow: Tensor | None = None
     impl = getattr(tower.config, "_attn_implementation", "eager")
+    last_prune = max(plan)
     for i in range(feature):
         layer = layers[i]
-        if i <= max(plan):
+        if i <= last_prune:
             score, attention = _flow_scores(layer, hidden, valid)
             flow = score if flow is None else (flow + score) / 2
         mask = None
@@ -206,7 +206,7 @@ def _encode_flowcut(
                     "vision attention does not take; load the model with attn_implementation='sdpa'"
                 )
             keys = torch.cat([valid.new_ones(b, 1), valid], dim=1)
-            mask = torch.zeros(b, 1, 1, n + 1, dtype=hidden.dtype, device=hidden.device)
+            mask = torch.zeros(b, 1, 1, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
             mask = mask.masked_fill(~keys[:, None, None, :], torch.finfo(hidden.dtype).min)
         out = layer(hidden, mask)
         hidden = out[0] if isinstance(out, tuple) else out
@@ -216,7 +216,6 @@ def _encode_flowcut(
             rows = hidden[:, 1:].gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             hidden = torch.cat([hidden[:, :1], rows], dim=1)
             origin, flow = origin.gather(1, positions), flow.gather(1, positions)
-            n = positions.shape[1]  # the current patches per image, padding included
     return VisionOutput(features=hidden[:, 1:], signals={name: origin}, patches=dense)
 
 
