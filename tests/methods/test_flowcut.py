@@ -96,3 +96,32 @@ def test_method_errors():
         flowcut(features, kept=kept[:1], grid=(3, 3), budget=3)
     with pytest.raises(InputError, match="budget must be"):
         get_method("flowcut").options(budget=0)
+
+
+def test_flow_terms_are_the_formula_and_trace_as_one_graph(monkeypatch):
+    """flow_terms against the formula from q, k, v (padded patches out of both softmaxes), and the same
+    result when compiled whole (as on a GPU; traced here with aot_eager)."""
+    from visprune.methods import graphs
+    from visprune.methods.flowcut import flow_terms
+
+    g = torch.Generator().manual_seed(3)
+    b, h, n, d = 2, 3, 7, 4
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for t in (1, n + 1, n + 1))
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, 5:] = False
+    score, a = flow_terms(q, k, v, valid, 0.5)
+    for i in range(b):
+        keep = torch.cat([torch.tensor([True]), valid[i]])
+        att = ((q[i] @ k[i][:, keep].transpose(-1, -2)) * 0.5).softmax(-1)[:, 0, 1:].mean(0)
+        sem = (v[i][:, :1] @ v[i][:, keep].transpose(-1, -2)).softmax(-1)[:, 0, 1:].mean(0)
+        norm = v[i].mean(0)[1:][valid[i]].abs().sum(-1)
+        m = int(valid[i].sum())
+        assert torch.allclose(a[i, :m], att, atol=1e-6) and not a[i, m:].any()
+        assert torch.allclose(score[i, :m], (att / att.sum() + sem / sem.sum()) * norm, atol=1e-6)
+        assert not score[i, m:].any()
+    monkeypatch.setattr(graphs, "_fusable", lambda args: True)
+    monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    fused_score, fused_a = flow_terms(q, k, v, valid, 0.5)
+    torch._dynamo.reset()
+    assert torch.allclose(fused_score, score) and torch.allclose(fused_a, a)

@@ -110,3 +110,39 @@ def test_methods_give_the_same_tokens_with_and_without_graphs(monkeypatch):
             for r, p in zip(replay, plain, strict=True):
                 assert torch.equal(r.sources, p.sources), name
                 assert torch.equal(r.features, p.features), name
+
+
+@pytest.mark.parametrize("name", sorted(LOOPS))
+def test_fused_steps_trace_as_one_graph_and_compute_the_same(name, monkeypatch):
+    """Every loop's step compiles whole (fullgraph, dynamic shapes: a graph break would make the GPU fall back
+    to the unfused step) and gives the unfused result; traced here with aot_eager, which needs no compiler."""
+    loop, args, static = LOOPS[name]
+    monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    for seed, n in ((1, 40), (2, 57)):
+        t = _inputs(seed, n=n)
+        monkeypatch.setattr(graphs, "_fusable", lambda args: True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a step that fails to compile warns and runs unfused
+            fused = loop(*args(t), **static)
+        monkeypatch.setattr(graphs, "_fusable", lambda args: False)
+        assert torch.equal(fused, loop(*args(t), **static)), (name, seed, n)
+    torch._dynamo.reset()
+
+
+def test_a_step_that_cannot_compile_runs_unfused_after_one_warning(monkeypatch):
+    """A graph break (here explicit) stops fullgraph compilation: the step runs as written, with one warning."""
+
+    @graphs.fused
+    def step(x):
+        torch._dynamo.graph_break()
+        return x + 1
+
+    monkeypatch.setattr(graphs, "_fusable", lambda args: True)
+    monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
+    x = torch.zeros(3)
+    with pytest.warns(UserWarning, match="step could not be compiled.*runs unfused"):
+        assert torch.equal(step(x), x + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(step(x), x + 1)

@@ -16,7 +16,7 @@ from visprune.methods.base import Placement, Reduction, SignalRequest, select_to
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
-from visprune.methods.graphs import replayed
+from visprune.methods.graphs import fused, replayed, row_at
 from visprune.methods.registry import register
 
 EPS = 1e-6  # the official code's offset in the relevance normalisation; also the floor of a pivot variance
@@ -51,22 +51,25 @@ def greedy_map(kernel: Tensor, k: int) -> Tensor:
     exhausted (every d^2 <= 0, duplicate tokens) the division uses EPS and the order stays greedy.
     """
     b, n, _ = kernel.shape
-    batch = torch.arange(b, device=kernel.device)
     variance = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d^2 [B, N]
-    rows = kernel.new_zeros(k, b, n)  # the Cholesky rows of the selected tokens, c_i [B, N]
+    rows = kernel.new_zeros(k, b, n)  # the Cholesky rows of the selected tokens, c_i [B, N]; zero until chosen
     taken = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
     chosen = []
     for i in range(k):
-        j = variance.masked_fill(taken, float("-inf")).argmax(dim=1)
-        row = kernel[batch, j]  # [B, N]
-        if i:
-            row = row - torch.einsum("tb,tbn->bn", rows[:i, batch, j], rows[:i])
-        e = row / variance[batch, j].clamp(min=EPS).sqrt().unsqueeze(1)
-        rows[i] = e
-        variance = variance - e.square()
-        taken.scatter_(1, j.unsqueeze(1), True)
+        j, rows[i], variance, taken = _cholesky_step(kernel, rows, variance, taken)
         chosen.append(j)
     return torch.stack(chosen, dim=1)
+
+
+@fused
+def _cholesky_step(kernel: Tensor, rows: Tensor, variance: Tensor, taken: Tensor) -> tuple[Tensor, ...]:
+    """One greedy step: the token of largest d^2, its Cholesky row e, the new d^2 and taken mask. The rows
+    not chosen yet are zero, so summing over all of them is the sum over the selected ones."""
+    j = variance.masked_fill(taken, float("-inf")).argmax(dim=1)
+    selected_j = rows.gather(2, j.view(1, -1, 1).expand(rows.shape[0], -1, 1))  # c_i[j] [k, B, 1]
+    row = row_at(kernel, j) - (selected_j * rows).sum(dim=0)
+    e = row / variance.gather(1, j.unsqueeze(1)).clamp(min=EPS).sqrt()
+    return j, e, variance - e.square(), taken.scatter(1, j.unsqueeze(1), True)
 
 
 def conditional_selection(projected: Tensor, prompt: Tensor, k: int) -> Tensor:

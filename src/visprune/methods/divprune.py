@@ -17,7 +17,7 @@ from visprune.methods.base import Placement, Reduction, SignalRequest, select_to
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
-from visprune.methods.graphs import replayed
+from visprune.methods.graphs import fused, replayed, row_at
 from visprune.methods.registry import register
 
 
@@ -30,24 +30,31 @@ def max_min_selection(x: Tensor, k: int) -> Tensor:
     """[B, k] indices chosen greedily to maximise the smallest cosine distance among them, per image.
 
     x [B, N, D]. Step 0 takes the token farthest from its nearest other token; each later step takes
-    the token farthest from its nearest selected token. A selected token is never taken again; ties go
-    to the lowest index. Batched over images; one step per selected token, no host synchronisation (so
-    `graphs.replayed` can capture it).
+    the token farthest from its nearest selected token. A selected token is never taken again (its
+    distance to itself counts as -inf, so once selected its distance to the selection is -inf); ties go
+    to the lowest index. Batched over images; one `_farthest_step` per selected token, no host
+    synchronisation (so `graphs.replayed` can capture it).
     """
-    b, n, _ = x.shape
+    n = x.shape[1]
     unit = F.normalize(x.float(), dim=-1)
     distance = 1 - unit @ unit.transpose(1, 2)  # [B, N, N], symmetric
     rows = torch.arange(n, device=x.device)
-    nearest_other = distance.masked_fill(rows == rows.unsqueeze(1), float("inf")).amin(dim=2)
+    itself = rows == rows.unsqueeze(1)
+    nearest_other = distance.masked_fill(itself, float("inf")).amin(dim=2)
+    distance.masked_fill_(itself, float("-inf"))
     chosen = [nearest_other.argmax(dim=1)]
-    to_selected = distance.gather(1, chosen[0].view(b, 1, 1).expand(b, 1, n)).squeeze(1)  # [B, N]
-    taken = torch.zeros(b, n, dtype=torch.bool, device=x.device).scatter_(1, chosen[0].unsqueeze(1), True)
+    to_selected = row_at(distance, chosen[0])  # [B, N]
     for _ in range(k - 1):
-        nxt = to_selected.masked_fill(taken, float("-inf")).argmax(dim=1)
+        nxt, to_selected = _farthest_step(distance, to_selected)
         chosen.append(nxt)
-        taken.scatter_(1, nxt.unsqueeze(1), True)
-        to_selected = torch.minimum(to_selected, distance.gather(1, nxt.view(b, 1, 1).expand(b, 1, n)).squeeze(1))
     return torch.stack(chosen, dim=1)
+
+
+@fused
+def _farthest_step(distance: Tensor, to_selected: Tensor) -> tuple[Tensor, Tensor]:
+    """One greedy step: the token farthest from the selection, and every token's distance to the new one."""
+    nxt = to_selected.argmax(dim=1)
+    return nxt, torch.minimum(to_selected, row_at(distance, nxt))
 
 
 @register(

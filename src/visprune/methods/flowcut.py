@@ -29,6 +29,7 @@ from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_count, check_features, check_tensor
+from visprune.methods.graphs import fused
 from visprune.methods.registry import register
 
 
@@ -54,6 +55,21 @@ def layer_scores(attention: Tensor, semantic: Tensor, value_norm: Tensor, valid:
     return (a / total(a) + s / total(s)) * value_norm.float() * valid
 
 
+@fused
+def flow_terms(q_cls: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(the layer score S [B, N], the CLS attention a [B, N]) in float32 from one layer's CLS query
+    [B, H, 1, d], keys and values [B, H, 1 + N, d] (CLS first); padded patches (not `valid` [B, N]) take no
+    part and score 0. Fused into a few kernels on a GPU (`graphs.fused`)."""
+    q, k, v = q_cls.float(), keys.float(), values.float()
+    padded = ~torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)[:, None, None, :]
+    attention = ((q @ k.transpose(-1, -2)) * scale).masked_fill(padded, float("-inf")).softmax(-1)
+    semantic = (v[:, :, :1] @ v.transpose(-1, -2)).masked_fill(padded, float("-inf")).softmax(-1)
+    a = attention[:, :, 0, 1:].mean(dim=1)
+    s = semantic[:, :, 0, 1:].mean(dim=1)
+    value_norm = v.mean(dim=1)[:, 1:].abs().sum(dim=-1)
+    return layer_scores(a, s, value_norm, valid), a
+
+
 def prune_counts(attention: Tensor, valid: Tensor, target: int, remaining: int) -> Tensor:
     """[B] long: the patches each image keeps after a pruning layer with `remaining` layers left (r).
 
@@ -72,11 +88,11 @@ def prune_counts(attention: Tensor, valid: Tensor, target: int, remaining: int) 
     return torch.maximum(n - pruned, torch.full_like(n, target))
 
 
-def keep_top(flow: Tensor, valid: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+def keep_top(flow: Tensor, valid: Tensor, counts: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
     """(positions [B, K] of the `counts` [B] valid patches of highest flow, in ascending position order,
-    padded with the image's last kept position; their validity [B, K]), K = max(counts). Ties go to the
-    lower position."""
-    k = int(counts.max())
+    padded with the image's last kept position; their validity [B, K]), K = `width`, which must be
+    max(counts) (read from the device when not given). Ties go to the lower position."""
+    k = int(counts.max()) if width is None else width
     ranked = flow.float().masked_fill(~valid, float("-inf")).sort(dim=1, descending=True, stable=True).indices
     top = ranked[:, :k]
     valid_out = torch.arange(k, device=flow.device) < counts.unsqueeze(1)

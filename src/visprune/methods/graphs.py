@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the sequential selection loops (DivPrune, CDPruner, SCOPE, VisPruner's rounds).
+"""CUDA-graph replay and fused steps for the sequential selection loops (DivPrune, CDPruner, SCOPE, VisPruner).
 
 Their greedy steps depend on one another, so they cannot be batched over the kept tokens: each of the
 64-192 steps launches a handful of small kernels, and on a GPU the loop costs the launches, not the
@@ -10,10 +10,18 @@ The captured graphs are kept in a small least-recently-used cache per process (`
 like torch.compile's; `clear()` frees them. Off the GPU, or while another capture is running, the loop
 simply runs; a loop that cannot be captured (an operation that needs the host) runs step by step with a
 warning, once per shape. The graph computes exactly what the loop computes (same kernels, same order).
+
+A graph removes the launches, not the kernels: a step of a few small elementwise passes and reductions
+still runs them one after another, each reading and writing its [B, N] or [B, N, N] operand. `fused` marks a
+loop's step function; on a GPU it runs compiled by torch.compile (dynamic shapes, so one compilation serves
+every batch size and token count), which fuses the step into a few Triton kernels. Compiled kernels may
+sum in a different order than the plain ones, so on a GPU the scores can differ in the last bits (a tie
+between two tokens can go the other way); off the GPU the step runs as written.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -24,6 +32,8 @@ from torch import Tensor
 
 CACHE_SIZE = 16
 ENABLED = True  # tests switch it off to compare with the plain loop
+FUSE = True  # compile the `fused` steps on a GPU (tests and benchmarks switch it off to compare)
+FUSE_BACKEND = "inductor"  # torch.compile's backend for them (the CPU tests trace with "aot_eager")
 
 _Entry = tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]
 UNCAPTURABLE = None  # the cache entry of a loop whose capture failed for those shapes
@@ -92,3 +102,63 @@ def _capture(loop: Callable[..., Tensor], inputs: tuple[Tensor, ...], static: di
 def clear() -> None:
     """Free every captured graph and its buffers."""
     _cache.clear()
+
+
+def row_at(matrix: Tensor, index: Tensor) -> Tensor:
+    """[B, N]: row index[b] of each matrix[b] [N, N] (the loops' per-step read, one gather)."""
+    return matrix.gather(1, index.view(-1, 1, 1).expand(-1, 1, matrix.shape[2])).squeeze(1)
+
+
+class fused:
+    """Decorator for a loop's step: on CUDA tensors it runs compiled by torch.compile, elsewhere as written.
+
+    The step must be pure tensor code (no host synchronisation) taking tensors and hashable Python values.
+    Compiling happens on the first GPU call (seconds; `replayed` does it in its warm-up, outside the
+    capture). If this machine cannot compile (no Triton, no compiler), the step runs as written from then
+    on, after one warning.
+    """
+
+    def __init__(self, step: Callable[..., Any]) -> None:
+        functools.update_wrapper(self, step)
+        self._step = step
+        self._compiled: dict[str, Callable[..., Any]] = {}  # per backend
+        self._unfusable = False
+
+    def __call__(self, *args: Any) -> Any:
+        if self._unfusable or not _fusable(args):
+            return self._step(*args)
+        if FUSE_BACKEND not in self._compiled:
+            self._compiled[FUSE_BACKEND] = torch.compile(self._step, backend=FUSE_BACKEND, dynamic=True, fullgraph=True)
+        try:
+            return self._compiled[FUSE_BACKEND](*args)
+        except Exception as err:
+            if not _is_compile_error(err):
+                raise
+            if args[0].is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{self.__name__} was compiled during a CUDA graph capture: {err}") from err
+            warnings.warn(
+                f"{self.__name__} could not be compiled ({type(err).__name__}: {_first_line(err)}); "
+                "it runs unfused (the same steps, slower)",
+                stacklevel=2,
+            )
+            self._unfusable = True
+            return self._step(*args)
+
+
+def _fusable(args: tuple[Any, ...]) -> bool:
+    """Fusing is on and the step's first argument is on a GPU."""
+    return FUSE and args[0].is_cuda
+
+
+def _is_compile_error(err: Exception) -> bool:
+    """torch.compile could not trace or build the step, or needed too many versions of it (imported here:
+    loading them costs a second)."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return isinstance(err, (TorchDynamoException, FailOnRecompileLimitHit, InductorError))
+
+
+def _first_line(err: Exception) -> str:
+    """torch.compile's errors run over many lines of hints; their first says what failed."""
+    return (str(err).strip().splitlines() or [""])[0]

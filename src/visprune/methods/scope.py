@@ -26,7 +26,7 @@ from visprune.methods.base import (
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
-from visprune.methods.graphs import replayed
+from visprune.methods.graphs import fused, replayed, row_at
 from visprune.methods.registry import register
 
 
@@ -43,23 +43,31 @@ def saliency_coverage_selection(features: Tensor, saliency: Tensor, k: int) -> T
 
     coverage [B, N] starts at 0; a step scores every unselected token i by
     saliency_i * sum_j max(0, S_ji - coverage_j), takes the best (ties to the lowest index) and raises
-    coverage to max(coverage, S_i). Batched over images; one step per selected token, O(N^2) each; no host
+    coverage to max(coverage, S_i). Batched over images; one `_coverage_step` per selected token, O(N^2) each; no host
     synchronisation (`graphs.replayed` captures it).
     """
-    b, n, _ = features.shape
     unit = F.normalize(features.float(), dim=-1)
-    similarity = unit @ unit.transpose(1, 2)  # [B, N, N], symmetric
-    batch = torch.arange(b, device=features.device)
-    coverage = similarity.new_zeros(b, n)
-    taken = torch.zeros(b, n, dtype=torch.bool, device=features.device)
+    similarity = unit @ unit.transpose(1, 2)  # [B, N, N]
+    # a step sums over j for every token i: reading S transposed (S_ji at [i, j]) makes that a contiguous row sum
+    similarity_t = similarity.transpose(1, 2).contiguous()
+    coverage = torch.zeros_like(saliency, dtype=similarity.dtype)
+    taken = torch.zeros_like(saliency, dtype=torch.bool)
     chosen = []
     for _ in range(k):
-        gain = (similarity - coverage.unsqueeze(2)).clamp(min=0).sum(dim=1)  # [B, N]: column i's gain
-        best = (gain * saliency).masked_fill(taken, float("-inf")).argmax(dim=1)
+        best, coverage, taken = _coverage_step(similarity, similarity_t, saliency, coverage, taken)
         chosen.append(best)
-        taken.scatter_(1, best.unsqueeze(1), True)
-        coverage = torch.maximum(coverage, similarity[batch, best])
     return torch.stack(chosen, dim=1)
+
+
+@fused
+def _coverage_step(
+    similarity: Tensor, similarity_t: Tensor, saliency: Tensor, coverage: Tensor, taken: Tensor
+) -> tuple[Tensor, ...]:
+    """One greedy step: the best unselected token, the coverage it leaves and the updated taken mask.
+    similarity_t [B, N, N] holds S_ji at [i, j]."""
+    gain = (similarity_t - coverage.unsqueeze(1)).clamp(min=0).sum(dim=2)  # [B, N]: token i's gain
+    best = (gain * saliency).masked_fill(taken, float("-inf")).argmax(dim=1)
+    return best, torch.maximum(coverage, row_at(similarity, best)), taken.scatter(1, best.unsqueeze(1), True)
 
 
 @register(

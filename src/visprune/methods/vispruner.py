@@ -28,7 +28,7 @@ from visprune.methods.base import (
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
-from visprune.methods.graphs import replayed
+from visprune.methods.graphs import fused, replayed
 from visprune.methods.registry import register
 
 ROUND = 8  # tokens dropped per thinning round at most, as in the official code
@@ -61,16 +61,22 @@ def thin_duplicates(unit: Tensor, order: Tensor, keep: int) -> Tensor:
         drop = min(ROUND, order.shape[1] - keep)
         evens, odds = order[:, ::2], order[:, 1::2]
         if not odds.shape[1]:
-            closest = unit.new_zeros(b, evens.shape[1])
+            closest = unit.new_zeros(evens.shape)
         elif similarity is not None:
-            rows = similarity.gather(1, evens.unsqueeze(-1).expand(-1, -1, n))
-            closest = rows.gather(2, odds.unsqueeze(1).expand(-1, evens.shape[1], -1)).amax(dim=2)
+            closest = _closest_similarity(similarity, evens, odds)
         else:
             a, bb = (unit.gather(1, x.unsqueeze(-1).expand(-1, -1, unit.shape[-1])) for x in (evens, odds))
             closest = (a @ bb.transpose(1, 2)).amax(dim=2)
         survivors = closest.sort(dim=1, descending=True, stable=True).indices[:, drop:]
         order = torch.cat([evens.gather(1, survivors), odds], dim=1)
     return order
+
+
+@fused
+def _closest_similarity(similarity: Tensor, evens: Tensor, odds: Tensor) -> Tensor:
+    """[B, E]: each A token's (`evens`) largest similarity to a B token (`odds`), read from `similarity`."""
+    rows = similarity.gather(1, evens.unsqueeze(-1).expand(-1, -1, similarity.shape[2]))
+    return rows.gather(2, odds.unsqueeze(1).expand(-1, evens.shape[1], -1)).amax(dim=2)
 
 
 @register(

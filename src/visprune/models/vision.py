@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods.base import SignalRequest
-from visprune.methods.flowcut import keep_top, layer_scores, prune_counts, prune_layers
+from visprune.methods.flowcut import flow_terms, keep_top, prune_counts, prune_layers
 from visprune.methods.signals import cls_attention, cls_cosine, mean_received_attention, patch_keys
 
 CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers", "cls_cosine", "cls_feature", "flowcut"})
@@ -191,53 +191,54 @@ def _encode_flowcut(
     valid = torch.ones(b, dense, dtype=torch.bool, device=hidden.device)
     origin = torch.arange(dense, device=hidden.device).expand(b, dense)
     flow: Tensor | None = None
-    impl = getattr(tower.config, "_attn_implementation", "eager")
+    mask: Tensor | None = None  # while the images keep different counts: the padding, masked out
     last_prune = max(plan)
     for i in range(feature):
         layer = layers[i]
         if i <= last_prune:
             score, attention = _flow_scores(layer, hidden, valid)
             flow = score if flow is None else (flow + score) / 2
-        mask = None
-        if not bool(valid.all()):
-            if impl not in ("sdpa", "eager"):
-                raise UnsupportedModelError(
-                    f"flowcut pads images that kept different counts and masks the padding, which the {impl!r} "
-                    "vision attention does not take; load the model with attn_implementation='sdpa'"
-                )
-            keys = torch.cat([valid.new_ones(b, 1), valid], dim=1)
-            mask = torch.zeros(b, 1, 1, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-            mask = mask.masked_fill(~keys[:, None, None, :], torch.finfo(hidden.dtype).min)
         out = layer(hidden, mask)
         hidden = out[0] if isinstance(out, tuple) else out
         if i in plan:
             counts = prune_counts(attention, valid, keep, plan[i])
-            positions, valid = keep_top(flow, valid, counts)
+            fewest, most = (int(c) for c in torch.stack(counts.aminmax()).tolist())  # one host sync per cut
+            positions, valid = keep_top(flow, valid, counts, width=most)
             rows = hidden[:, 1:].gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             hidden = torch.cat([hidden[:, :1], rows], dim=1)
             origin, flow = origin.gather(1, positions), flow.gather(1, positions)
+            mask = None if fewest == most else _padding_mask(tower, valid, hidden.dtype)
     return VisionOutput(features=hidden[:, 1:], signals={name: origin}, patches=dense)
+
+
+def _padding_mask(tower: nn.Module, valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """The additive attention mask [B, 1, 1, 1 + K] that hides each image's padded patches (CLS first)."""
+    impl = getattr(tower.config, "_attn_implementation", "eager")
+    if impl not in ("sdpa", "eager"):
+        raise UnsupportedModelError(
+            f"flowcut pads images that kept different counts and masks the padding, which the {impl!r} "
+            "vision attention does not take; load the model with attn_implementation='sdpa'"
+        )
+    keys = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)
+    b, t = keys.shape
+    # rows allocated to a multiple of 8 entries: SDPA's memory-efficient kernel takes a mask whose row
+    # stride is 16-byte aligned, and falls back to a slower kernel otherwise
+    mask = torch.zeros(b, 1, 1, -(-t // 8) * 8, dtype=dtype, device=valid.device)[..., :t]
+    return mask.masked_fill_(~keys[:, None, None, :], torch.finfo(dtype).min)
 
 
 def _flow_scores(layer: nn.Module, hidden: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """(FlowCut's layer score S [B, N], the CLS attention over the patches [B, N]) from the input of one
-    CLIP layer, in float32; padded patches (not `valid`) take no part and score 0."""
+    CLIP layer (`visprune.methods.flowcut.flow_terms` on its CLS query, keys and values)."""
     attn = layer.self_attn
     x = layer.layer_norm1(hidden)
     b, _, c = x.shape
     heads = attn.num_heads
 
     def split(proj: nn.Module, rows: Tensor) -> Tensor:
-        return proj(rows).float().view(b, rows.shape[1], heads, c // heads).transpose(1, 2)  # [B, H, T, d]
+        return proj(rows).view(b, rows.shape[1], heads, c // heads).transpose(1, 2)  # [B, H, T, d]
 
-    q, k, v = split(attn.q_proj, x[:, :1]), split(attn.k_proj, x), split(attn.v_proj, x)
-    padded = ~torch.cat([valid.new_ones(b, 1), valid], dim=1)[:, None, None, :]
-    attention = ((q @ k.transpose(-1, -2)) * attn.scale).masked_fill(padded, float("-inf")).softmax(-1)
-    semantic = (v[:, :, :1] @ v.transpose(-1, -2)).masked_fill(padded, float("-inf")).softmax(-1)
-    a = attention[:, :, 0, 1:].mean(dim=1)
-    s = semantic[:, :, 0, 1:].mean(dim=1)
-    value_norm = v.mean(dim=1)[:, 1:].abs().sum(dim=-1)
-    return layer_scores(a, s, value_norm, valid), a
+    return flow_terms(split(attn.q_proj, x[:, :1]), split(attn.k_proj, x), split(attn.v_proj, x), valid, attn.scale)
 
 
 def resolve_requests(tower: nn.Module, requests: dict[str, SignalRequest]) -> dict[str, SignalRequest]:

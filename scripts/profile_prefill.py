@@ -1,0 +1,55 @@
+"""GPU profile of one patched prefill per method (random weights from a bundled config): where the time of
+the vision tower, the reduction and the LLM goes. Needs CUDA; prints torch profiler tables.
+
+    python scripts/profile_prefill.py --config llava-1.5-7b --batch 16 --budget 64 --methods flowcut divprune
+    python scripts/profile_prefill.py ... --no-fuse     # the selection loops' steps unfused (graphs.FUSE off)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import visprune
+from visprune.bench.model import build_model, family_for
+from visprune.methods import graphs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="llava-1.5-7b")
+    p.add_argument("--methods", nargs="+", default=["flowcut"])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--budget", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=None, help="square side in pixels (default: the family's)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--compile-tower", action="store_true")
+    p.add_argument("--no-fuse", action="store_true", help="run the selection loops' steps unfused")
+    p.add_argument("--rows", type=int, default=25, help="rows per table")
+    args = p.parse_args()
+    graphs.FUSE = not args.no_fuse
+    model = build_model(args.config, getattr(torch, args.dtype), torch.device("cuda"))
+    family = family_for(model.config)
+    size = args.image_size or family.image_sizes(())[0]
+    inputs = family.make_inputs(model, args.batch, size)
+    for method in args.methods:
+        extra = {"compile_tower": True} if args.compile_tower else {}
+        visprune.apply(model, method, budget=args.budget, **extra)
+        with torch.inference_mode():
+            for _ in range(3):
+                model(**inputs)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model(**inputs)
+                torch.cuda.synchronize()
+        visprune.remove(model)
+        print(f"===== {method}, budget {args.budget}, batch {args.batch}, {size} px, fuse={graphs.FUSE}")
+        table = prof.key_averages()
+        print(table.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+        print(table.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
