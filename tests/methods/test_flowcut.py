@@ -98,10 +98,8 @@ def test_method_errors():
         get_method("flowcut").options(budget=0)
 
 
-def test_flow_terms_are_the_formula_and_trace_as_one_graph(monkeypatch):
-    """flow_terms against the formula from q, k, v (padded patches out of both softmaxes), and the same
-    result when compiled whole (as on a GPU; traced here with aot_eager)."""
-    from visprune.methods import graphs
+def test_flow_terms_are_the_formula():
+    """flow_terms against the formula from q, k, v, the padded patches out of both softmaxes."""
     from visprune.methods.flowcut import flow_terms
 
     g = torch.Generator().manual_seed(3)
@@ -119,9 +117,3 @@ def test_flow_terms_are_the_formula_and_trace_as_one_graph(monkeypatch):
         assert torch.allclose(a[i, :m], att, atol=1e-6) and not a[i, m:].any()
         assert torch.allclose(score[i, :m], (att / att.sum() + sem / sem.sum()) * norm, atol=1e-6)
         assert not score[i, m:].any()
-    monkeypatch.setattr(graphs, "_fusable", lambda args: True)
-    monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
-    torch._dynamo.reset()
-    fused_score, fused_a = flow_terms(q, k, v, valid, 0.5)
-    torch._dynamo.reset()
-    assert torch.allclose(fused_score, score) and torch.allclose(fused_a, a)
