@@ -8,6 +8,7 @@ pre-hooks on the decoder layers for LLM-side stages. `remove` restores the insta
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from visprune.stats import Stats
 
 _ATTR = "_visprune_handle"
 DENSE = "none"
+# transformers' cached torch.compile of the model's call (generate compiles decoding under a static cache)
+_COMPILED_CALL_ATTRS = ("_compiled_call", "_last_compile_config")
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Handle:
     compile_tower: bool = False
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _saved: dict[str, Any] = field(default_factory=dict, repr=False)
+    _saved_compiled: dict[str, Any] = field(default_factory=dict, repr=False)
     _in_generate: bool = field(default=False, repr=False)
     _session: _Session | None = field(default=None, repr=False)
     _generate_cache: Any = field(default=None, repr=False)  # the cache generate passed to the prefill
@@ -295,8 +299,23 @@ def apply(
             if idx >= first:
                 hook = functools.partial(pruner.layer_pre_hook, idx)
                 handle._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    handle._saved_compiled = {name: model.__dict__[name] for name in _COMPILED_CALL_ATTRS if name in model.__dict__}
     setattr(model, _ATTR, handle)
+    _forget_compiled_code()
     return handle
+
+
+def _forget_compiled_code() -> None:
+    """Drop the code torch.compile has compiled in this process (it recompiles on next use).
+
+    torch.compile does not guard on module hooks (`skip_nnmodule_hook_guards`): code compiled before
+    visprune added or removed its hooks would keep running with the old ones. transformers compiles the
+    decoding step of `generate` under a static cache on a GPU, so without this a model compiled dense and
+    then patched would decode without the LLM-side stages (or keep them after `remove`), silently.
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
 
 
 class _Patched:
@@ -332,7 +351,13 @@ def remove(model: nn.Module) -> None:
             setattr(model, name, handle._saved[name])
         else:
             model.__dict__.pop(name, None)
+    for name in _COMPILED_CALL_ATTRS:
+        if name in handle._saved_compiled:
+            model.__dict__[name] = handle._saved_compiled[name]
+        else:
+            model.__dict__.pop(name, None)
     delattr(model, _ATTR)
+    _forget_compiled_code()
 
 
 def _prepare(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import GenerationConfig
+from transformers.generation.configuration_utils import CompileConfig
 
 import visprune
 from tests.models import tiny
@@ -100,6 +101,24 @@ def test_static_cache_equals_dynamic(model, inputs, method):
     dynamic = _generate(model, method, inputs, max_new_tokens=4, do_sample=False)
     static = _generate(model, method, inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
     assert torch.equal(static, dynamic)
+
+
+def test_compiled_static_decoding_follows_apply_and_remove(model, inputs):
+    """Under a static cache transformers compiles the decoding step (on a GPU; forced here on the CPU with
+    the plain dynamo backend). torch.compile does not guard on module hooks, so code compiled dense must not
+    serve the patched model (it would decode without fastv's stages) nor code compiled patched the model
+    after `remove`: each is equal to the uncompiled, dynamic-cache generation, in that order."""
+    config = CompileConfig(backend="eager", fullgraph=False)
+    config._compile_all_devices = True  # transformers' switch for compiling off the GPU
+    compiled = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static", "compile_config": config}
+    with torch.no_grad():
+        dense = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert torch.equal(model.generate(**inputs, **compiled), dense)
+        before = {k: v for k, v in model.__dict__.items() if k in ("_compiled_call", "_last_compile_config")}
+        pruned = _generate(model, "fastv", inputs, max_new_tokens=4, do_sample=False)
+        assert torch.equal(_generate(model, "fastv", inputs, **compiled), pruned)
+        assert {k: v for k, v in model.__dict__.items() if k in before} == before
+        assert torch.equal(model.generate(**inputs, **compiled), dense)
 
 
 @pytest.mark.parametrize("method", KINDS, ids=tiny.method_id)
