@@ -151,3 +151,21 @@ def test_right_padding_equals_left_padding(model, inputs, method):
 def test_prefill_chunking_is_refused(model, inputs):
     with pytest.raises(visprune.InputError, match="prefill_chunk_size is not supported"):
         _generate(model, "fastv", inputs, max_new_tokens=2, prefill_chunk_size=16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: transformers compiles decoding there")
+def test_static_cache_decoding_compiled_on_the_gpu_equals_dynamic():
+    """On a GPU, generate under a static cache compiles the decoding step (inductor, CUDA graphs): the
+    patched model generates the same tokens as with the dynamic cache, and the model after remove the dense
+    ones (not the patched model's compiled step)."""
+    gpu = tiny.tiny_llava(attn="sdpa").to("cuda")
+    inp = {k: v.to("cuda") for k, v in tiny.make_inputs(gpu, [2, 9, 5], seed=17).items()}
+    inp["pixel_values"] = tiny.varied_pixels(gpu, 3).to("cuda")
+    static = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static"}
+    with torch.no_grad():
+        dense = gpu.generate(**inp, max_new_tokens=4, do_sample=False)
+        _apply(gpu, "fastv")
+        pruned = gpu.generate(**inp, max_new_tokens=4, do_sample=False)
+        assert torch.equal(gpu.generate(**inp, **static), pruned)
+        visprune.remove(gpu)
+        assert torch.equal(gpu.generate(**inp, **static), dense)
