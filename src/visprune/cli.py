@@ -216,6 +216,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lmms_task(args: argparse.Namespace) -> int:
+    """Write the synthetic suite as a local lmms-eval task: the rendered items and the task's YAML."""
+    import shlex
+    from pathlib import Path
+
+    from visprune.lmms.synth_task import TASK, write_task
+
+    paths = write_task(Path(args.out), split=args.split, limit=args.limit, offset=args.offset)
+    print(f"wrote {paths['data']} and {paths['yaml']}; run it with")
+    print(
+        "  lmms-eval --model visprune --model_args pretrained=tiny-llava,method=prumerge+,device=cpu "
+        f"--include_path {shlex.quote(args.out)} --tasks {TASK} --batch_size 32"
+    )
+    return 0
+
+
 def cmd_viz(args: argparse.Namespace) -> int:
     """Each method's kept / merged tokens on one image, and the CLS-attention curve with fence and knee."""
     from visprune.viz import DEFAULT_QUESTION, VIZ_METHODS, run_viz
@@ -340,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser(
+        "lmms-task", help="write the synthetic suite as a local lmms-eval task (visprune_synth; needs visprune[lmms])"
+    )
+    p.add_argument("--out", default="visprune-lmms-task", help="folder for visprune_synth.parquet and its YAML")
+    p.add_argument("--split", default="test", choices=["val", "test", "train"])
+    p.add_argument("--limit", type=_at_least(1), default=None, help="first N items of the split (default: all 1008)")
+    p.add_argument("--offset", type=_at_least(0), default=0, help="first item index")
+    p.set_defaults(func=cmd_lmms_task)
     p = sub.add_parser("viz", help="draw each method's kept / merged tokens and the CLS-attention cuts on an image")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled tiny-llava)")

@@ -36,3 +36,21 @@ class Stats:
     timings: dict[str, float] = field(default_factory=dict)
     llm_visual: Tensor | None = None
     llm_visual_kept: list[tuple[int, Tensor]] = field(default_factory=list)
+
+    def visual_tokens_per_layer(self, images_per_sample: list[int] | None = None) -> list[float]:
+        """Per sample: its visual tokens averaged over the LLM's layers (text tokens are never dropped, so
+        each layer's visual count is its token count minus the sample's text). `images_per_sample`: how
+        many consecutive entries of `visual_tokens_out` each sample owns (default: one image each)."""
+        counts = [1] * len(self.tokens_per_layer) if images_per_sample is None else images_per_sample
+        if sum(counts) != len(self.visual_tokens_out) or len(counts) != len(self.tokens_per_layer):
+            raise ValueError(
+                f"images_per_sample {counts} does not match {len(self.visual_tokens_out)} images in "
+                f"{len(self.tokens_per_layer)} samples"
+            )
+        out, start = [], 0
+        for tokens, n in zip(self.tokens_per_layer, counts, strict=True):
+            visual = sum(self.visual_tokens_out[start : start + n])
+            start += n
+            text = tokens[0] - visual
+            out.append(sum(t - text for t in tokens) / len(tokens))
+        return out

@@ -103,15 +103,6 @@ def _summary(correct: dict[str, int], count: dict[str, int]) -> dict[str, float]
     return acc
 
 
-def _visual_per_layer(stats: visprune.Stats) -> list[float]:
-    """Per sample: the visual tokens averaged over the LLM's layers (text tokens are never dropped here)."""
-    out = []
-    for tokens, visual in zip(stats.tokens_per_layer, stats.visual_tokens_out, strict=True):
-        text = tokens[0] - visual
-        out.append(sum(t - text for t in tokens) / len(tokens))
-    return out
-
-
 class Runner:
     """Loads the model once, renders the items once, and evaluates cells into a results dict.
 
@@ -181,7 +172,8 @@ class Runner:
                 out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=False)
                 answers = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                 stats = handle.stats
-                rows = zip(stats.visual_tokens_in, stats.visual_tokens_out, _visual_per_layer(stats), strict=True)
+                per_layer = stats.visual_tokens_per_layer()
+                rows = zip(stats.visual_tokens_in, stats.visual_tokens_out, per_layer, strict=True)
                 for i, (answer, (t_in, t_out, layer)) in enumerate(zip(answers, rows, strict=True)):
                     records.append((start + i, answer.strip(), t_in, t_out, layer))
                 if tick is not None:

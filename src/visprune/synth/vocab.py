@@ -8,7 +8,8 @@ from visprune.synth.questions import RELATION_PHRASES, TEMPLATES
 from visprune.synth.scene import COLOR_NAMES, MAX_OBJECTS, POSITION_NAMES, SHAPE_PLURALS, SHAPES, TEXTS
 
 IMAGE_TOKEN = "<image>"
-PROMPT_TEMPLATE = "USER: <image>\n{question} Answer with a single word or number. ASSISTANT:"
+ANSWER_INSTRUCTION = "Answer with a single word or number."  # follows every question in the prompt
+PROMPT_TEMPLATE = "USER: <image>\n{question} " + ANSWER_INSTRUCTION + " ASSISTANT:"
 _TOKEN = re.compile(r"<image>|[a-z0-9]+(?:-[a-z0-9]+)*|[^\sa-z0-9]")
 _FIELD = re.compile(r"\{[a-z0-9_]+\}")
 
