@@ -32,12 +32,12 @@ def test_two_processes_equal_one_item_by_item_and_resume(tmp_path):
     )
     stamp = partial["cells"]["random@8"]["seconds"]
     run = subprocess.run(
-        [
+        [  # accelerate's launcher; --multi_gpu starts torch's launcher, whose processes use gloo without a GPU
             sys.executable,
             "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
             "2",
             "-m",
             "visprune.cli",
