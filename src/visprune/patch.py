@@ -301,17 +301,21 @@ def apply(
                 handle._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     handle._saved_compiled = {name: model.__dict__[name] for name in _COMPILED_CALL_ATTRS if name in model.__dict__}
     setattr(model, _ATTR, handle)
-    _forget_compiled_code()
+    if handle._hooks:
+        _forget_compiled_code()
     return handle
 
 
 def _forget_compiled_code() -> None:
-    """Drop the code torch.compile has compiled in this process (it recompiles on next use).
+    """Drop the code torch.compile has compiled in this process (it recompiles on next use); called where
+    visprune adds or removes module hooks (LLM-side stages, DeepStack additions).
 
     torch.compile does not guard on module hooks (`skip_nnmodule_hook_guards`): code compiled before
     visprune added or removed its hooks would keep running with the old ones. transformers compiles the
     decoding step of `generate` under a static cache on a GPU, so without this a model compiled dense and
     then patched would decode without the LLM-side stages (or keep them after `remove`), silently.
+    Encoder-side methods add no hooks (their patched calls are guarded like any attribute), so applying
+    them keeps compiled code, e.g. the selection steps `graphs.fused` compiled.
     """
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is not None:
@@ -357,7 +361,8 @@ def remove(model: nn.Module) -> None:
         else:
             model.__dict__.pop(name, None)
     delattr(model, _ATTR)
-    _forget_compiled_code()
+    if handle._hooks:
+        _forget_compiled_code()
 
 
 def _prepare(

@@ -119,6 +119,10 @@ def test_compiled_static_decoding_follows_apply_and_remove(model, inputs):
         assert torch.equal(_generate(model, "fastv", inputs, **compiled), pruned)
         assert {k: v for k, v in model.__dict__.items() if k in before} == before
         assert torch.equal(model.generate(**inputs, **compiled), dense)
+        # an encoder-side method adds no hooks and keeps the compiled code: its patched call is guarded
+        merged = _generate(model, "prumerge+", inputs, max_new_tokens=4, do_sample=False)
+        assert torch.equal(_generate(model, "prumerge+", inputs, **compiled), merged)
+        assert torch.equal(model.generate(**inputs, **compiled), dense)
 
 
 @pytest.mark.parametrize("method", KINDS, ids=tiny.method_id)
