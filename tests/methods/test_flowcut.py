@@ -1,5 +1,6 @@
-"""flowcut's pure parts: the pruning schedule, the per-layer score, the entropy-driven counts and the
-selection, each against the formula written out here; the registered method's output and errors."""
+"""flowcut's pure parts: the pruning schedule, the per-layer score (CLIP's and the CLS-free one of Qwen-VL,
+per merge unit), the flow, the entropy-driven counts and the selection, each against the formula written
+out here; the registered method's output and errors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import torch
 
 from visprune.errors import InputError
 from visprune.methods import Placement, SignalRequest, get_method
-from visprune.methods.flowcut import flowcut, keep_top, layer_scores, prune_counts, prune_layers
+from visprune.methods.flowcut import (
+    accumulate,
+    flowcut,
+    keep_top,
+    layer_scores,
+    prune_counts,
+    prune_layers,
+    prune_schedule,
+    relation_terms,
+    unit_sums,
+)
 
 
 def test_prune_layers_follow_the_feature_layer():
@@ -19,6 +30,43 @@ def test_prune_layers_follow_the_feature_layer():
     assert prune_layers(5) == {3: 0, 1: 2}
     assert prune_layers(2) == {0: 0}
     assert prune_layers(1) == {}
+    # a Qwen-VL tower of 32 blocks prunes after blocks 31 (none left), 29, ..., 1; of 3 blocks after 2 and 0
+    assert prune_schedule(31) == {b: 31 - b for b in range(31, 0, -2)}
+    assert prune_schedule(2) == {2: 0, 0: 2} and prune_schedule(3) == {3: 0, 1: 2}
+
+
+def test_accumulate_averages_the_flow_with_each_score():
+    first, second = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])
+    assert torch.equal(accumulate(None, first), first)
+    assert accumulate(accumulate(None, first), second).tolist() == [2.0, 2.0]
+
+
+def test_relation_terms_and_unit_sums_are_the_formula_per_image():
+    """The CLS-free terms on a packed sequence of two images (12 and 8 tokens) against a per-image loop of
+    explicit softmaxes; unit sums over 4 consecutive tokens."""
+    g = torch.Generator().manual_seed(1)
+    sizes, h, d, scale = [12, 8], 3, 4, 0.5
+    q, k, v = (torch.randn(sum(sizes), h, d, generator=g) * 2 for _ in range(3))
+    image = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
+    score, a = relation_terms(q.half(), k.half(), v.half(), image, 2, scale)  # float32 out from any dtype
+    assert score.dtype == a.dtype == torch.float32
+    score, a = relation_terms(q, k, v, image, 2, scale)
+    start = 0
+    for n in sizes:
+        qi, ki, vi = (x[start : start + n].double() for x in (q, k, v))
+        want_a = torch.zeros(n, dtype=torch.float64)
+        for head in range(h):
+            mean_q = qi[:, head].mean(0)
+            logits = torch.tensor([float(mean_q @ ki[j, head]) * scale for j in range(n)], dtype=torch.float64)
+            want_a += logits.exp() / logits.exp().sum() / h
+        want_score = want_a * vi.mean(1).abs().sum(-1)
+        torch.testing.assert_close(a[start : start + n].double(), want_a, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(score[start : start + n].double(), want_score, rtol=1e-5, atol=1e-7)
+        start += n
+    units = unit_sums(a)
+    assert units.shape == (5,)
+    torch.testing.assert_close(units[3], a[12:16].sum())
+    torch.testing.assert_close(units[:3].sum(), torch.tensor(1.0))  # a distribution over the image's units
 
 
 def test_layer_scores_are_the_formula_on_the_valid_patches():
@@ -59,6 +107,12 @@ def test_prune_counts_match_the_formula_per_image(remaining):
         want = reference_count(attention[b][valid[b]].tolist(), 8, remaining)
         assert int(got[b]) == want, (b, remaining)
     assert int(got[1]) == (8 if remaining == 0 else 40)  # uniform attention: entropy ln N, nothing pruned
+    targets = torch.tensor([8, 3, 40, 30])  # one per image (Qwen-VL: images smaller than the budget keep all)
+    got = prune_counts(attention, valid, targets, remaining)
+    for b in range(4):
+        want = reference_count(attention[b][valid[b]].tolist(), int(targets[b]), remaining)
+        assert int(got[b]) == want, (b, remaining)
+    assert got[2:].tolist() == [40, 30]
 
 
 def test_keep_top_keeps_the_highest_flow_in_position_order_with_padding():

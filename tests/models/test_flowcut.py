@@ -1,7 +1,10 @@
 """flowcut inside the CLIP tower: the runner's progressive pruning equals a per-image reference written
 from the formula (float64 scores, explicit token lists, no padding), a batch equals its images alone
 although they keep different counts on the way, and the method runs through apply on LLaVA and is
-refused where it does not apply."""
+refused where it does not apply. On the Qwen-VL family (whole merge units, no CLS): the tower's kept
+units, features and DeepStack levels equal a per-image reference that runs the stock blocks on the kept
+patches, a budget of every unit is the dense model, and the errors. (Batch == alone, cache, sdpa ==
+eager and M-RoPE positions on Qwen-VL: flowcut is in the parametrised suites of test_qwen*.py.)"""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ from transformers import LlavaForConditionalGeneration
 
 import visprune
 from tests.methods.test_flowcut import reference_count
-from tests.models import tiny
+from tests.models import tiny, tiny_qwen
 from visprune.methods import SignalRequest
 from visprune.models import vision
+from visprune.reducer import Reducer
 
 TARGET = 6
 
@@ -134,14 +138,6 @@ def test_refused_where_it_does_not_apply(build, match):
     assert not hasattr(other, "_visprune_handle")
 
 
-def test_refused_on_qwen():
-    from tests.models import tiny_qwen
-
-    qwen = tiny_qwen.tiny_qwen("qwen2-vl")
-    with pytest.raises(visprune.UnsupportedModelError, match="flowcut prunes a CLIP tower"):
-        visprune.apply(qwen, "flowcut", budget=4)
-
-
 def test_refused_for_several_feature_layers():
     cfg = tiny.tiny_llava_config()
     cfg.vision_feature_layer = [-3, -2]
@@ -149,3 +145,195 @@ def test_refused_for_several_feature_layers():
     with pytest.raises(visprune.UnsupportedModelError, match="several"):
         visprune.apply(other, "flowcut", budget=4)
     assert not hasattr(other, "_visprune_handle")
+
+
+# Qwen-VL: images of three sizes (16, 15, 15 merged tokens), 4 kept.
+QWEN_GRIDS = [(1, 8, 8), (1, 6, 10), (1, 10, 6)]
+QWEN_TARGET = 4
+
+
+def sharp_qwen(family: str):
+    """A tiny Qwen-VL model whose mean query attends sharply (a large query bias, scaled keys), so that the
+    entropy-driven counts prune mid-tower and differently per image (random weights attend nearly uniformly)."""
+    model = tiny_qwen.tiny_qwen(family)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.model.visual.blocks:
+            qkv, width = block.attn.qkv, block.attn.qkv.in_features
+            qkv.bias[:width] += 8 * torch.randn(width, generator=g)
+            qkv.weight[width : 2 * width].mul_(8)
+    return model
+
+
+def qwen_pixels(model, grids, seed=0):
+    vc = model.config.vision_config
+    width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    g = torch.Generator().manual_seed(seed)
+    patches = [
+        torch.randn(t * h * w, width, generator=g) + torch.linspace(-1, 1, t * h * w)[:, None] for t, h, w in grids
+    ]
+    return torch.cat(patches), torch.tensor(grids)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The vision RoPE on [T, H, d] (rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+
+
+def qwen_reference(model, pixels: torch.Tensor, grid: torch.Tensor, target: int):
+    """One image, written from the formula: (kept natural units ascending, the merger's rows [K, D] and the
+    DeepStack rows [K, L, D] of the kept units, the units kept after the first pruning block). The stock
+    tower's own first-block input, RoPE angles and attention windows are captured from a stock forward;
+    then block by block: float64 scores from the block's q, k (RoPE) and v, the stock block on the units
+    still kept, a cut after the blocks with an even number of blocks left."""
+    tower = model.model.visual
+    blocks = tower.blocks
+    seen = {}
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a, kw, i=i: seen.setdefault(i, (a[0], kw)) and None, with_kwargs=True)
+        for i, b in enumerate(blocks)
+    ]
+    with torch.no_grad():
+        tower(pixels, grid_thw=grid)
+    for h in hooks:
+        h.remove()
+    hidden, kw = seen[0]
+    cos, sin = kw["position_embeddings"]
+    n = hidden.shape[0] // 4
+    full = set(getattr(tower, "fullatt_block_indexes", range(len(blocks))))
+    windowed = [i for i in range(len(blocks)) if i not in full]
+    if windowed:  # Qwen2.5-VL: the units in window order, and each one's window
+        from visprune import compat
+
+        units = compat.vision_windows(tower, grid)[0]
+        bounds = seen[windowed[0]][1]["cu_seqlens"]
+        window = torch.bucketize(torch.arange(n) * 4, bounds[1:], right=True)
+    else:
+        units, window = torch.arange(n), torch.zeros(n, dtype=torch.long)
+    indexes, mergers = (getattr(tower, name, []) for name in ("deepstack_visual_indexes", "deepstack_merger_list"))
+    levels = dict(zip(indexes, mergers, strict=True))
+    saved, flow, first = {}, None, None
+    for i, block in enumerate(blocks):
+        attn = block.attn
+        heads = attn.num_heads
+        x = block.norm1(hidden).double()
+        q, k, v = (x @ attn.qkv.weight.double().T + attn.qkv.bias.double()).view(x.shape[0], 3, heads, -1).unbind(1)
+        q, k = rope(q, cos.double(), sin.double()), rope(k, cos.double(), sin.double())
+        mean_q = q.mean(0)  # [H, d]
+        a = torch.stack([(k[:, h] @ mean_q[h] * q.shape[-1] ** -0.5).softmax(0) for h in range(heads)], 1).mean(1)
+        score = a * v.mean(1).abs().sum(-1)
+        unit_a, unit_score = a.view(-1, 4).sum(1), score.view(-1, 4).sum(1)
+        flow = unit_score if flow is None else (flow + unit_score) / 2
+        if i in full:
+            cu = torch.tensor([0, hidden.shape[0]], dtype=torch.int32)
+        else:
+            sizes = torch.unique_consecutive(window, return_counts=True)[1] * 4
+            cu = torch.cat([torch.zeros(1, dtype=torch.int32), sizes.cumsum(0).int()])
+        with torch.no_grad():
+            hidden = block(hidden, cu_seqlens=cu, position_embeddings=(cos, sin))
+            if i in levels:
+                saved[i] = (levels[i](hidden), units.clone())
+        left = len(blocks) - 1 - i
+        if left % 2 == 0:
+            count = reference_count(unit_a.tolist(), target, left)
+            ranked = sorted(range(len(units)), key=lambda j: (-float(flow[j]), int(units[j])))[:count]
+            keep = torch.tensor(sorted(ranked))  # tower order
+            rows = (keep[:, None] * 4 + torch.arange(4)).flatten()
+            hidden, cos, sin = hidden[rows], cos[rows], sin[rows]
+            units, window, flow = units[keep], window[keep], flow[keep]
+            first = count if first is None else first
+    order = units.argsort()
+    with torch.no_grad():
+        merged = tower.merger(hidden)[order]
+    final = units[order]
+    deep = [rows[(final[:, None] == were[None]).int().argmax(1)] for rows, were in saved.values()]
+    return final, merged, torch.stack(deep, 1) if deep else None, first
+
+
+def qwen_tokens(model, pixels, grid, **options):
+    handle = visprune.apply(model, "flowcut", **options)
+    try:
+        reducer = Reducer(handle.encoder, handle.encoder_options, False, handle.stats)
+        with torch.no_grad():
+            return handle.adapter.image_tokens(pixels, reducer, {"image_grid_thw": grid})
+    finally:
+        visprune.remove(model)
+
+
+@pytest.mark.parametrize("family", tiny_qwen.FAMILIES)
+def test_qwen_tower_equals_the_per_image_reference_on_the_kept_patches(family):
+    """Batched over images of three sizes that keep different counts mid-tower: each image's kept units,
+    merged rows and DeepStack rows equal the per-image reference (stock blocks on the kept patches)."""
+    model = sharp_qwen(family)
+    pixels, grid = qwen_pixels(model, QWEN_GRIDS)
+    tokens = qwen_tokens(model, pixels, grid, budget=QWEN_TARGET)
+    assert [r[0].count for r in tokens.reductions] == [QWEN_TARGET] * 3
+    firsts, start = [], 0
+    for i, (t, h, w) in enumerate(QWEN_GRIDS):
+        image = pixels[start : start + t * h * w]
+        start += t * h * w
+        kept, merged, deep, first = qwen_reference(model, image, grid[i : i + 1], QWEN_TARGET)
+        firsts.append(first)
+        assert tokens.reductions[i][0].sources.tolist() == kept.tolist(), i
+        torch.testing.assert_close(tokens.features[i], merged, rtol=1e-4, atol=1e-5)
+        if deep is not None:
+            torch.testing.assert_close(tokens.extras["deepstack"][i], deep, rtol=1e-4, atol=1e-5)
+    assert all(QWEN_TARGET < f < n for f, n in zip(firsts, [16, 15, 15], strict=True))  # pruned mid-tower
+    if family != "qwen3-vl":
+        assert len(set(firsts)) > 1  # images kept different counts on the way (ragged)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])  # windows; DeepStack (Qwen2-VL: test_qwen.py)
+def test_qwen_generate_batch_equals_alone_and_remove_restores(family):
+    model = sharp_qwen(family)
+    grids, lengths = [(1, 8, 8), (1, 6, 10), None, (1, 10, 6)], [2, 7, 4, 11]
+    inputs = tiny_qwen.make_inputs(model, grids, lengths, seed=3)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    handle = visprune.apply(model, "flowcut", budget=QWEN_TARGET)
+    try:
+        with torch.no_grad():
+            batch = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+            counts = (handle.stats.visual_tokens_in, handle.stats.visual_tokens_out)
+            alone = [
+                model.generate(**tiny_qwen.select(inputs, i, grids), max_new_tokens=3, do_sample=False)[0, -3:]
+                for i in range(len(grids))
+            ]
+    finally:
+        visprune.remove(model)
+    assert batch.tolist() == [a.tolist() for a in alone]
+    assert counts == ([16, 15, 15], [QWEN_TARGET] * 3)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_qwen_budget_of_every_unit_is_the_dense_model(family):
+    """budget = 16: the 16-token image prunes nothing, the 15-token images keep all theirs (with the
+    warning every method gives): the tokens and DeepStack rows are the dense ones."""
+    model = sharp_qwen(family)
+    pixels, grid = qwen_pixels(model, QWEN_GRIDS)
+    with pytest.warns(UserWarning, match="budget=16 exceeds an image's 15 visual tokens"):
+        tokens = qwen_tokens(model, pixels, grid, budget=16)
+    dense = qwen_tokens(model, pixels, grid, budget=10**6)  # (every image keeps all: the warning again)
+    with torch.no_grad():
+        stock = model.model.visual(pixels, grid_thw=grid)
+    torch.testing.assert_close(torch.cat(tokens.features), stock.pooler_output, rtol=1e-5, atol=1e-5)
+    for a, b in zip(tokens.features, dense.features, strict=True):
+        assert torch.equal(a, b)
+    assert [r[0].sources.tolist() for r in tokens.reductions] == [list(range(n)) for n in (16, 15, 15)]
+    if family == "qwen3-vl":
+        levels = torch.cat(tokens.extras["deepstack"])
+        for i, level in enumerate(stock.deepstack_features):
+            torch.testing.assert_close(levels[:, i], level, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen_errors():
+    model = tiny_qwen.tiny_qwen("qwen2.5-vl")
+    with pytest.raises(visprune.InputError, match="budget"):
+        visprune.apply(model, "flowcut", budget=0)
+    with pytest.raises(visprune.UnsupportedModelError, match="apply it without tower_layer"):
+        visprune.apply(model, "flowcut", budget=4, tower_layer=2)
+    assert getattr(model, "_visprune_handle", None) is None

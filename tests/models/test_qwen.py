@@ -28,8 +28,8 @@ QWEN_OPTIONS = {
     "knee+text": {"k_min": 2, "text_layer": 2},
     "sparsevlm": {"layers": (1, 2), "keep_counts": (8, 4)},
     "dart": {"layer": 2, "budget": 4},
+    "flowcut": {"budget": 4},
 }
-del QWEN_OPTIONS["flowcut"]  # prunes a CLIP tower by its CLS token: refused on Qwen-VL (tests/models/test_flowcut.py)
 
 
 @pytest.fixture(scope="module", params=tiny_qwen.FAMILIES)
@@ -85,7 +85,8 @@ def test_batch_equals_one_by_one(model, inputs, method):
         assert counts == [budget] * 3
 
 
-def test_kept_tokens_keep_their_dense_mrope_positions(model, inputs):
+@pytest.mark.parametrize("method", ["random", "flowcut"])
+def test_kept_tokens_keep_their_dense_mrope_positions(model, inputs, method):
     """Row 0 numbers the shorter sequence; rows 1-3 at each kept token equal the dense M-RoPE position of
     its placeholder; the first decoded token's positions follow the dense prompt's last position."""
     dense, _ = model.model.get_rope_index(
@@ -98,7 +99,7 @@ def test_kept_tokens_keep_their_dense_mrope_positions(model, inputs):
     hook = model.model.language_model.register_forward_pre_hook(
         lambda m, a, kw: seen.append(kw["position_ids"]), with_kwargs=True
     )
-    handle = visprune.apply(model, "random", budget=4)
+    handle = visprune.apply(model, method, budget=4)
     try:
         _generate(model, inputs)
     finally:

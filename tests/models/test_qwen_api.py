@@ -50,13 +50,13 @@ def test_dense_tokens_are_the_models_merged_output_in_order(model, inputs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["prumerge+", "fastv"])
+@pytest.mark.parametrize("method", ["prumerge+", "fastv", "flowcut"])
 def test_sdpa_and_eager_agree(family, model, inputs, method):
     eager = tiny_qwen.tiny_qwen(family, attn="eager")
     eager.load_state_dict(model.state_dict())
     outs = []
     for m in (model, eager):
-        visprune.apply(m, method)
+        visprune.apply(m, method, **({"budget": 4} if method == "flowcut" else {}))
         try:
             outs.append(_generate(m, inputs))
         finally:
@@ -64,11 +64,11 @@ def test_sdpa_and_eager_agree(family, model, inputs, method):
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("method", ["none", "visionzip", "fastv"])
+@pytest.mark.parametrize("method", ["none", "visionzip", "fastv", "flowcut"])
 def test_generate_resumed_from_its_cache_equals_one_generate(model, inputs, method):
     """(A hand-written forward loop over the cache is not shown: the unpatched Qwen-VL models of
     transformers 5.17-5.24 themselves fail on it when given the full attention mask.)"""
-    kw = {"dominant": 3, "contextual": 1} if method == "visionzip" else {}
+    kw = {"visionzip": {"dominant": 3, "contextual": 1}, "flowcut": {"budget": 4}}.get(method, {})
     visprune.apply(model, method, **kw)
     try:
         whole, resumed = tiny.whole_and_resumed(model, inputs, N_NEW)

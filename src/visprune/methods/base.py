@@ -127,10 +127,11 @@ class SignalRequest:
         "hidden"    -> LLM layer input hidden states [B, S, C].
         "cls_feature" -> [B, C] the CLS token's row of the hidden state(s) the features are taken from
                        (LLaVA's `vision_feature_layer`, concatenated like the features); towers with CLS.
-        "flowcut"   -> [B, `keep`] the original indices of the patches the tower kept while pruning itself
+        "flowcut"   -> [B, `keep`] the original indices of the tokens the tower kept while pruning itself
                        progressively by FlowCut's flow (`visprune.methods.flowcut`); the features the
-                       adapter then hands the method are those patches' rows of the feature layer, computed
-                       on the pruned sequence. LLaVA-1.5-class CLIP towers only.
+                       adapter then hands the method are those tokens' rows of the feature layer, computed
+                       on the pruned sequence. LLaVA-1.5-class CLIP towers (patches) and the Qwen-VL towers
+                       (merged tokens, pruned as whole 2x2 merge units; `keep` clamped to an image's tokens).
     layers: encoder layer indices (negative counts from the end: -1 is the last encoder layer, whose
         INPUT is LLaVA's hidden_states[-2]; -2 is the layer that PRODUCES hidden_states[-2]).
     heads: "single" treats the full projection as one head; "mean"/"sum" combine per-head rows.

@@ -1,20 +1,35 @@
 """FlowCut (Tong et al., NeurIPS 2025, arXiv 2505.19536): progressive pruning inside the vision tower
-by the information flow from the CLS token, accumulated over the tower's layers.
+by the information flow, accumulated over the tower's layers.
 
-The tower runner (`visprune.models.vision`) calls the pure functions here layer by layer; the
-registered method only hands on what the tower kept. Per layer l, from that layer's normalised input:
+The tower runners (`visprune.models.vision` for LLaVA's CLIP tower, the Qwen-VL adapters with
+`visprune.models.qwen_tower`) call the pure functions here layer by layer; the registered method only
+hands on what the tower kept.
+
+CLIP tower (CLS token; LLaVA-1.5). Per layer l, from that layer's normalised input:
 - a: the CLS query's attention over the patches (softmax over CLS + patches, heads averaged);
 - s: the CLS token's value similarity over the patches (per head softmax of v_cls . v_j over CLS +
   patches, unscaled, heads averaged);
 - |v|: the L1 norm of each patch's head-averaged value vector;
 - the layer score S = (a / sum a + s / sum s) * |v|, and the flow F = S at the first layer, then
-  F = (F + S) / 2 at every later one.
+  F = (F + S) / 2 at every later one (`accumulate`).
 After layer l, when the layers left before the feature layer (r = f - l - 2 for LLaVA's feature
 layer hidden_states[f]) are an even number, the patches with the highest flow are kept: N - p of them,
 p = round((N - T) / sqrt(r) * (1 - rho^2)), rho = the entropy of a / sum a divided by ln N, and
 exactly T at r = 0 (never fewer than T). So the tower's later layers, the feature layer included,
 run on fewer tokens; nothing is merged, the CLS token is always kept, and the kept patches stay in
 spatial order.
+
+Qwen-VL towers (no CLS token; the official FlowCut_Qwen code). Per block, from that block's q and k
+(after the vision RoPE) and v of the image's tokens still running (`relation_terms`):
+- a global query per image and head, the mean of the image's patch queries;
+- a: its attention over the image's patches, softmax(q_mean . k_j / sqrt(d)), heads averaged;
+- the block score S = a * |v| (no value-similarity term, as the official Qwen code);
+and the same flow, counts and selection as above, on MERGE UNITS instead of patches: the 2x2 patch
+groups that the merger turns into one LLM token (`unit_sums`: a unit's attention and score are the SUMS
+over its 4 patches, so the unit attention is a distribution over the image's units; the mean would
+rank and count identically, every unit having 4 patches). N and T count units (T = the LLM tokens
+per image). The pruning points are after the blocks with an even number r of blocks left, the last
+block included (r = 0: exactly T units; `prune_schedule(depth - 1)`), as the official code.
 """
 
 from __future__ import annotations
@@ -37,13 +52,24 @@ def check_options(*, budget: Any) -> None:
     check_count(budget, "budget", 1)
 
 
-def prune_layers(feature_layer: int) -> dict[int, int]:
-    """{layer: layers left r} of the layers after which the tower prunes, for LLaVA's feature layer
-    `feature_layer` (an index into hidden_states, so layers 0..feature_layer - 1 produce it): r =
-    feature_layer - layer - 2, pruning where r is even and >= 0 (for CLIP ViT-L's 24 layers and
-    hidden_states[-2]: layers 1, 3, ..., 21)."""
-    last = feature_layer - 2
+def prune_schedule(last: int) -> dict[int, int]:
+    """{layer: r} of the layers after which the tower prunes when its last pruning layer is `last`: r =
+    last - layer (the layers left to that point), every layer where r is even and >= 0 (r = 0 prunes to
+    the target). Qwen-VL towers of D blocks: last = D - 1 (the merger reads the last block's output)."""
     return {layer: last - layer for layer in range(last, -1, -2)}
+
+
+def prune_layers(feature_layer: int) -> dict[int, int]:
+    """`prune_schedule` for LLaVA's feature layer `feature_layer` (an index into hidden_states, so layers
+    0..feature_layer - 1 produce it): r = feature_layer - layer - 2, as the official LLaVA code (for CLIP
+    ViT-L's 24 layers and hidden_states[-2]: layers 1, 3, ..., 21)."""
+    return prune_schedule(feature_layer - 2)
+
+
+def accumulate(flow: Tensor | None, score: Tensor) -> Tensor:
+    """The flow after a layer with score `score`: the score itself at the first layer (`flow` None), then
+    the mean of the flow so far and the score."""
+    return score if flow is None else (flow + score) / 2
 
 
 def layer_scores(attention: Tensor, semantic: Tensor, value_norm: Tensor, valid: Tensor) -> Tensor:
@@ -69,22 +95,50 @@ def flow_terms(q_cls: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale
     return layer_scores(a, s, value_norm, valid), a
 
 
-def prune_counts(attention: Tensor, valid: Tensor, target: int, remaining: int) -> Tensor:
-    """[B] long: the patches each image keeps after a pruning layer with `remaining` layers left (r).
+def prune_counts(attention: Tensor, valid: Tensor, target: int | Tensor, remaining: int) -> Tensor:
+    """[B] long: the tokens (patches, or Qwen-VL merge units) each image keeps after a pruning layer with
+    `remaining` layers left (r); `target` T is one int or one per image ([B] long).
 
-    N = the image's valid patches; r = 0 keeps `target`; otherwise N - p with
+    N = the image's valid tokens; r = 0 keeps T; otherwise N - p with
     p = round((N - T) / sqrt(r) * (1 - rho^2)) (round half to even, as torch.round), rho = H / ln N and
-    H the entropy of the attention normalised over the valid patches (0 ln 0 = 0); never fewer than T.
+    H the entropy of the attention normalised over the valid tokens (0 ln 0 = 0); never fewer than T.
     """
     n = valid.sum(dim=1)
+    target = torch.as_tensor(target, device=n.device).to(n.dtype).expand_as(n)
     if remaining == 0:
-        return torch.full_like(n, target)
+        return target.clone()
     p = attention.float() * valid
     p = p / p.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(dim=1)
     rho = entropy / n.float().log().clamp(min=torch.finfo(torch.float32).tiny)
     pruned = ((n - target).float() / math.sqrt(remaining) * (1 - rho.square())).round().long()
-    return torch.maximum(n - pruned, torch.full_like(n, target))
+    return torch.maximum(n - pruned, target)
+
+
+def relation_terms(q: Tensor, k: Tensor, v: Tensor, image: Tensor, images: int, scale: float) -> tuple[Tensor, Tensor]:
+    """(the block score S [T], the relation attention a [T]) in float32 per token of a packed sequence,
+    FlowCut's terms on a tower without CLS: q, k (RoPE applied) and v [T, H, d] of the tokens of `images`
+    images, `image` [T] long the image of each token. Per image and head the global query is the mean of
+    the image's queries; a_j = softmax over the image's tokens of q_mean . k_j * scale, averaged over the
+    heads; S_j = a_j * |mean over heads of v_j|_1. One query row per image and head: no attention map,
+    the largest intermediate is [T, H]; no loop over images."""
+    q, k, v = q.float(), k.float(), v.float()
+    heads = q.shape[1]
+    rows = torch.bincount(image, minlength=images).clamp(min=1).float()
+    mean_q = q.new_zeros(images, heads, q.shape[2]).index_add_(0, image, q) / rows[:, None, None]
+    logits = (mean_q[image] * k).sum(dim=-1) * scale  # [T, H]
+    by_image = image.unsqueeze(1).expand(-1, heads)
+    peak = logits.new_full((images, heads), float("-inf")).scatter_reduce_(0, by_image, logits, "amax")
+    weights = (logits - peak[image]).exp()
+    total = logits.new_zeros(images, heads).index_add_(0, image, weights)
+    attention = (weights / total[image]).mean(dim=1)
+    return attention * v.mean(dim=1).abs().sum(dim=-1), attention
+
+
+def unit_sums(x: Tensor, unit: int = 4) -> Tensor:
+    """[T / unit]: the sums of `x` [T] over consecutive groups of `unit` tokens (a Qwen-VL merge unit's 4
+    patches, which the tower keeps consecutive)."""
+    return x.view(-1, unit).sum(dim=1)
 
 
 def keep_top(flow: Tensor, valid: Tensor, counts: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
@@ -102,8 +156,9 @@ def keep_top(flow: Tensor, valid: Tensor, counts: Tensor, width: int | None = No
 
 @register(
     "flowcut",
-    description="FlowCut: progressive pruning inside the CLIP tower by the information flow from the CLS token "
-    "(attention, value similarity and value norm, accumulated over layers; fixed K)",
+    description="FlowCut: progressive pruning inside the vision tower by the information flow (CLIP: from the CLS "
+    "token's attention, value similarity and value norm; Qwen-VL: from the mean query's attention and the value "
+    "norm, on whole 2x2 merge units), accumulated over layers; fixed K",
     placement=Placement.ENCODER,
     adaptive=False,
     signals=lambda o: {"kept": SignalRequest("flowcut", keep=o["budget"])},
@@ -119,19 +174,48 @@ def flowcut(
     budget: int = 64,
 ) -> list[Reduction]:
     """The tokens the tower kept: features [B, K, C] are the feature layer's rows of the K = `budget`
-    patches that survived the tower's progressive pruning (`visprune.models.vision` runs it with this
-    module's functions), kept [B, K] their original patch indices, ascending; grid the dense patch grid
-    (the N of `assignment`; without it N = K, every patch kept).
+    tokens that survived the tower's progressive pruning (the adapters run it with this module's
+    functions), kept [B, K] their original indices, ascending; grid the dense grid (the N of
+    `assignment`; without it N = K, every token kept). On LLaVA-1.5 a token is a CLIP patch; on the
+    Qwen-VL family it is a merged token (a 2x2 merge unit), on the merged grid (t * h/2, w/2).
 
     Deviations from the official code (TungChintao/FlowCut, LLaVA-1.5): each image's pruning counts are
     its own (the official code prunes every image of a batch by the largest count, so an image's result
     depends on the rest of the batch); the scores are computed in float32 from q, k and v (no attention
     map is materialised, so the tower keeps SDPA); the entropy treats 0 ln 0 as 0 (the official code
-    gives NaN there). LLaVA-1.5-class models only: LLaVA-NeXT (FlowCut's per-crop variant with its own
-    LLM stage) and towers without a CLS token are refused.
+    gives NaN there). LLaVA-NeXT (FlowCut's per-crop variant with its own LLM stage) and CLIP-less LLaVA
+    towers (SigLIP) are refused.
+
+    On a tower without CLS (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) it computes, at every vision block, the
+    relation attention a of the image's mean query over its tokens and the score a * |v|_1 (q, k after
+    the vision RoPE, heads averaged; module docstring), accumulates the flow over blocks, and after the
+    blocks with an even number r of blocks left (the last one included, r = 0) keeps the merge units of
+    highest flow, N - p of them (exactly `budget` at r = 0); the blocks after a pruning point run on the
+    kept units only, each still attending within its own image (or Qwen2.5-VL window, recomputed from
+    the kept units), with its own RoPE angle and dense M-RoPE position; Qwen3-VL's DeepStack levels are
+    those of the final kept units. Deviations from the official Qwen code (FlowCut_Qwen,
+    modeling_qwen2_vl_flowcut.py, Qwen2-VL only): it prunes single PATCHES down to 4 x the target and
+    lets the 2x2 merger merge whatever four survivors end up adjacent; here whole merge units are
+    pruned (a unit's attention and score: the sums over its 4 patches; the counts' N, T and entropy are
+    over units), so every LLM token is still merged from its own 2x2 patches, and each image ends with
+    exactly `budget` tokens in the tower (the official code prunes again inside the LLM at layer 1, to
+    the target, by its own LLM-side score: not done here; compose an LLM-side method for that); the
+    global query, softmax and entropy are per image (the official code runs batch 1 and takes them over
+    the whole packed sequence, and keeps stale cu_seqlens after pruning); the flow keeps updating
+    on every block while any image of the batch is above its target (the official code stops once
+    its one sequence reaches it; an image at its target keeps all its tokens either way, so results
+    are the same); Qwen2.5-VL (no official code) scores every block over the whole image, windowed
+    blocks included, and each kept unit keeps attending within its window; Qwen3-VL (no official code
+    either) forms each DeepStack level from its block's output on the units running there, taken at the
+    final kept units; the scores are computed in float32 (the official code: softmax in float32, then
+    the model's dtype) with ties to the lower unit index (torch.topk's order is unspecified); the
+    entropy's 1e-7 inside the log is dropped (0 ln 0 = 0). As every method on Qwen-VL, a budget above an image's merged
+    tokens keeps all of them (with a UserWarning); `tower_layer` is refused (flowcut chooses its own
+    pruning blocks).
 
     Options:
-        budget: tokens kept per image (default 64), 1 <= budget <= N.
+        budget: tokens kept per image (default 64), 1 <= budget <= N (LLaVA: an error above N; Qwen-VL:
+            an image with fewer merged tokens keeps all of them, with a warning).
     """
     check_options(budget=budget)
     b, k, _ = check_features(features)

@@ -35,7 +35,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
     def _blocks(self, req: SignalRequest, depth: int) -> list[int]:
         blocks = super()._blocks(req, depth)
-        if self._kind(req) == "keys":
+        if not blocks or self._kind(req) == "keys":
             return blocks
         full = sorted(self.vision_tower.fullatt_block_indexes)
         chosen = [max((f for f in full if f <= b), default=full[0]) for b in blocks]

@@ -12,7 +12,9 @@ The tower runs through visprune's runner (`qwen_tower`: the tower's weights, its
 over images, frames and windows instead of one call each), which also hands over the signal blocks'
 inputs; the blocks past the last one a method needs still run (the merger reads the last). With
 `tower_layer=b` (apply) the method reduces at the input of block b, as if the tower ended there, and
-blocks b.. run on the kept tokens only: the reduction then saves tower time too. Images of one grid
+blocks b.. run on the kept tokens only: the reduction then saves tower time too. FlowCut ("flowcut"
+signal) prunes inside the tower progressively, after several blocks of its own schedule, by cutting
+the runner's state again at each pruning point (`_flowcut`). Images of one grid
 shape are reduced together (budgets are per image); a fixed budget above an image's merged tokens
 keeps all of them, with a warning.
 Positions: every token keeps its dense M-RoPE position (text its place, a kept visual token the
@@ -25,7 +27,7 @@ go to their placeholders before splicing, and they keep their dense positions.
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
+from visprune.methods import flowcut
 from visprune.methods.base import Reduction, SignalRequest
 from visprune.methods.signals import mean_received_attention, patch_keys
 from visprune.models import qwen_tower
@@ -54,7 +57,7 @@ class Qwen2VLAdapter(Adapter):
         "video_grid_thw",
         "second_per_grid_ts",
     )
-    signal_kinds = ("keys", "mean_received", "mean_received_layers")
+    signal_kinds = ("keys", "mean_received", "mean_received_layers", "flowcut")
     supports_tower_layer = True
     supports_compile_tower = True
 
@@ -103,7 +106,11 @@ class Qwen2VLAdapter(Adapter):
                 )
             depth = tower_layer
         for name, req in requests.items():
-            self._kind(req)
+            if self._kind(req) == "flowcut" and tower_layer is not None:
+                raise UnsupportedModelError(
+                    "flowcut prunes inside the vision tower after blocks of its own schedule (every other block "
+                    "up to the last); apply it without tower_layer"
+                )
             outside = [layer for layer in req.layers if not -depth <= layer < depth]
             if outside:
                 where = (
@@ -141,6 +148,9 @@ class Qwen2VLAdapter(Adapter):
         cut_at = getattr(reducer, "tower_layer", None) if reducer is not None else None
         depth = len(tower.blocks) if cut_at is None else cut_at
         state = self._start(pixel_values, grids)
+        flow = [name for name, req in requests.items() if self._kind(req) == "flowcut"]
+        if flow:
+            return self._flowcut(state, reducer, flow[0], requests[flow[0]].keep, grids, counts), counts
         parts = self._parts()
         early = {name: block for name, block in parts.items() if block is not None and block < depth}
         wanted = {block for req in requests.values() for block in self._blocks(req, depth)}
@@ -185,6 +195,76 @@ class Qwen2VLAdapter(Adapter):
         per_image = feats.split([r.count for r in reductions])
         return [replace(r, features=f) for r, f in zip(reductions, per_image, strict=True)]
 
+    def _flowcut(
+        self,
+        state: qwen_tower.TowerState,
+        reducer: Reducer,
+        name: str,
+        budget: int,
+        grids: list[tuple[int, int, int]],
+        counts: list[int],
+    ) -> list[Reduction]:
+        """FlowCut inside the tower (`visprune.methods.flowcut`): at every block the relation attention and
+        score of each image's units from the block's q, k and v, accumulated into the flow; after the
+        blocks of `prune_schedule(depth - 1)` each image keeps its units of highest flow (the counts its
+        own: per image, `budget` at the last block, all of an image's units where it has no more) and the
+        next blocks run on those only (`qwen_tower.cut`, once per pruning point that removes any). Returns
+        the reducer's Reductions of the kept units' features (`_parts`: DeepStack levels from the blocks
+        that formed them, at the final kept units), their original indices under `name`."""
+        tower = self.vision_tower
+        depth = len(tower.blocks)
+        device = state.hidden.device
+        schedule = flowcut.prune_schedule(depth - 1)
+        targets = [min(budget, n) for n in counts]
+        target = torch.tensor(targets, device=device)
+        starts = torch.tensor([0, *counts], device=device).cumsum(0)  # each image's first natural unit
+        parts = self._parts()
+        saved: dict[str, tuple[Tensor, Tensor]] = {}  # part -> (its rows [U_b, 4C], their natural units)
+        kept = list(counts)  # the units each image still runs with (host)
+        view = _UnitView.of(state.unit_natural, starts, kept)
+        flow: Tensor | None = None
+        for i in range(depth):
+            active = kept != targets
+            inputs, outputs = qwen_tower.run_blocks(tower, state, i + 1, inputs={i} if active else (), outputs={i})
+            for part, block in parts.items():
+                if block == i:
+                    saved[part] = (self._part(part, outputs[i]), state.unit_natural)
+            if not active:
+                continue
+            score, attention = self._flow_terms(tower.blocks[i], inputs[i], view)
+            flow = flowcut.accumulate(flow, view.pad(score))
+            if i not in schedule:
+                continue
+            new = flowcut.prune_counts(view.pad(attention), view.valid, target, schedule[i])
+            now = new.tolist()  # one host synchronisation per pruning point
+            if now == kept:
+                continue
+            positions, valid = flowcut.keep_top(flow, view.valid, new, width=max(now))
+            flow = flow.gather(1, positions)
+            qwen_tower.cut(state, None, view.natural.gather(1, positions)[valid])
+            kept = now
+            view = _UnitView.of(state.unit_natural, starts, kept)
+        final = state.unit_natural.sort().values  # natural order: image by image, ascending
+        feats = []
+        for part, block in parts.items():
+            rows, units = saved[part] if block is not None else (self._part(part, state.hidden), state.unit_natural)
+            feats.append(rows[qwen_tower.unit_positions(units, final)])
+        image = torch.bucketize(final, starts[1:], right=True)
+        local = list((final - starts[image]).split(kept))
+        return self._reduce(torch.cat(feats, dim=-1), {name: local}, grids, counts, reducer, rows=kept)
+
+    def _flow_terms(self, block: nn.Module, seen: qwen_tower.BlockInput, view: _UnitView) -> tuple[Tensor, Tensor]:
+        """FlowCut's (score, relation attention) per unit (tower order) of one block, from its q, k, v (the
+        runner's own where it kept them)."""
+        attn = block.attn
+        q, k, v = seen.q, seen.k, seen.v
+        if q is None or k is None or v is None:
+            t = seen.hidden.shape[0]
+            q, k, v = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)
+            q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
+        score, attention = flowcut.relation_terms(q, k, v, view.patch_image, view.valid.shape[0], attn.scaling)
+        return flowcut.unit_sums(score, MERGED), flowcut.unit_sums(attention, MERGED)
+
     def _reduce(
         self,
         feats: Tensor,
@@ -192,10 +272,11 @@ class Qwen2VLAdapter(Adapter):
         grids: list[tuple[int, int, int]],
         counts: list[int],
         reducer: Reducer | None,
+        rows: list[int] | None = None,
     ) -> list[Reduction]:
-        """One Reduction per image from its features (rows of `feats`, natural order), images of one grid
-        shape reduced together."""
-        per_image = list(feats.split(counts))
+        """One Reduction per image from its features (rows of `feats`, natural order: `rows` per image, by
+        default all its `counts` merged tokens), images of one grid shape reduced together."""
+        per_image = list(feats.split(counts if rows is None else rows))
         reductions: list[Reduction | None] = [None] * len(grids)
         groups: dict[tuple[int, int, int], list[int]] = {}
         for i, grid in enumerate(grids):
@@ -206,7 +287,7 @@ class Qwen2VLAdapter(Adapter):
                 reds = dense_reduction(stacked)
             else:
                 sig = {name: torch.stack([parts[i] for i in members]) for name, parts in signals.items()}
-                budget = _image_budget(reducer, stacked.shape[1])
+                budget = _image_budget(reducer, t * h * w // MERGED)
                 reds = reducer(stacked, (t * h // 2, w // 2), sig, budget=budget, images=members)
             for i, r in zip(members, reds, strict=True):
                 reductions[i] = r
@@ -354,6 +435,38 @@ class Qwen2VLAdapter(Adapter):
         # Decoding from a cache numbers new tokens text + rope_deltas: continue after the dense positions.
         self.model.model.rope_deltas = (mrope[:, :, -1].amax(0) - text[:, -1]).unsqueeze(1)
         return torch.cat([text.unsqueeze(0), mrope], dim=0)
+
+
+@dataclass(frozen=True)
+class _UnitView:
+    """The units a tower state still runs, laid out per image for FlowCut's per-image math (`methods.flowcut`):
+    [images, W] padded, each image's units in natural order (W: the most units an image runs with)."""
+
+    slot: Tensor  # [U] long: the padded slot (image * W + rank in its image) of each unit, tower order
+    natural: Tensor  # [images, W] long: the natural unit at each slot (padding: 0)
+    valid: Tensor  # [images, W] bool
+    patch_image: Tensor  # [4U] long: the image of each patch row, tower order
+
+    @classmethod
+    def of(cls, unit_natural: Tensor, starts: Tensor, kept: list[int]) -> _UnitView:
+        """The view of units `unit_natural` (tower order) of images whose natural units start at `starts`
+        [images + 1], `kept` [images] of them per image (host)."""
+        device = unit_natural.device
+        width = max(kept)
+        order = unit_natural.argsort()
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.shape[0], device=device)
+        image = torch.bucketize(unit_natural, starts[1:], right=True)
+        first = torch.tensor([0, *kept[:-1]], device=device).cumsum(0)  # rank of each image's first unit
+        slot = image * width + rank - first[image]
+        natural = unit_natural.new_zeros(len(kept) * width).index_put_((slot,), unit_natural).view(len(kept), width)
+        valid = torch.arange(width, device=device) < torch.tensor(kept, device=device).unsqueeze(1)
+        return cls(slot, natural, valid, image.repeat_interleave(MERGED))
+
+    def pad(self, per_unit: Tensor) -> Tensor:
+        """[images, W]: per-unit values [U] (tower order) in this layout (padding: 0)."""
+        flat = per_unit.new_zeros(self.valid.numel()).index_put_((self.slot,), per_unit)
+        return flat.view(self.valid.shape)
 
 
 def _grids(grid_thw: Any, patches: int) -> list[tuple[int, int, int]]:

@@ -15,7 +15,9 @@ Tokens are held in the TOWER's order (Qwen2.5-VL permutes merged-token units int
 unit (the 4 patches one merged token is made of) remembers its natural index, so results are put back
 into row-major grid order at the end. A cut keeps a subset of units (merged where a method merges):
 their rows continue through the remaining blocks with their own RoPE angles, and each keeps attending
-within its own frame or window, now over the kept units of that frame or window only.
+within its own frame or window, now over the kept units of that frame or window only. A state may be
+cut several times (FlowCut prunes after several blocks): each cut keeps a subset of the units still
+running.
 """
 
 from __future__ import annotations
@@ -83,11 +85,12 @@ class BlockInput:
     cos: Tensor
     sin: Tensor
     segments: Segments
-    # The block's q and k [T, heads, d] after RoPE (and k before it), kept when the runner computed them
-    # (sdpa / eager), so a signal on this block does not compute them again.
+    # The block's q and k [T, heads, d] after RoPE (and k before it) and v, kept when the runner computed
+    # them (sdpa / eager), so a signal on this block does not compute them again.
     q: Tensor | None = None
     k: Tensor | None = None
     keys: Tensor | None = None  # the block's keys before RoPE
+    v: Tensor | None = None
 
 
 class BlockSteps(NamedTuple):
@@ -208,7 +211,7 @@ def run_block(
         return block(hidden, cu_seqlens=cu, max_seqlen=max(segments.lengths), position_embeddings=(cos, sin))
     q, k, v, keys = steps.attention_inputs(block, hidden, cos, sin, rope)
     if record is not None:
-        record.q, record.k, record.keys = q, k, keys
+        record.q, record.k, record.keys, record.v = q, k, keys, v
     out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
     return steps.finish_block(block, hidden, out)
 
@@ -285,11 +288,22 @@ def aligned_gated_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
     return F.linear(mlp.act_fn(gate) * up, F.pad(mlp.down_proj.weight, (0, extra)), mlp.down_proj.bias)
 
 
-def cut(state: TowerState, rows: Tensor, natural: Tensor) -> Tensor:
-    """Continue with new rows: `rows` [K, UNIT * C] (units' patches concatenated) standing at the natural
-    units `natural` [K] (device). Returns the index that puts the tower-order rows back into the order
-    given (apply it to results of the remaining blocks). One host synchronisation (the new layout)."""
-    tower_pos = state.natural_order()[natural]  # natural unit -> its tower position
+def unit_positions(unit_natural: Tensor, natural: Tensor) -> Tensor:
+    """The positions in `unit_natural` (the natural unit index of each unit of a state, tower order) of the
+    natural units `natural` (each one of them)."""
+    ordered, perm = unit_natural.sort()
+    return perm[torch.searchsorted(ordered, natural)]
+
+
+def cut(state: TowerState, rows: Tensor | None, natural: Tensor) -> Tensor:
+    """Continue with a subset of the units still running: `rows` [K, UNIT * C] (units' patches
+    concatenated; None: the units' own rows) standing at the natural units `natural` [K] (device), each one
+    of the state's units. Returns the index that puts the tower-order rows back into the order given
+    (apply it to results of the remaining blocks). One host synchronisation (the new layout). A cut state
+    may be cut again."""
+    tower_pos = unit_positions(state.unit_natural, natural)  # natural unit -> its tower position
+    if rows is None:
+        rows = state.hidden.reshape(-1, UNIT * state.hidden.shape[-1])[tower_pos]
     order = tower_pos.argsort(stable=True)
     kept = tower_pos[order]
     # Gathered (not reshaped views): a compiled block sees the same kind of tensor in every block.

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods.base import SignalRequest
-from visprune.methods.flowcut import flow_terms, keep_top, prune_counts, prune_layers
+from visprune.methods.flowcut import accumulate, flow_terms, keep_top, prune_counts, prune_layers
 from visprune.methods.signals import cls_attention, cls_cosine, mean_received_attention, patch_keys
 
 CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers", "cls_cosine", "cls_feature", "flowcut"})
@@ -197,7 +197,7 @@ def _encode_flowcut(
         layer = layers[i]
         if i <= last_prune:
             score, attention = _flow_scores(layer, hidden, valid)
-            flow = score if flow is None else (flow + score) / 2
+            flow = accumulate(flow, score)
         out = layer(hidden, mask)
         hidden = out[0] if isinstance(out, tuple) else out
         if i in plan:
@@ -263,7 +263,8 @@ def missing_cls(kind: str, tower_name: str) -> UnsupportedModelError:
     if kind == "flowcut":
         return UnsupportedModelError(
             f"flowcut prunes a CLIP tower by its CLS token's attention, but the vision tower {tower_name} has no CLS "
-            "token; it is for LLaVA-1.5-class models. Use vispruner, divprune or scope instead"
+            "token; on LLaVA it is for LLaVA-1.5-class models (the Qwen-VL family runs its CLS-free variant). Use "
+            "vispruner, divprune or scope instead"
         )
     option = "cosine" if kind == "cls_cosine" else "cls"
     return UnsupportedModelError(
