@@ -86,33 +86,26 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
 
 
-def load(model: str | Path | None = None, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
-    """(model, processor) for `model` (default: the bundled tiny LLaVA), in eval mode on `device`.
+def load_config(source: str) -> Any:
+    """The config of the checkpoint at `source`; one that cannot be read raises InputError."""
+    from transformers import AutoConfig
 
-    dtype: torch dtype of the weights once loaded; default float32 on CPU and float16 elsewhere.
-    Loading a local folder needs no network. Any checkpoint of a class visprune supports works
-    (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration).
-    """
-    import torch
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
-    source = resolve(model)
-    if dtype is None:
-        dtype = torch.float32 if str(device) == "cpu" else torch.float16
     try:
-        config = AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load a model config from {source}: {first_line(err)}; {_WHAT_TO_PASS}") from err
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-    if config.model_type not in classes:
-        raise InputError(
-            f"{source} is a {config.model_type!r} checkpoint; visprune's tools load 'llava' and 'llava_next' models"
-        )
+
+
+def load_pretrained(source: str, model_class: Any, device: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """(model, processor) of the checkpoint at `source`: `model_class.from_pretrained(source, **kwargs)` on
+    `device` in eval mode, without download bars; missing weights or files raise InputError."""
+    from transformers import AutoProcessor
+    from transformers.utils import logging as hf_logging
+
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        net = classes[config.model_type].from_pretrained(source, dtype=dtype).to(device).eval()
+        net = model_class.from_pretrained(source, **kwargs).to(device).eval()
         processor = AutoProcessor.from_pretrained(source)
     except OSError as err:
         raise InputError(f"cannot load the checkpoint in {source}: {first_line(err)}; {_WHAT_TO_PASS}") from err
@@ -120,3 +113,25 @@ def load(model: str | Path | None = None, dtype: Any = None, device: str = "cpu"
         if bars:
             hf_logging.enable_progress_bar()
     return net, processor
+
+
+def load(model: str | Path | None = None, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, processor) for `model` (default: the bundled tiny LLaVA), in eval mode on `device`.
+
+    dtype: torch dtype of the weights once loaded; default float32 on CPU and float16 elsewhere.
+    Loading a local folder needs no network. Any checkpoint of a class visprune's tools prompt for works
+    (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration).
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    source = resolve(model)
+    if dtype is None:
+        dtype = torch.float32 if str(device) == "cpu" else torch.float16
+    config = load_config(source)
+    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    if config.model_type not in classes:
+        raise InputError(
+            f"{source} is a {config.model_type!r} checkpoint; visprune's tools load 'llava' and 'llava_next' models"
+        )
+    return load_pretrained(source, classes[config.model_type], device, dtype=dtype)

@@ -79,16 +79,13 @@ def load(pretrained: str, device: str = "auto", dtype: str | None = None, attn: 
     """Load `pretrained` ('tiny-llava': the bundled model; a checkpoint folder; a hub id) for evaluation:
     AutoModelForImageTextToText picks the class, which must be one visprune supports; the processor pads
     on the left for batched generation."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     source = bundled.resolve(pretrained)
     accelerator = accelerator_for(device)
     rank, world_size, local_rank = process_group()
     where = choose_device(device, world_size, local_rank)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a model config from {source}: {bundled.first_line(err)}") from err
+    config = bundled.load_config(source)
     architecture = (getattr(config, "architectures", None) or [None])[0]
     supported = supported_model_classes()
     if architecture is not None and architecture not in supported:
@@ -98,10 +95,6 @@ def load(pretrained: str, device: str = "auto", dtype: str | None = None, attn: 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype, where)}
     if attn is not None:
         kwargs["attn_implementation"] = attn
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).to(where).eval()
-        processor = AutoProcessor.from_pretrained(source)
-    except OSError as err:
-        raise InputError(f"cannot load the checkpoint in {source}: {bundled.first_line(err)}") from err
+    model, processor = bundled.load_pretrained(source, AutoModelForImageTextToText, where, **kwargs)
     processor.tokenizer.padding_side = "left"
     return Loaded(model, processor, where, accelerator, rank, world_size)
