@@ -136,6 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         materialize=not args.no_materialize,
         tower_layer=args.tower_layer,
         compile_tower=args.compile_tower,
+        launch_free=args.launch_free,
     )
     out = Path(args.out)
     stem = args.name or f"bench-{Path(cfg.pretrained or cfg.config).name}"
@@ -311,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-tower",
         action="store_true",
         help="run every patched case with apply(..., compile_tower=True) and time the compiled tower (Qwen-VL)",
+    )
+    p.add_argument(
+        "--launch-free",
+        action="store_true",
+        help="time generate end to end (TTFT, 64 new tokens, decode tok/s): plain vs apply(..., launch_free=True) "
+        "vs its ideal, for dense and every encoder-side method (GPU; LLaVA)",
     )
     p.add_argument("--repeats", type=_at_least(1), default=20)
     p.add_argument("--warmup", type=_at_least(0), default=3)

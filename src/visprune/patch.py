@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
+from visprune.launch_free import SEQUENCE_BUCKET, LaunchFree
 from visprune.llm_pruning import DecoderPruner
 from visprune.methods import MethodSpec, Placement, get_method
 from visprune.methods.base import available_requests
@@ -107,6 +108,7 @@ class Handle:
     keep_positions: bool = False
     tower_layer: int | None = None
     compile_tower: bool = False
+    launch_free: LaunchFree | None = field(default=None, repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _saved: dict[str, Any] = field(default_factory=dict, repr=False)
     _saved_compiled: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -166,6 +168,7 @@ def apply(
     keep_positions: bool = False,
     tower_layer: int | None = None,
     compile_tower: bool = False,
+    launch_free: bool = False,
     **options: Any,
 ) -> Handle:
     """Patch `model` in place to feed its LLM fewer visual tokens with `method`; returns a Handle.
@@ -186,6 +189,12 @@ def apply(
     which fuses their elementwise passes (a GPU option: 251 -> 149 ms for Qwen2.5-VL-7B's tower at 1008 px
     batch 8 on an H200, docs/bench/qwen2.5-vl-7b). The first forward of a process compiles (seconds to
     tens of seconds); Qwen-VL family, sdpa/eager.
+    launch_free: run `generate` on the launch-free path (visprune/launch_free.py): the reduced prompt padded
+    to a multiple of 32 tokens, a static KV cache sized for the prompt + max_new_tokens, and on a GPU the
+    vision tower (with the reduction, for methods with a fixed budget), the LLM prefill and every decode step
+    replayed as CUDA graphs captured on their first call per shape. Greedy tokens equal the plain path's.
+    For batch 1 and other launch-bound cases; encoder-side methods (and 'none') on
+    LlavaForConditionalGeneration; beam search and LLM-side stages are refused.
     The model keeps its attention implementation; `generate` and `forward` keep their signatures.
     """
     adapter = adapter_for(model)
@@ -229,6 +238,10 @@ def apply(
                 f"{tower_impl!r}, whose blocks run their own forward: apply without compile_tower"
             )
     adapter.compile_tower = compile_tower
+    if not isinstance(launch_free, bool):
+        raise InputError(f"launch_free must be True or False, got {launch_free!r}")
+    if launch_free:
+        _check_launch_free(adapter, model, llm, sync_timings)
     if tower_layer is not None:
         if not adapter.supports_tower_layer:
             raise UnsupportedModelError(
@@ -280,6 +293,8 @@ def apply(
         compile_tower=compile_tower,
         _additions=_LayerAdditions(pruner=pruner),
     )
+    if launch_free:
+        handle.launch_free = LaunchFree(adapter, capture_images=encoder is None or not encoder.adaptive)
     handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
     model.generate = _Patched(model, "generate", model.generate)
     model.forward = _Patched(model, "forward", model.forward)
@@ -304,6 +319,26 @@ def apply(
     if handle._hooks:
         _forget_compiled_code()
     return handle
+
+
+def _check_launch_free(adapter: Adapter, model: nn.Module, llm: MethodSpec | None, sync_timings: bool) -> None:
+    """Refuse what the launch-free path cannot run with static shapes."""
+    if not adapter.supports_launch_free:
+        raise UnsupportedModelError(
+            f"launch_free is not supported for {type(model).__name__} yet; it is for LlavaForConditionalGeneration "
+            "(apply without launch_free=True)"
+        )
+    if llm is not None:
+        raise InputError(
+            f"{llm.name} prunes inside the LLM with token counts decided during the prefill, which the launch-free "
+            "path cannot replay from a graph; use an encoder-side method (e.g. 'fastervlm' or 'visionzip') with "
+            "launch_free=True, or apply without it"
+        )
+    if sync_timings:
+        raise InputError(
+            "sync_timings synchronises the host between stages, which the launch-free path removes; use one or the "
+            "other (time launch-free generate as a whole)"
+        )
 
 
 def _forget_compiled_code() -> None:
@@ -360,6 +395,8 @@ def remove(model: nn.Module) -> None:
             model.__dict__[name] = handle._saved_compiled[name]
         else:
             model.__dict__.pop(name, None)
+    if handle.launch_free is not None:
+        handle.launch_free.release()
     delattr(model, _ATTR)
     if handle._hooks:
         _forget_compiled_code()
@@ -372,8 +409,10 @@ def _prepare(
     pixel_values: Tensor | None,
     image_kwargs: dict[str, Any],
     labels: Tensor | None,
+    pad_to: int = 1,
 ) -> Spliced:
-    """Encode + reduce + splice, record stats, arm the LLM-side pruner."""
+    """Encode + reduce + splice (the sequence padded to a multiple of `pad_to`), record stats, arm the
+    LLM-side pruner."""
     adapter = handle.adapter
     _check_call(input_ids, attention_mask)
     if pixel_values is not None:
@@ -411,7 +450,9 @@ def _prepare(
         _check_placeholders(runs, tokens.tokens_in)
     offsets = adapter.placeholder_offsets(stats.reductions, stats.visual_tokens_in)
     embedded = adapter.embed(input_ids, image_kwargs)
-    batch = splice(input_ids, attention_mask, embedded.embeds, adapter.image_token_id, features, runs, labels, offsets)
+    batch = splice(
+        input_ids, attention_mask, embedded.embeds, adapter.image_token_id, features, runs, labels, offsets, pad_to
+    )
     batch.position_ids = adapter.position_ids(input_ids, attention_mask, image_kwargs, batch, handle.keep_positions)
     handle._additions.arm(*adapter.layer_additions(extras, embedded.extras, batch))
     stats.position_map = batch.position_map
@@ -481,12 +522,18 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
             kwargs.get("eos_token_id", config.eos_token_id),
         )
     _caller_lengths(kwargs, config, input_ids.shape[1])
+    launch_free = handle.launch_free
+    if launch_free is not None:
+        launch_free.check_generate(kwargs, config)
     if compat.cache_length(compat.find_cache(kwargs)) > 0:
         return _continue_generate(handle, original, input_ids, attention_mask, kwargs)
     pixel_values = kwargs.pop("pixel_values", None)
     image_kwargs = _pop_image_kwargs(handle.adapter, kwargs)
-    batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_kwargs, None)
+    pad_to = SEQUENCE_BUCKET if launch_free is not None else 1
+    batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_kwargs, None, pad_to)
     handle._session = handle._generate_cache = None
+    if launch_free is not None:
+        launch_free.prepare_generate(handle.model, *batch.input_ids.shape, kwargs, config)
     handle._in_generate = True
     try:
         if batch.position_ids is not None:
@@ -497,6 +544,9 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     finally:
         handle._in_generate = False
         handle._additions.clear()
+        if launch_free is not None:
+            launch_free.prefill_pending = False
+            handle._generate_cache = None  # the path reuses its cache: no later call continues from it
     if handle._generate_cache is not None:
         handle._session = _Session(
             cache=handle._generate_cache,
@@ -613,6 +663,8 @@ def _forward(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     if handle._in_generate:
         if handle._generate_cache is None:
             handle._generate_cache = compat.find_cache(kwargs)
+        if handle.launch_free is not None and not args:
+            return handle.launch_free.model_call(original, kwargs)
         return original(*args, **kwargs)
     input_ids = kwargs.pop("input_ids", None)
     if args:

@@ -53,6 +53,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     for run in results["runs"]:
+        if "launch_free_cases" in run:
+            lines += _launch_free_table(run)
+            continue
         lines += [
             f"## {_run_title(run)} ({run['text_tokens']} text tokens per sample)",
             "",
@@ -133,6 +136,36 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _launch_free_table(run: dict[str, Any]) -> list[str]:
+    """The launch-free mode's table: TTFT / end to end / decode per mode, speed-ups, efficiency, capture cost."""
+    lines = [
+        f"## Launch-free generate, {_run_title(run)} ({run['text_tokens']} text tokens per sample)",
+        "",
+        "TTFT = wall time of generate(max_new_tokens=1); e2e = generate with the new tokens; decode tok/s = "
+        "batch x (new tokens - 1) / (e2e - TTFT); ideal = the launch-free path with the same token counts and "
+        "first-K selection; efficiency = ideal TTFT / launch-free TTFT; capture = the first call's wall time "
+        "(graphs captured, cache allocated).",
+        "",
+        "| method | budget | visual tokens | plain TTFT ms | launch-free TTFT ms | ideal TTFT ms | efficiency "
+        "| x plain dense | x launch-free dense | plain e2e ms | launch-free e2e ms | plain decode tok/s "
+        "| launch-free decode tok/s | capture s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in run["launch_free_cases"]:
+        if "error" in r:
+            lines.append(f"| {_method(r)} | {_budget(r)} | error: {r['error']} ||||||||||||")
+            continue
+        plain, free, ideal = r["plain"], r["launch_free"], r.get("ideal")
+        lines.append(
+            f"| {_method(r)} | {_budget(r)} | {free.get('visual_tokens', '-')} | {_ms(plain['ttft'])} "
+            f"| {_ms(free['ttft'])} | {_ms(ideal['ttft']) if ideal else '-'} | {_num(r.get('efficiency'), '{:.3f}')} "
+            f"| {_num(r.get('ttft_speedup_vs_plain_dense'))} | {_num(r.get('ttft_speedup_vs_launch_free_dense'))} "
+            f"| {_ms(plain['e2e'])} | {_ms(free['e2e'])} | {plain['decode_tokens_per_s']:.1f} "
+            f"| {free['decode_tokens_per_s']:.1f} | {free['first_call_s']:.2f} |"
+        )
+    return [*lines, ""]
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Prefill time vs visual tokens, one panel per batch size, with the dense point and ideal curve."""
     import matplotlib
@@ -143,6 +176,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     runs = results["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 5), squeeze=False)
     for ax, run in zip(axes[0], runs, strict=True):
+        if "launch_free_cases" in run:
+            _plot_launch_free(ax, run, results)
+            continue
         ok = [r for r in run["cases"] if "prefill" in r]
         ideal = sorted((r["visual_tokens"], r["ideal"]["median_ms"]) for r in ok if "ideal" in r)
         if ideal:
@@ -159,3 +195,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_launch_free(ax: Any, run: dict[str, Any], results: dict[str, Any]) -> None:
+    """TTFT vs visual tokens, plain and launch-free, with the launch-free ideal."""
+    ok = [r for r in run["launch_free_cases"] if "error" not in r]
+    for mode, style in (("plain", "o"), ("launch_free", "s")):
+        pts = sorted((r["launch_free"]["visual_tokens"], r[mode]["ttft"]["median_ms"]) for r in ok)
+        ax.plot(*zip(*pts, strict=True), style, ms=4, label=mode.replace("_", "-"))
+    ideal = sorted((r["launch_free"]["visual_tokens"], r["ideal"]["ttft"]["median_ms"]) for r in ok if "ideal" in r)
+    if ideal:
+        ax.plot(*zip(*ideal, strict=True), color="0.6", ls="--", label="ideal (launch-free, no selection)")
+    ax.set_xlabel("visual tokens to the LLM (per image)")
+    ax.set_ylabel("TTFT ms (generate, 1 new token), median")
+    ax.set_title(f"{results['model']['config']}, launch-free, {_run_title(run)}", fontsize=9)
+    ax.grid(alpha=0.3)

@@ -27,6 +27,7 @@ import transformers
 from tqdm import tqdm
 
 import visprune
+from visprune.bench.launch_free import LaunchFreeBench, summarise, supported
 from visprune.bench.model import Family, build_model, family_for
 from visprune.bench.static import stages_from_tokens, static_encoder, static_llm
 from visprune.bench.timing import CallTimer, summarize, time_fn
@@ -63,6 +64,7 @@ class BenchConfig:
     seed: int = 0
     tower_layer: int | None = None  # also run every encoder-side case reducing inside the tower there
     compile_tower: bool = False  # every patched case (and the ideal) with apply's compile_tower
+    launch_free: bool = False  # generate end to end: plain vs apply's launch_free vs its ideal (bench/launch_free.py)
 
 
 @dataclass
@@ -435,6 +437,9 @@ def run_benchmark(
         "not_measured": _not_measured(cfg, family),
         "runs": [],
     }
+    if cfg.launch_free:
+        _launch_free_runs(cfg, model, family, sizes, dense, plans, results, progress, on_update)
+        return results
     for size in sizes:
         todo = plans[size][0]
         for batch in cfg.batches:
@@ -457,6 +462,42 @@ def run_benchmark(
             _run_extras(bench, cfg, todo, run, budget_list(cfg, dense[size]), device)
             _notify(on_update, results)
     return results
+
+
+def _launch_free_runs(
+    cfg: BenchConfig,
+    model: torch.nn.Module,
+    family: Family,
+    sizes: list[int],
+    dense: dict[int, int],
+    plans: dict[int, tuple[list[Case], list[dict[str, Any]]]],
+    results: dict[str, Any],
+    progress: bool,
+    on_update: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    """The launch-free mode: every supported case in three modes (plain, launch-free, ideal), per batch."""
+    results["not_measured"] = {"launch_free": "LLM-side methods: the launch-free path refuses them"}
+    for size in sizes:
+        todo = [c for c in plans[size][0] if supported(c.method)]
+        for batch in cfg.batches:
+            inputs = family.make_inputs(model, batch, size, cfg.seed)
+            bench = LaunchFreeBench(model, inputs, cfg.new_tokens)
+            run: dict[str, Any] = {
+                "batch": batch,
+                "image_size": size,
+                "dense_visual_tokens": dense[size],
+                "text_tokens": family.text_tokens(),
+                "launch_free_cases": [],
+            }
+            results["runs"].append(run)
+            for case in tqdm(todo, desc=f"launch-free batch {batch}", disable=not progress):
+                try:
+                    run["launch_free_cases"].append(bench.run_case(case.method, case.budget, _jsonable(case.options)))
+                except Exception as err:
+                    error = f"{type(err).__name__}: {err}"
+                    run["launch_free_cases"].append({"method": case.method, "budget": case.budget, "error": error})
+                summarise(run["launch_free_cases"])
+                _notify(on_update, results)
 
 
 def _not_measured(cfg: BenchConfig, family: Family) -> dict[str, str]:

@@ -100,13 +100,17 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
 
 
 def check_tensor(t: Any, name: str, shape: tuple[int | None, ...], *, finite: bool = True) -> Tensor:
-    """`t` must be a tensor of the given shape (None matches any size) and, for floats, finite."""
+    """`t` must be a tensor of the given shape (None matches any size) and, for floats, finite.
+
+    The finite-value check reads the tensor on the host, so it is skipped while a CUDA graph is being
+    captured (the launch-free path): its inputs there are the model's own features, whose pixels were
+    checked before the capture."""
     if not isinstance(t, Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     expect = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
     if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape, strict=True)):
         raise InputError(f"{name} must have shape {expect}, got {tuple(t.shape)}")
-    if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if finite and t.is_floating_point() and not _capturing(t) and not bool(torch.isfinite(t).all()):
         raise InputError(f"{name} contains NaN or inf values; check the model's dtype/overflow upstream")
     return t
 
@@ -120,3 +124,8 @@ def check_layout(layout: TokenLayout) -> None:
             raise InputError(f"TokenLayout.{n} must be a bool tensor [B, S]")
         if m.shape != ref.shape:
             raise InputError(f"TokenLayout.{n} has shape {tuple(m.shape)}, expected {tuple(ref.shape)}")
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph capture is running on `t`'s device (no host reads are allowed then)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()

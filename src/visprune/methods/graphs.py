@@ -88,15 +88,32 @@ def _replayable(inputs: tuple[Tensor, ...]) -> bool:
 
 def _capture(loop: Callable[..., Tensor], inputs: tuple[Tensor, ...], static: dict[str, Any]) -> _Entry:
     buffers = [t.clone() for t in inputs]
-    side = torch.cuda.Stream(device=inputs[0].device)
-    side.wait_stream(torch.cuda.current_stream(inputs[0].device))
-    with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisations happen here
-        loop(*buffers, **static)
-    torch.cuda.current_stream(inputs[0].device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = loop(*buffers, **static)
+    graph, output = capture(lambda: loop(*buffers, **static), inputs[0].device)
     return graph, buffers, output
+
+
+def capture(
+    call: Callable[[], Any],
+    device: torch.device,
+    pool: Any = None,
+    after_warmup: Callable[[], None] | None = None,
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, output) of `call` captured on `device` after one warm-up run on a side stream (lazy
+    initialisations and compilation happen there, outside the capture). `call` reads its inputs from
+    buffers the caller refills before each `graph.replay()`; the output's tensors are overwritten by it.
+    pool: a memory pool shared with other graphs (`torch.cuda.graph_pool_handle()`), None for a private one;
+    after_warmup: undoes what the warm-up changed outside its output (e.g. a KV cache's write position)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if after_warmup is not None:
+        after_warmup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = call()
+    return graph, output
 
 
 def clear() -> None:

@@ -61,6 +61,7 @@ class Adapter(ABC):
     supports_tower_layer: bool = False  # the reducer may cut the vision tower (apply's tower_layer)
     supports_compile_tower: bool = False  # visprune runs the vision tower's blocks (apply's compile_tower)
     compile_tower: bool = False  # set by apply: run those blocks through torch.compile
+    supports_launch_free: bool = False  # apply's launch_free (static shapes and CUDA graphs; launch_free.py)
 
     def __init__(self, model: nn.Module):
         self.model = model

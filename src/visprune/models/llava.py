@@ -25,6 +25,7 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
     image_inputs = ("image_sizes",)
     supports_keep_positions = True
+    supports_launch_free = True
 
     @property
     def vision_tower(self) -> nn.Module:

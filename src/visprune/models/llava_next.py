@@ -44,6 +44,7 @@ class _Crop:
 
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
+    supports_launch_free = False  # anyres images give each prompt its own crop count: not yet static
     supports_keep_positions = False
 
     @property

@@ -55,6 +55,7 @@ def splice(
     runs: list[list[tuple[int, int]]],
     labels: Tensor | None = None,
     image_offsets: list[Tensor] | None = None,
+    pad_to: int = 1,
 ) -> Spliced:
     """Replace each placeholder run (in `runs`, from image_runs) by the next image's features.
 
@@ -64,6 +65,8 @@ def splice(
     the result then carries `source_index`: for every token, the index in the caller's sequence of the
     token it stands at (text: itself; a kept visual token: its placeholder; padding: 0), from which
     adapters gather the DENSE sequence's position ids.
+    pad_to: the sequence length is rounded up to a multiple of it with more left padding (static shapes for
+    the launch-free path: prompts whose lengths round to the same bucket share one prefill shape).
     """
     b, s = input_ids.shape
     if attention_mask is None:
@@ -112,7 +115,7 @@ def splice(
             seq_labels.append(torch.cat(labs))
 
     lengths = [e.shape[0] for e in seq_embeds]
-    width = max(lengths)
+    width = -(-max(lengths) // pad_to) * pad_to
     d = text_embeds.shape[-1]
     embeds = text_embeds.new_zeros(b, width, d)
     new_ids = input_ids.new_zeros(b, width)

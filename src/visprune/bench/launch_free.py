@@ -1,0 +1,118 @@
+"""`visprune bench --launch-free`: generate end to end in three modes per case, on one model.
+
+- plain: `generate` as transformers runs it (the unpatched model for dense, `apply(method)` otherwise);
+- launch-free: `apply(method, launch_free=True)` (dense: `apply("none", launch_free=True)`);
+- ideal: the launch-free path fed the same per-image token counts with first-K selection (no scoring),
+  so `efficiency = ideal TTFT / launch-free TTFT` is the share of the pruned generate that is not the
+  method's own work.
+
+TTFT = wall time of `generate(max_new_tokens=1)` from the call to the returned tokens (pixels in, first
+token out: tower, reduction, splice, prefill, sampling); e2e = wall time of `generate` with `new_tokens`
+new tokens (min_new_tokens forces all of them); decode tokens/s = batch * (new_tokens - 1) / (e2e - TTFT).
+Each mode is warmed up by one full generate first (on the launch-free path that call captures the graphs:
+its time, and each capture's, are reported as the capture cost).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import visprune
+from visprune.bench.static import static_encoder
+from visprune.methods import Placement, get_method
+
+TTFT_REPEATS = 10
+E2E_REPEATS = 3
+
+
+def wall_ms(fn: Callable[[], Any], repeats: int, device: torch.device) -> dict[str, Any]:
+    """Median / min / max wall time of `fn` in ms (the device synchronised before and after each call)."""
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "repeats": repeats}
+
+
+def supported(method: str) -> bool:
+    """Methods the launch-free path runs: dense and the encoder-side methods."""
+    return method == "dense" or get_method(method).placement is Placement.ENCODER
+
+
+class LaunchFreeBench:
+    """One model and one batch of inputs: the three modes of each case."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int):
+        self.model, self.inputs, self.new_tokens = model, inputs, new_tokens
+        self.device = inputs["input_ids"].device
+        self.batch = inputs["input_ids"].shape[0]
+
+    def _generate(self, n: int) -> Any:
+        with torch.inference_mode():
+            return self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def _mode(self, e2e: bool = True) -> dict[str, Any]:
+        """Warm-up (timed: the first call, capture included), TTFT and, optionally, end to end."""
+        t0 = time.perf_counter()
+        self._generate(self.new_tokens if e2e else 1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        out: dict[str, Any] = {"first_call_s": time.perf_counter() - t0}
+        self._generate(1)
+        out["ttft"] = wall_ms(lambda: self._generate(1), TTFT_REPEATS, self.device)
+        if e2e:
+            out["e2e"] = wall_ms(lambda: self._generate(self.new_tokens), E2E_REPEATS, self.device)
+            decode_ms = out["e2e"]["median_ms"] - out["ttft"]["median_ms"]
+            out["decode_tokens_per_s"] = self.batch * (self.new_tokens - 1) * 1e3 / decode_ms
+        return out
+
+    def _patched(self, method: Any, launch_free: bool, e2e: bool = True, **options: Any) -> dict[str, Any]:
+        handle = visprune.apply(self.model, method, launch_free=launch_free, **options)
+        try:
+            out = self._mode(e2e)
+            out["visual_tokens"] = statistics.mean(handle.stats.visual_tokens_out or [0])
+            out["visual_tokens_per_image"] = list(handle.stats.visual_tokens_out)
+            if handle.launch_free is not None:
+                out["captures"] = list(handle.launch_free.captures)
+            return out
+        finally:
+            visprune.remove(self.model)
+
+    def run_case(self, method: str, budget: int | None, options: dict[str, Any]) -> dict[str, Any]:
+        res: dict[str, Any] = {"method": method, "budget": budget, "options": options}
+        if method == "dense":
+            res["plain"] = self._mode()
+            res["launch_free"] = self._patched("none", True)
+            return res
+        res["plain"] = self._patched(method, False, **options)
+        res["launch_free"] = self._patched(method, True, **options)
+        counts = res["launch_free"]["visual_tokens_per_image"]
+        res["ideal"] = self._patched(static_encoder(counts), True, e2e=False)
+        res["efficiency"] = res["ideal"]["ttft"]["median_ms"] / res["launch_free"]["ttft"]["median_ms"]
+        return res
+
+
+def summarise(cases: list[dict[str, Any]]) -> None:
+    """Speed-ups against the dense case's two modes (in place)."""
+    dense = next((c for c in cases if c["method"] == "dense" and "error" not in c), None)
+    if dense is None:
+        return
+    plain_dense = dense["plain"]["ttft"]["median_ms"]
+    free_dense = dense["launch_free"]["ttft"]["median_ms"]
+    for c in cases:
+        if "error" in c:
+            continue
+        free = c["launch_free"]["ttft"]["median_ms"]
+        c["ttft_speedup_vs_launch_free_dense"] = free_dense / free
+        c["ttft_speedup_vs_plain_dense"] = plain_dense / free
+        c["plain_ttft_speedup_vs_plain_dense"] = plain_dense / c["plain"]["ttft"]["median_ms"]

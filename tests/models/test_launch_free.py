@@ -1,0 +1,207 @@
+"""The launch-free path (apply's launch_free=True) on the CPU: its static shapes (the prompt padded to a
+bucket, a static cache sized for prompt + new tokens, decode masks padded to the cache) give the plain
+path's tokens for every method it supports; what it cannot run is refused; remove releases everything.
+The CUDA-graph capture itself runs on a GPU only and is exercised by `visprune bench --launch-free`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import visprune
+from tests.models import tiny
+from visprune import compat
+from visprune.launch_free import CACHE_BUCKET, SEQUENCE_BUCKET
+from visprune.methods import Placement
+from visprune.patch import _prepare
+
+ENCODER_METHODS = [name for name in tiny.METHOD_OPTIONS if visprune.get_method(name).placement is Placement.ENCODER]
+N_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny.tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    inp = tiny.make_inputs(model, [2, 9, 5], seed=17)
+    inp["pixel_values"] = tiny.varied_pixels(model, 3)
+    return inp
+
+
+def _greedy(model, method, inputs, launch_free, **kw):
+    options = {} if method == "none" else tiny.METHOD_OPTIONS[method]
+    handle = visprune.apply(model, method, launch_free=launch_free, **options)
+    try:
+        out = tiny.greedy(model, inputs, max_new_tokens=N_NEW, **kw)
+        return out, handle
+    finally:
+        visprune.remove(model)
+
+
+@pytest.mark.parametrize("method", ["none", *ENCODER_METHODS])
+def test_launch_free_generates_the_plain_paths_tokens(model, inputs, method):
+    plain, _ = _greedy(model, method, inputs, False)
+    fast, _ = _greedy(model, method, inputs, True)
+    assert torch.equal(fast.sequences, plain.sequences)
+    for a, b in zip(fast.logits, plain.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert compat.output_cache(fast) is not None and isinstance(compat.output_cache(fast), StaticCache)
+
+
+def test_one_prompt_matches_plain_and_reuses_its_cache(model, inputs):
+    """Batch 1, generate called twice (the second reuses the static cache): both equal the plain path."""
+    one = tiny.select(inputs, 1)
+    plain, _ = _greedy(model, "fastervlm", one, False)
+    handle = visprune.apply(model, "fastervlm", launch_free=True, budget=8)
+    try:
+        first = tiny.greedy(model, one, max_new_tokens=N_NEW)
+        second = tiny.greedy(model, one, max_new_tokens=N_NEW)
+        assert compat.output_cache(first) is compat.output_cache(second)
+        assert len(handle.launch_free._slots) == 1
+    finally:
+        visprune.remove(model)
+    assert torch.equal(first.sequences, plain.sequences)
+    assert torch.equal(second.sequences, plain.sequences)
+
+
+def test_sampling_follows_the_plain_path(model, inputs):
+    def sample(launch_free):
+        visprune.apply(model, "visionzip", launch_free=launch_free, **tiny.METHOD_OPTIONS["visionzip"])
+        try:
+            torch.manual_seed(3)
+            with torch.no_grad():
+                return model.generate(**inputs, max_new_tokens=N_NEW, do_sample=True, top_k=5)
+        finally:
+            visprune.remove(model)
+
+    assert torch.equal(sample(True), sample(False))
+
+
+def test_static_cache_is_sized_for_prompt_and_new_tokens(model, inputs):
+    handle = visprune.apply(model, "prumerge+", launch_free=True)
+    try:
+        out = tiny.greedy(model, inputs, max_new_tokens=N_NEW)
+        spliced = handle.stats.tokens_per_layer
+        cache = compat.output_cache(out)
+    finally:
+        visprune.remove(model)
+    longest = max(t[0] for t in spliced)
+    width = -(-longest // SEQUENCE_BUCKET) * SEQUENCE_BUCKET
+    assert cache.layers[0].max_cache_len == -(-(width + N_NEW) // CACHE_BUCKET) * CACHE_BUCKET
+    assert int(cache.get_seq_length()) == width + N_NEW - 1  # the last token is sampled, never fed
+
+
+def test_bucketed_prompt_keeps_masks_positions_and_logits(model, inputs):
+    """The reduced prompt padded to a bucket: the same real tokens, more left padding, the same logits
+    for every real token (generate numbers positions from the mask), hence the same first token."""
+    handle = visprune.apply(model, "fastervlm", budget=8)
+    try:
+        with torch.no_grad():
+            plain = _prepare(handle, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], {}, None)
+            bucketed = _prepare(
+                handle, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], {}, None, 32
+            )
+    finally:
+        visprune.remove(model)
+    width, extra = bucketed.attention_mask.shape[1], bucketed.attention_mask.shape[1] - plain.attention_mask.shape[1]
+    assert width % 32 == 0 and extra > 0
+    assert torch.equal(bucketed.attention_mask[:, extra:], plain.attention_mask)
+    assert not bucketed.attention_mask[:, :extra].any()
+    assert torch.equal(bucketed.input_ids[:, extra:], plain.input_ids)
+    assert torch.equal(bucketed.inputs_embeds[:, extra:], plain.inputs_embeds)
+    assert torch.equal(bucketed.layout.visual[:, extra:], plain.layout.visual)
+
+    def last_logits(batch):
+        positions = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=positions)
+        return out.logits[:, -1]
+
+    torch.testing.assert_close(last_logits(bucketed), last_logits(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_keep_positions_on_the_launch_free_path(model, inputs):
+    plain = visprune.apply(model, "fastervlm", budget=8, keep_positions=True)
+    try:
+        expected = tiny.greedy(model, inputs, max_new_tokens=N_NEW).sequences
+    finally:
+        visprune.remove(model)
+    visprune.apply(model, "fastervlm", budget=8, keep_positions=True, launch_free=True)
+    try:
+        got = tiny.greedy(model, inputs, max_new_tokens=N_NEW).sequences
+    finally:
+        visprune.remove(model)
+    assert plain is not None and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_beams": 2}, "beam search is not supported on the launch-free path"),
+        ({"num_return_sequences": 2, "do_sample": True}, "num_return_sequences > 1 is not supported"),
+        ({"cache_implementation": "dynamic"}, "cache_implementation='dynamic' is not supported"),
+        ({"use_cache": False}, "use_cache=False is not supported"),
+        ({"prompt_lookup_num_tokens": 3}, "assisted decoding is not supported"),
+    ],
+)
+def test_unsupported_generate_options_are_refused(model, inputs, kwargs, message):
+    visprune.apply(model, "fastervlm", budget=8, launch_free=True)
+    try:
+        with pytest.raises(visprune.InputError, match=message), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, **kwargs)
+    finally:
+        visprune.remove(model)
+
+
+def test_a_cache_passed_in_is_refused(model, inputs):
+    visprune.apply(model, "fastervlm", budget=8, launch_free=True)
+    try:
+        first = tiny.greedy(model, inputs, max_new_tokens=2)
+        ones = torch.ones(3, 2, dtype=torch.long)
+        with pytest.raises(visprune.InputError, match="cannot continue from a cache passed in"), torch.no_grad():
+            model.generate(
+                input_ids=first.sequences,
+                attention_mask=torch.cat([inputs["attention_mask"], ones], 1),
+                max_new_tokens=2,
+                **{compat.cache_keyword(model): compat.output_cache(first)},
+            )
+    finally:
+        visprune.remove(model)
+
+
+@pytest.mark.parametrize("method", ["fastv", "knee+text", tiny.COMPOSITION[0]], ids=tiny.method_id)
+def test_llm_side_stages_are_refused_at_apply(model, method):
+    with pytest.raises(visprune.InputError, match="launch-free path cannot replay"):
+        tiny.apply_method(model, method, launch_free=True)
+    assert not hasattr(model, "_visprune_handle")
+
+
+def test_other_bad_requests_are_refused_at_apply(model):
+    with pytest.raises(visprune.InputError, match="launch_free must be True or False"):
+        visprune.apply(model, "fastervlm", budget=8, launch_free="yes")
+    with pytest.raises(visprune.InputError, match="sync_timings synchronises the host"):
+        visprune.apply(model, "fastervlm", budget=8, launch_free=True, sync_timings=True)
+    with pytest.raises(visprune.UnsupportedModelError, match="launch_free is not supported for LlavaNext"):
+        visprune.apply(tiny.tiny_llava_next(), "fastervlm", budget=8, launch_free=True)
+
+
+def test_remove_releases_caches_and_restores_the_model(model, inputs):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attrs = set(model.__dict__)
+    handle = visprune.apply(model, "pool", launch_free=True, budget=16)
+    adapter = handle.adapter
+    wrapped = adapter.image_tokens
+    tiny.greedy(model, inputs, max_new_tokens=2)
+    assert handle.launch_free._slots
+    visprune.remove(model)
+    assert not handle.launch_free._slots and not handle.launch_free._images
+    assert adapter.image_tokens != wrapped
+    assert set(model.__dict__) == attrs
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        unpatched = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert unpatched.shape[1] == inputs["input_ids"].shape[1] + 2
