@@ -29,6 +29,7 @@ models other than LlavaForConditionalGeneration.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import warnings
@@ -91,6 +92,7 @@ class LaunchFree:
         self._slots: OrderedDict[tuple[int, int], _CacheSlot] = OrderedDict()
         self._images: dict[Hashable, _Graph | None] = {}
         self._pool: Any = None
+        self._whole = False  # capturing the whole image path: the tower inside it is not captured on its own
         self._image_tokens = adapter.image_tokens
         self._encode = getattr(adapter, "encode", None)
         adapter.image_tokens = self.image_tokens
@@ -133,19 +135,23 @@ class LaunchFree:
         if kwargs.get("assistant_model") is not None or given("prompt_lookup_num_tokens") is not None:
             raise InputError("assisted decoding is not supported on the launch-free path; apply without launch_free")
 
-    def prepare_generate(self, model: nn.Module, batch: int, length: int, kwargs: dict[str, Any], config: Any) -> None:
-        """Put the static cache for a prompt of `length` tokens into generate's `kwargs` and switch off
-        transformers' compilation of decoding (the steps run as graphs here)."""
-        new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
-        if new is None:
+    def prepare_generate(self, model: nn.Module, batch: int, length: int, kwargs: dict[str, Any]) -> None:
+        """Rewrite generate's `kwargs` for a prompt of `length` tokens: the static cache, transformers' own
+        compilation of decoding off (the steps run as graphs here), and the generation options merged into
+        one GenerationConfig (given that way, generate skips rebuilding the model's whole config to look for
+        legacy generation settings in it: ~10 ms of Python per call, more than a batch-1 prefill of 64 visual
+        tokens; the options mean what they mean unpatched)."""
+        config = copy.deepcopy(kwargs.pop("generation_config", None) or model.generation_config)
+        model_kwargs = config.update(**kwargs)
+        config.cache_implementation, config.disable_compile = None, True
+        if config.max_new_tokens is None:
             raise InputError("the launch-free path sizes its cache from max_new_tokens; pass max_new_tokens")
-        slot = self._slot(model, batch, round_up(length + int(new), CACHE_BUCKET))
-        cache = slot.cache
-        if cache.is_initialized:
-            torch._foreach_zero_([layer.cumulative_length for layer in cache.layers])
-        kwargs[compat.cache_keyword(model)] = cache
-        kwargs["cache_implementation"] = None
-        kwargs["disable_compile"] = True
+        slot = self._slot(model, batch, round_up(length + config.max_new_tokens, CACHE_BUCKET))
+        if slot.cache.layers[0].is_initialized:
+            torch._foreach_zero_([layer.cumulative_length for layer in slot.cache.layers])
+        kwargs.clear()
+        kwargs.update(model_kwargs, generation_config=config)
+        kwargs[compat.cache_keyword(model)] = slot.cache
         self.prefill_pending = True
 
     def _slot(self, model: nn.Module, batch: int, max_len: int) -> _CacheSlot:
@@ -207,14 +213,18 @@ class LaunchFree:
             given = dict(zip(names, rest, strict=False))
             return self._image_tokens(pixels, reducer, {**others, **given})
 
-        entry = self._graph(self._images, key, "vision tower + reduction", call, inputs)
+        self._whole = True
+        try:
+            entry = self._graph(self._images, key, "vision tower + reduction", call, inputs)
+        finally:
+            self._whole = False
         if entry is None:
             return self._image_tokens(pixel_values, reducer, image_kwargs)
         return entry.run(inputs)
 
     def encode(self, pixel_values: Tensor, requests: dict[str, Any]) -> Any:
         """The adapter's vision tower (features and signals), replayed from a graph."""
-        if not _graphable([pixel_values]):
+        if self._whole or not _graphable([pixel_values]):
             return self._encode(pixel_values, requests)
         key = ("tower", pixel_values.shape, pixel_values.dtype, repr(sorted(requests.items())))
         entry = self._graph(self._images, key, "vision tower", lambda px: self._encode(px, requests), [pixel_values])

@@ -533,7 +533,7 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_kwargs, None, pad_to)
     handle._session = handle._generate_cache = None
     if launch_free is not None:
-        launch_free.prepare_generate(handle.model, *batch.input_ids.shape, kwargs, config)
+        launch_free.prepare_generate(handle.model, *batch.input_ids.shape, kwargs)
     handle._in_generate = True
     try:
         if batch.position_ids is not None:
