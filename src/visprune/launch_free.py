@@ -93,6 +93,7 @@ class LaunchFree:
         self._images: dict[Hashable, _Graph | None] = {}
         self._pool: Any = None
         self._whole = False  # capturing the whole image path: the tower inside it is not captured on its own
+        self._cache_keyword = compat.cache_keyword(adapter.model)
         self._image_tokens = adapter.image_tokens
         self._encode = getattr(adapter, "encode", None)
         adapter.image_tokens = self.image_tokens
@@ -141,7 +142,7 @@ class LaunchFree:
         one GenerationConfig (given that way, generate skips rebuilding the model's whole config to look for
         legacy generation settings in it: ~10 ms of Python per call, more than a batch-1 prefill of 64 visual
         tokens; the options mean what they mean unpatched)."""
-        config = copy.deepcopy(kwargs.pop("generation_config", None) or model.generation_config)
+        config = copy.copy(kwargs.pop("generation_config", None) or model.generation_config)  # generate deep-copies it
         model_kwargs = config.update(**kwargs)
         config.cache_implementation, config.disable_compile = None, True
         if config.max_new_tokens is None:
@@ -151,7 +152,7 @@ class LaunchFree:
             torch._foreach_zero_([layer.cumulative_length for layer in slot.cache.layers])
         kwargs.clear()
         kwargs.update(model_kwargs, generation_config=config)
-        kwargs[compat.cache_keyword(model)] = slot.cache
+        kwargs[self._cache_keyword] = slot.cache
         self.prefill_pending = True
 
     def _slot(self, model: nn.Module, batch: int, max_len: int) -> _CacheSlot:

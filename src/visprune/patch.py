@@ -241,7 +241,7 @@ def apply(
     if not isinstance(launch_free, bool):
         raise InputError(f"launch_free must be True or False, got {launch_free!r}")
     if launch_free:
-        _check_launch_free(adapter, model, llm, sync_timings)
+        _check_launch_free(adapter, model, encoder, llm, sync_timings)
     if tower_layer is not None:
         if not adapter.supports_tower_layer:
             raise UnsupportedModelError(
@@ -321,12 +321,20 @@ def apply(
     return handle
 
 
-def _check_launch_free(adapter: Adapter, model: nn.Module, llm: MethodSpec | None, sync_timings: bool) -> None:
+def _check_launch_free(
+    adapter: Adapter, model: nn.Module, encoder: MethodSpec | None, llm: MethodSpec | None, sync_timings: bool
+) -> None:
     """Refuse what the launch-free path cannot run with static shapes."""
     if not adapter.supports_launch_free:
         raise UnsupportedModelError(
             f"launch_free is not supported for {type(model).__name__} yet; it is for LlavaForConditionalGeneration "
             "(apply without launch_free=True)"
+        )
+    if encoder is not None and not encoder.graph_capturable:
+        raise InputError(
+            f"{encoder.name} prunes inside the vision tower with token counts it reads back on the host between "
+            "blocks, which the launch-free path cannot replay from a graph; use another encoder-side method with "
+            "launch_free=True, or apply without it"
         )
     if llm is not None:
         raise InputError(

@@ -118,7 +118,7 @@ class Reducer:
                         f"{self.spec.name} needs the prompt of each image, which this call does not give "
                         "(visprune passes it from the model's input_ids in forward and generate)"
                     )
-                out[name] = self.prompts[torch.as_tensor(list(images), device=self.prompts.device)].to(features.device)
+                out[name] = _rows(self.prompts, images).to(features.device)
         return out
 
 
@@ -141,3 +141,11 @@ def sync_device(t: Tensor, enabled: bool) -> None:
     """Synchronise `t`'s CUDA device when `enabled` (timings that measure device time)."""
     if enabled and t.is_cuda:
         torch.cuda.synchronize(t.device)
+
+
+def _rows(table: Tensor, images: Sequence[int]) -> Tensor:
+    """table[images]: a slice for a contiguous range (no index tensor copied from the host, so the rows can be
+    read inside a CUDA graph capture), a gather otherwise."""
+    if isinstance(images, range) and images.step == 1:
+        return table[images.start : images.stop]
+    return table[torch.as_tensor(list(images), device=table.device)]

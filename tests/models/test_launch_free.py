@@ -13,10 +13,14 @@ import visprune
 from tests.models import tiny
 from visprune import compat
 from visprune.launch_free import CACHE_BUCKET, SEQUENCE_BUCKET
-from visprune.methods import Placement
+from visprune.methods import Placement, get_method
 from visprune.patch import _prepare
 
-ENCODER_METHODS = [name for name in tiny.METHOD_OPTIONS if visprune.get_method(name).placement is Placement.ENCODER]
+ENCODER_METHODS = [
+    name
+    for name in tiny.METHOD_OPTIONS
+    if get_method(name).placement is Placement.ENCODER and get_method(name).graph_capturable
+]
 N_NEW = 6
 
 
@@ -177,6 +181,13 @@ def test_a_cache_passed_in_is_refused(model, inputs):
 def test_llm_side_stages_are_refused_at_apply(model, method):
     with pytest.raises(visprune.InputError, match="launch-free path cannot replay"):
         tiny.apply_method(model, method, launch_free=True)
+    assert not hasattr(model, "_visprune_handle")
+
+
+def test_a_method_that_needs_the_host_inside_the_tower_is_refused(model):
+    assert "flowcut" in tiny.METHOD_OPTIONS and "flowcut" not in ENCODER_METHODS
+    with pytest.raises(visprune.InputError, match="flowcut prunes inside the vision tower"):
+        visprune.apply(model, "flowcut", launch_free=True, **tiny.METHOD_OPTIONS["flowcut"])
     assert not hasattr(model, "_visprune_handle")
 
 

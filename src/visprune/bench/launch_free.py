@@ -45,8 +45,11 @@ def wall_ms(fn: Callable[[], Any], repeats: int, device: torch.device) -> dict[s
 
 
 def supported(method: str) -> bool:
-    """Methods the launch-free path runs: dense and the encoder-side methods."""
-    return method == "dense" or get_method(method).placement is Placement.ENCODER
+    """Methods the launch-free path runs: dense and the encoder-side methods it can capture."""
+    if method == "dense":
+        return True
+    spec = get_method(method)
+    return spec.placement is Placement.ENCODER and spec.graph_capturable
 
 
 class LaunchFreeBench:

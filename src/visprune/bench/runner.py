@@ -476,7 +476,10 @@ def _launch_free_runs(
     on_update: Callable[[dict[str, Any]], None] | None,
 ) -> None:
     """The launch-free mode: every supported case in three modes (plain, launch-free, ideal), per batch."""
-    results["not_measured"] = {"launch_free": "LLM-side methods: the launch-free path refuses them"}
+    results["not_measured"] = {
+        "launch_free": "LLM-side methods and methods whose vision-tower pass needs the host (graph_capturable=False): "
+        "the launch-free path refuses them"
+    }
     for size in sizes:
         todo = [c for c in plans[size][0] if supported(c.method)]
         for batch in cfg.batches:

@@ -239,6 +239,9 @@ class MethodSpec:
     # Where the method's published code materialises attention maps ("vision" or "llm"; None: it does not).
     # `visprune bench` times that variant beside visprune's SDPA-compatible path.
     published_attention: str | None = field(default=None, repr=False)
+    # False: the method's vision-tower pass needs the host between blocks (it prunes inside the tower with
+    # counts read back on the host), so it cannot run as a CUDA graph; apply(launch_free=True) refuses it.
+    graph_capturable: bool = field(default=True, repr=False)
 
     def options(self, **overrides: Any) -> dict[str, Any]:
         """Defaults merged with `overrides`, validated (names, types, ranges, choices): InputError

@@ -165,6 +165,7 @@ def keep_top(flow: Tensor, valid: Tensor, counts: Tensor, width: int | None = No
     check=check_options,
     budget_rule=TOKENS,
     published_attention="vision",
+    graph_capturable=False,
 )
 def flowcut(
     features: Tensor,

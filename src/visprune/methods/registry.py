@@ -73,6 +73,7 @@ def register(
     check: Callable[..., None],
     budget_rule: BudgetRule | None = None,
     published_attention: str | None = None,
+    graph_capturable: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers a method function under `name`.
 
@@ -86,6 +87,8 @@ def register(
     required for a fixed-budget method, None for an adaptive one.
     published_attention: where the method's published code materialises attention maps ("vision" or
     "llm"), for the benchmark's comparison; None when it does not.
+    graph_capturable: False for a method whose vision-tower pass needs the host between blocks (the
+    launch-free path, which replays the tower as a CUDA graph, refuses it).
     """
     if published_attention not in (None, "vision", "llm"):
         raise RuntimeError(f"method {name!r}: published_attention must be None, 'vision' or 'llm'")
@@ -129,6 +132,7 @@ def register(
             check=check,
             budget_rule=budget_rule,
             published_attention=published_attention,
+            graph_capturable=graph_capturable,
         )
         return fn
 
