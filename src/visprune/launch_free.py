@@ -43,12 +43,13 @@ from transformers import StaticCache
 from transformers.utils import ModelOutput
 
 from visprune import compat
-from visprune.errors import InputError
+from visprune.errors import InputError, UnsupportedModelError
 from visprune.methods.graphs import capture
 
 SEQUENCE_BUCKET = 32  # the reduced prompt's length is rounded up to a multiple of this
 CACHE_BUCKET = 256  # the static cache's length is rounded up to a multiple of this
 MAX_CACHES = 4  # static caches (and the graphs that write them) kept per patched model
+MAX_GRAPHS = 128  # graphs per cache; past it new shapes run plainly (a warning says so once)
 _UNCAPTURABLE = None
 
 
@@ -184,10 +185,16 @@ class LaunchFree:
         names = sorted(k for k, v in kwargs.items() if isinstance(v, Tensor))
         others = {k: v for k, v in kwargs.items() if k not in names}
         inputs = [kwargs[k] for k in names]
+        key = call_key(piece, kwargs, cache)
         if not _graphable(inputs) or not slot.cache.layers[0].is_initialized:
             return original(**kwargs)  # the first call allocates the cache (lazily, on its first write)
-        settings = repr(sorted((k, v) for k, v in others.items() if v is not cache))
-        key = (piece, tuple((k, kwargs[k].shape, kwargs[k].dtype) for k in names), settings)
+        if key not in slot.graphs and len(slot.graphs) >= MAX_GRAPHS:
+            warnings.warn(
+                f"visprune launch_free: {MAX_GRAPHS} graphs captured on one cache; further shapes run as plain "
+                "PyTorch (prompts of many different lengths?)",
+                stacklevel=4,
+            )
+            slot.graphs[key] = _UNCAPTURABLE
 
         def call(*tensors: Tensor) -> Any:
             return original(**dict(zip(names, tensors, strict=True)), **others)
@@ -284,6 +291,26 @@ class LaunchFree:
         self.adapter.image_tokens = self._image_tokens
         if self._encode is not None:
             self.adapter.encode = self._encode
+
+
+def call_key(piece: str, kwargs: dict[str, Any], cache: Any) -> Hashable:
+    """What identifies one captured model call: the piece, every tensor argument's name, shape and dtype, and
+    the other arguments' values (the cache aside). Decode steps of one generate share it (their masks are
+    padded to the cache), so one graph serves them all; anything that changes it captures a new graph."""
+    tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(kwargs.items()) if isinstance(v, Tensor))
+    settings = repr(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, Tensor) and v is not cache))
+    return piece, tensors, settings
+
+
+def check_static_cache(config: Any) -> None:
+    """Refuse models whose static cache keeps host-side state per step (sliding-window layers count their
+    position in a Python int, which a replayed graph would not advance)."""
+    cache = StaticCache(config=config, max_cache_len=CACHE_BUCKET)
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        raise UnsupportedModelError(
+            "the launch-free path does not support sliding-window attention (its static cache layers track their "
+            "position on the host); apply without launch_free=True"
+        )
 
 
 def _graphable(inputs: list[Tensor]) -> bool:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
-from visprune.launch_free import SEQUENCE_BUCKET, LaunchFree
+from visprune.launch_free import SEQUENCE_BUCKET, LaunchFree, check_static_cache
 from visprune.llm_pruning import DecoderPruner
 from visprune.methods import MethodSpec, Placement, get_method
 from visprune.methods.base import available_requests
@@ -342,6 +342,7 @@ def _check_launch_free(
             "path cannot replay from a graph; use an encoder-side method (e.g. 'fastervlm' or 'visionzip') with "
             "launch_free=True, or apply without it"
         )
+    check_static_cache(model.config)
     if sync_timings:
         raise InputError(
             "sync_timings synchronises the host between stages, which the launch-free path removes; use one or the "

@@ -216,3 +216,57 @@ def test_remove_releases_caches_and_restores_the_model(model, inputs):
     with torch.no_grad():
         unpatched = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert unpatched.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_decode_steps_share_one_graph_key_and_no_host_state(model, inputs, monkeypatch):
+    """What a replayed graph cannot see must not change between the calls that share it: every decode
+    step of a generate (and of a second generate) has the same key, and the cache keeps no per-step state
+    on the host (a replay would not advance it). Prompts of different lengths in one bucket share the
+    prefill key. This guards the GPU path against a transformers release that adds per-step host state."""
+    from visprune import launch_free
+
+    seen: list[tuple] = []
+    real = launch_free.call_key
+
+    def recording(piece, kwargs, cache):
+        host = [
+            {k: v for k, v in vars(layer).items() if isinstance(v, (int, float, bool)) and k != "is_initialized"}
+            for layer in cache.layers
+        ]
+        key = real(piece, kwargs, cache)
+        seen.append((piece, key, repr(host)))
+        return key
+
+    monkeypatch.setattr(launch_free, "call_key", recording)
+    one, two = tiny.select(inputs, 1), tiny.select(inputs, 2)  # 9- and 5-token questions: one 32-token bucket
+    visprune.apply(model, "fastervlm", budget=8, launch_free=True)
+    try:
+        for x in (one, one, two):
+            tiny.greedy(model, x, max_new_tokens=N_NEW)
+    finally:
+        visprune.remove(model)
+    prefill = {key for piece, key, _ in seen if piece == "prefill"}
+    decode = {key for piece, key, _ in seen if piece == "decode"}
+    assert len(prefill) == 1 and len(decode) == 1
+    assert len([1 for piece, _, _ in seen if piece == "decode"]) == 3 * (N_NEW - 1)
+    assert len({host for piece, _, host in seen if piece == "decode"}) == 1
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    base = tiny.tiny_llava_config()
+    text = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=tiny.VOCAB,
+        sliding_window=16,
+    )
+    cfg = LlavaConfig(vision_config=base.vision_config, text_config=text, image_token_id=tiny.IMAGE_TOKEN)
+    mistral = LlavaForConditionalGeneration(cfg).eval()
+    with pytest.raises(visprune.UnsupportedModelError, match="does not support sliding-window attention"):
+        visprune.apply(mistral, "fastervlm", budget=8, launch_free=True)
+    assert not hasattr(mistral, "_visprune_handle")
