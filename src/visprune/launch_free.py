@@ -23,8 +23,9 @@ for those shapes, with a warning naming it: the result is the same, only slower.
 
 What the path refuses, with an InputError at `generate`: beam search, several return sequences, a cache
 passed in, another `cache_implementation`, `use_cache=False`, assisted decoding. At `apply`: LLM-side
-stages (their per-layer token counts are decided on the host during the prefill), `sync_timings`, and
-models other than LlavaForConditionalGeneration.
+stages (their per-layer token counts are decided on the host during the prefill), methods registered with
+`graph_capturable=False` (flowcut), `sync_timings`, models with sliding-window attention, and models other
+than LlavaForConditionalGeneration.
 """
 
 from __future__ import annotations
@@ -165,9 +166,6 @@ class LaunchFree:
         while len(self._slots) > MAX_CACHES:
             self._slots.popitem(last=False)
         return self._slots[key]
-
-    def owns(self, cache: Any) -> bool:
-        return any(slot.cache is cache for slot in self._slots.values())
 
     def model_call(self, original: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         """A prefill or decode step of generate on one of this path's caches: the attention mask padded to

@@ -539,7 +539,8 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     pixel_values = kwargs.pop("pixel_values", None)
     image_kwargs = _pop_image_kwargs(handle.adapter, kwargs)
     pad_to = SEQUENCE_BUCKET if launch_free is not None else 1
-    batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_kwargs, None, pad_to)
+    with torch.no_grad():  # generate never needs gradients (unpatched, it runs all of this under no_grad)
+        batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_kwargs, None, pad_to)
     handle._session = handle._generate_cache = None
     if launch_free is not None:
         launch_free.prepare_generate(handle.model, *batch.input_ids.shape, kwargs)

@@ -270,3 +270,15 @@ def test_sliding_window_models_are_refused():
     with pytest.raises(visprune.UnsupportedModelError, match="does not support sliding-window attention"):
         visprune.apply(mistral, "fastervlm", budget=8, launch_free=True)
     assert not hasattr(mistral, "_visprune_handle")
+
+
+@pytest.mark.parametrize("launch_free", [False, True])
+def test_generate_encodes_images_without_gradients(model, inputs, launch_free):
+    """generate outside torch.no_grad(): the tower and the reduction build no autograd graph (unpatched
+    generate runs under no_grad; on the launch-free path gradients would also stop the graphs)."""
+    handle = visprune.apply(model, "visionzip", launch_free=launch_free, **tiny.METHOD_OPTIONS["visionzip"])
+    try:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert not any(r.features.requires_grad for crops in handle.stats.reductions for r in crops)
+    finally:
+        visprune.remove(model)
