@@ -33,9 +33,7 @@ def single(model):
 
 @pytest.fixture(scope="module")
 def batch(model):
-    inp = tiny.make_inputs(model, [2, 9, 5], seed=17)
-    inp["pixel_values"] = tiny.varied_pixels(model, 3)
-    return inp
+    return tiny.varied_batch(model)
 
 
 @pytest.mark.parametrize("method", KINDS, ids=tiny.method_id)

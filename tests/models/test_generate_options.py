@@ -22,9 +22,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def inputs(model):
-    inp = tiny.make_inputs(model, [2, 9, 5], seed=17)
-    inp["pixel_values"] = tiny.varied_pixels(model, 3)
-    return inp
+    return tiny.varied_batch(model)
 
 
 def _apply(model, method):

@@ -102,6 +102,14 @@ def make_inputs(model, prompt_lengths: list[int], images_per_prompt: list[int] |
     return out
 
 
+def varied_batch(model) -> dict:
+    """Three left-padded prompts (2-, 9- and 5-token questions) with three images of different structure:
+    the batch the generation and cache tests share."""
+    inputs = make_inputs(model, [2, 9, 5], seed=17)
+    inputs["pixel_values"] = varied_pixels(model, 3)
+    return inputs
+
+
 def select(inputs: dict, i: int, images_per_prompt: list[int] | None = None) -> dict:
     """Sample i alone, with its padding removed, as the processor would give it."""
     keep = inputs["attention_mask"][i].bool()
