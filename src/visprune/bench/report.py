@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from visprune.bench.launch_free import E2E_REPEATS, TTFT_REPEATS
+
 
 def _ms(t: dict[str, Any] | None) -> str:
     if not t:
@@ -44,14 +46,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"# visprune bench: {results['model']['config']}",
         "",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
-        f"Timing: median [min-max] of {results['config']['repeats']} repeats after {results['config']['warmup']} "
-        "warm-ups (CUDA events). prefill = patched forward from pixels to the first token's logits (TTFT "
-        "without sampling); ideal = the same pipeline fed the same token counts with first-K selection; "
-        "efficiency = ideal / prefill; speed-up = dense / prefill; decode tok/s = batch / median decoder "
-        f"step over {results['config'].get('decode_runs', 1)} generations of {results['config']['new_tokens']} "
-        "new tokens.",
-        "",
     ]
+    if not results["config"].get("launch_free"):  # the launch-free tables state their own timing
+        lines.append(
+            f"Timing: median [min-max] of {results['config']['repeats']} repeats after {results['config']['warmup']} "
+            "warm-ups (CUDA events). prefill = patched forward from pixels to the first token's logits (TTFT "
+            "without sampling); ideal = the same pipeline fed the same token counts with first-K selection; "
+            "efficiency = ideal / prefill; speed-up = dense / prefill; decode tok/s = batch / median decoder "
+            f"step over {results['config'].get('decode_runs', 1)} generations of {results['config']['new_tokens']} "
+            "new tokens."
+        )
+    lines.append("")
     for run in results["runs"]:
         if "launch_free_cases" in run:
             lines += _launch_free_table(run)
@@ -141,7 +146,9 @@ def _launch_free_table(run: dict[str, Any]) -> list[str]:
     lines = [
         f"## Launch-free generate, {_run_title(run)} ({run['text_tokens']} text tokens per sample)",
         "",
-        "TTFT = wall time of generate(max_new_tokens=1); e2e = generate with the new tokens; decode tok/s = "
+        f"Timing: median [min-max] wall time (device synchronised) of {TTFT_REPEATS} repeats for TTFT and "
+        f"{E2E_REPEATS} for e2e, after warm-up. TTFT = wall time of generate(max_new_tokens=1); "
+        "e2e = generate with the new tokens; decode tok/s = "
         "batch x (new tokens - 1) / (e2e - TTFT); ideal = the launch-free path with the same token counts and "
         "first-K selection; efficiency = ideal TTFT / launch-free TTFT; capture = the first call's wall time "
         "(graphs captured, cache allocated).",
