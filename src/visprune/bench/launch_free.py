@@ -24,6 +24,7 @@ import torch
 
 import visprune
 from visprune.bench.static import static_encoder
+from visprune.bench.timing import summarize
 from visprune.methods import Placement, get_method
 
 TTFT_REPEATS = 20
@@ -41,7 +42,7 @@ def wall_ms(fn: Callable[[], Any], repeats: int, device: torch.device) -> dict[s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         samples.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "repeats": repeats}
+    return summarize(samples)
 
 
 def supported(method: str) -> bool:
