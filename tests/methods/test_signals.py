@@ -141,3 +141,31 @@ def test_fused_received_equals_the_chunked_scores(dtype, skip):
     got = _received_fused(q.to(dtype), k.to(dtype), skip)
     assert got is not None and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_received_reads_given_normalisers_instead_of_its_first_pass():
+    """Given the rows' log-normalisers (from the block's own attention call), the fused path skips its
+    first pass and gives the same column sums; the normalisers are really read (wrong ones change them)."""
+    from visprune.methods.signals import _received_batched, _received_fused, attention_with_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (2 * torch.randn(2, 4, 50, 16, generator=g) for _ in range(3))
+    found = attention_with_lse(q, k, v, 16**-0.5)
+    assert found is not None
+    out, lse = found
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    got = _received_fused(q, k, 1, lse)
+    torch.testing.assert_close(got, _received_batched(q, k, 1, None), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(_received_fused(q, k, 1, lse + 1.0), got)
+
+
+def test_mean_received_lse_errors():
+    q = torch.randn(2, 6, 8)
+    with pytest.raises(InputError, match=r"lse must be the per-head log-normalisers \(2, 6, 2\)"):
+        mean_received_attention(q, q, 2, lse=torch.zeros(2, 6))
+    with pytest.raises(InputError, match="heads='mean' or 'sum'"):
+        mean_received_attention(q, q, 2, heads="single", lse=torch.zeros(2, 6, 1))
+    with pytest.raises(InputError, match=r"\(12, 2\)"):
+        mean_received_attention(
+            q.flatten(0, 1), q.flatten(0, 1), 2, cu_seqlens=torch.tensor([0, 6, 12]), lse=torch.zeros(12, 3)
+        )

@@ -4,6 +4,7 @@ the cut see only the kept tokens, batch equals one by one, errors are clear)."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
@@ -16,7 +17,7 @@ from tests.models.test_qwen import QWEN_OPTIONS
 from tests.models.tiny import tiny_llava
 from visprune.methods import Placement, get_method
 from visprune.models import adapter_for
-from visprune.models.segments import Segments, segment_attention
+from visprune.models.segments import Segments, segment_attention, segment_attention_lse
 
 # Odd grids: windows of several sizes on Qwen2.5-VL, a two-frame entry (video-like t=2).
 GRIDS = [(1, 6, 10), (2, 4, 4), (1, 10, 6), (1, 8, 8)]
@@ -42,6 +43,33 @@ def test_segment_attention_equals_one_call_per_segment(lengths, eager):
     q, k, v = (torch.randn(t, 2, 8, generator=g) for _ in range(3))
     out = segment_attention(q, k, v, Segments(lengths), scale=0.3, eager=eager)
     torch.testing.assert_close(out, _one_call_per_segment(q, k, v, lengths, 0.3), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths", [(8, 8, 8), (3, 5, 3, 7, 5)], ids=["uniform", "grouped"])
+@pytest.mark.parametrize("eager", [False, True])
+def test_segment_attention_returns_each_rows_log_normaliser(lengths, eager):
+    """With the log-normalisers (what the CLS-free signal reuses): the same attention, and per token and
+    head log sum_j exp(q k_j * scale) over the keys of its own segment."""
+    g = torch.Generator().manual_seed(0)
+    t = sum(lengths)
+    q, k, v = (torch.randn(t, 2, 8, generator=g) for _ in range(3))
+    out, lse = segment_attention_lse(q, k, v, Segments(lengths), scale=0.3, eager=eager)
+    torch.testing.assert_close(out, _one_call_per_segment(q, k, v, lengths, 0.3), rtol=1e-5, atol=1e-6)
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    ref = torch.cat(
+        [torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]).mul(0.3).logsumexp(-1).T for a, b in itertools.pairwise(bounds)]
+    )
+    assert lse is not None and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_attention_has_no_log_normaliser_for_a_padded_layout():
+    """Many distinct lengths run as one masked call, whose kernel gives no normalisers: None, not a guess."""
+    lengths = (1, 2, 3, 4, 5, 6, 7)
+    q = torch.randn(sum(lengths), 2, 8)
+    out, lse = segment_attention_lse(q, q, q, Segments(lengths), scale=0.3)
+    assert lse is None
+    torch.testing.assert_close(out, segment_attention(q, q, q, Segments(lengths), scale=0.3))
 
 
 def test_segments_refuse_a_sequence_they_do_not_cover():
@@ -399,5 +427,30 @@ def test_signals_from_the_runners_own_q_and_k_equal_recomputed_ones(kind):
         req = SignalRequest(kind, layers=(1,), heads="mean")
         block = adapter.vision_tower.blocks[1]
         kept = adapter._signal(block, seen, req)
-        recomputed = adapter._signal(block, replace(seen, q=None, k=None, keys=None), req)
+        recomputed = adapter._signal(block, replace(seen, q=None, k=None, keys=None, lse=None), req)
     torch.testing.assert_close(kept, recomputed, rtol=1e-5, atol=1e-6)
+
+
+def test_the_runner_keeps_the_log_normalisers_of_a_block_a_signal_reads():
+    """The runner records the block's attention normalisers [T, heads] (tower order) with its q and k, and
+    the mean-received signal computed from them equals the one that runs its own first pass."""
+    from visprune.methods.signals import _received_fused, _split_heads
+    from visprune.models import qwen_tower
+
+    model = tiny_qwen.tiny_qwen("qwen2.5-vl")
+    adapter = adapter_for(model)
+    pixels, grid = _pixels(model, GRIDS)
+    full = sorted(adapter.vision_tower.fullatt_block_indexes)[0]
+    with torch.no_grad():
+        state = adapter._start(pixels, [tuple(g) for g in grid.tolist()])
+        inputs, _ = qwen_tower.run_blocks(adapter.vision_tower, state, full + 1, inputs={full})
+    seen = inputs[full]
+    assert seen.lse is not None and seen.lse.shape == seen.q.shape[:2]
+    scale = adapter.vision_tower.blocks[full].attn.scaling
+    bounds = seen.segments.cu_seqlens().tolist()
+    for a, b in itertools.pairwise(bounds):  # each image's own keys
+        ref = torch.einsum("qhd,khd->hqk", seen.q[a:b], seen.k[a:b]).mul(scale).logsumexp(-1).T
+        torch.testing.assert_close(seen.lse[a:b], ref, rtol=1e-5, atol=1e-5)
+        qh, kh = (_split_heads(x[a:b].flatten(1)[None], x.shape[1]) for x in (seen.q, seen.k))
+        reused = _received_fused(qh, kh, 0, seen.lse[a:b].T[None])
+        torch.testing.assert_close(reused, _received_fused(qh, kh, 0), rtol=1e-5, atol=1e-6)

@@ -369,13 +369,16 @@ class Qwen2VLAdapter(Adapter):
                 k = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1)[:, 1]
             pooled = k.flatten(1).reshape(t // MERGED, MERGED, -1).mean(1)
             return patch_keys(pooled.unsqueeze(0), attn.num_heads, req.heads, has_cls=False)[0]
+        lse = None
         if seen.q is None or seen.k is None:
             q, k = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)[:2]
             q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
         else:
             q, k = seen.q, seen.k  # the runner's own, kept when the block ran
+            if req.heads != "single" and attn.scaling == q.shape[-1] ** -0.5:
+                lse = seen.lse  # the block's own attention normalisers: the signal's first pass
         received = mean_received_attention(
-            q.flatten(1), k.flatten(1), attn.num_heads, req.heads, cu_seqlens=seen.segments.cu_seqlens()
+            q.flatten(1), k.flatten(1), attn.num_heads, req.heads, cu_seqlens=seen.segments.cu_seqlens(), lse=lse
         )
         return received.reshape(t // MERGED, MERGED).mean(1)
 

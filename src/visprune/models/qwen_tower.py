@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from visprune import compat
 from visprune.errors import UnsupportedModelError
-from visprune.models.segments import Segments, segment_attention
+from visprune.models.segments import Segments, segment_attention, segment_attention_lse
 
 UNIT = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
 # Half-precision elements per 16 bytes: GPU matrix-product kernels for Hopper need leading dimensions
@@ -91,6 +91,9 @@ class BlockInput:
     k: Tensor | None = None
     keys: Tensor | None = None  # the block's keys before RoPE
     v: Tensor | None = None
+    # The log-normaliser of each query row and head [T, heads] float32 of the block's attention, where its
+    # fused kernel returned it (the CLS-free signal then skips a pass of its own).
+    lse: Tensor | None = None
 
 
 class BlockSteps(NamedTuple):
@@ -201,8 +204,8 @@ def run_block(
     steps: BlockSteps,
     record: BlockInput | None = None,
 ) -> Tensor:
-    """One Qwen-VL vision block with its attention batched over `segments`; its q and k go into `record`
-    where given."""
+    """One Qwen-VL vision block with its attention batched over `segments`; its q, k, v and attention
+    log-normalisers go into `record` where given."""
     attn = block.attn
     impl = attn.config._attn_implementation or "eager"
     if impl not in ("sdpa", "eager"):
@@ -210,9 +213,11 @@ def run_block(
         cu = segments.cu_seqlens(hidden.device)
         return block(hidden, cu_seqlens=cu, max_seqlen=max(segments.lengths), position_embeddings=(cos, sin))
     q, k, v, keys = steps.attention_inputs(block, hidden, cos, sin, rope)
-    if record is not None:
-        record.q, record.k, record.keys, record.v = q, k, keys, v
-    out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
+    if record is None:
+        out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
+    else:
+        out, lse = segment_attention_lse(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
+        record.q, record.k, record.keys, record.v, record.lse = q, k, keys, v, lse
     return steps.finish_block(block, hidden, out)
 
 

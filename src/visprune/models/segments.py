@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visprune.methods.signals import attention_with_lse
+
 # Above this many distinct segment lengths, pad every segment to the longest (one masked call).
 MAX_GROUPS = 4
 
@@ -98,6 +100,22 @@ def segment_attention(
     eager=True computes softmax(q k^T * scale) v explicitly with the softmax in float32, as
     transformers' eager attention does; otherwise torch's scaled_dot_product_attention.
     """
+    return _segment_attention(q, k, v, segments, scale, eager, False)[0]
+
+
+def segment_attention_lse(
+    q: Tensor, k: Tensor, v: Tensor, segments: Segments, *, scale: float, eager: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """`segment_attention` and each query row's log-normaliser log sum_j exp(q_i k_j * scale) over its
+    segment, [T, H] float32, which the fused kernels compute anyway (the CLS-free signal reads it instead
+    of a pass of its own). The log-normaliser is None where no kernel returns it (a padded layout, or a
+    shape torch's private fused operators do not take); the attention is computed either way."""
+    return _segment_attention(q, k, v, segments, scale, eager, True)
+
+
+def _segment_attention(
+    q: Tensor, k: Tensor, v: Tensor, segments: Segments, scale: float, eager: bool, want_lse: bool
+) -> tuple[Tensor, Tensor | None]:
     t, h, d = q.shape
     if segments.total != t:
         raise ValueError(f"the segments cover {segments.total} tokens but the sequence has {t}")
@@ -105,26 +123,47 @@ def segment_attention(
     if plan.uniform is not None:
         n = t // plan.uniform
         folded = [x.reshape(n, plan.uniform, h, d).transpose(1, 2) for x in (q, k, v)]
-        return _attend(*folded, None, scale, eager).transpose(1, 2).reshape(t, h, d)
+        out, lse = _attend(*folded, None, scale, eager, want_lse)
+        return out.transpose(1, 2).reshape(t, h, d), _token_rows(lse, t, h)
     if plan.padded is not None:
         n, width = plan.padded.shape
         rows = plan.padded.flatten()
         folded = [x[rows].view(n, width, h, d).transpose(1, 2) for x in (q, k, v)]
-        attended = _attend(*folded, plan.valid[:, None, None, :], scale, eager).transpose(1, 2)
-        return attended.reshape(n * width, h, d).index_select(0, plan.slots)
+        attended, _ = _attend(*folded, plan.valid[:, None, None, :], scale, eager, False)
+        return attended.transpose(1, 2).reshape(n * width, h, d).index_select(0, plan.slots), None
     out = torch.empty_like(q)
+    lse_all = q.new_empty(t, h, dtype=torch.float32) if want_lse else None
     for length, rows in plan.groups:
         n = rows.shape[0] // length
         folded = [x[rows].view(n, length, h, d).transpose(1, 2) for x in (q, k, v)]
-        out[rows] = _attend(*folded, None, scale, eager).transpose(1, 2).reshape(-1, h, d)
-    return out
+        attended, lse = _attend(*folded, None, scale, eager, want_lse)
+        out[rows] = attended.transpose(1, 2).reshape(-1, h, d)
+        if lse_all is not None:
+            if lse is None:
+                lse_all = None
+            else:
+                lse_all[rows] = _token_rows(lse, rows.shape[0], h)
+    return out, lse_all
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, eager: bool) -> Tensor:
-    """[n, H, L, d] attention with an optional boolean key mask [n, 1, 1, L]."""
-    if not eager:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+def _token_rows(lse: Tensor | None, t: int, h: int) -> Tensor | None:
+    """[n, H, L] log-normalisers as [n * L, H] token rows."""
+    return None if lse is None else lse.transpose(1, 2).reshape(t, h)
+
+
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, eager: bool, want_lse: bool
+) -> tuple[Tensor, Tensor | None]:
+    """[n, H, L, d] attention with an optional boolean key mask [n, 1, 1, L]; with want_lse (and no mask)
+    also the rows' log-normalisers [n, H, L] float32, where a kernel gives them."""
+    if eager:
+        scores = (q @ k.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        return out, scores.float().logsumexp(dim=-1) if want_lse else None
+    if want_lse and mask is None:
+        found = attention_with_lse(q, k, v, scale)
+        if found is not None:
+            return found
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
