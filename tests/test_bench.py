@@ -349,3 +349,29 @@ def test_launch_free_mode_runs_the_three_modes(tmp_path):
     markdown = (tmp_path / "out" / "lf.md").read_text()
     assert "## Launch-free generate, batch 1" in markdown and "| fastervlm | 8 | 8" in markdown
     assert (tmp_path / "out" / "lf.png").stat().st_size > 0
+
+
+def test_rounds_alternate_the_prefill_and_its_ideal_and_pool_their_samples(tmp_path, monkeypatch):
+    """--rounds R: a patched case and its ideal are timed in R alternating passes (case, ideal, case, ...),
+    each of warmup + repeats, and their samples pooled."""
+    import visprune
+    from visprune.bench import runner
+
+    tiny_llava_config("sdpa").save_pretrained(tmp_path / "cfg")
+    applied = []
+    real_apply = visprune.apply
+
+    def recording_apply(model, method, **options):
+        applied.append(method if isinstance(method, str) else "ideal")
+        return real_apply(model, method, **options)
+
+    monkeypatch.setattr(runner.visprune, "apply", recording_apply)
+    args = ["bench", "--config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32"]
+    args += ["--repeats", "2", "--warmup", "0", "--rounds", "3", "--decode-runs", "0", "--new-tokens", "2"]
+    args += ["--batch", "1", "--budgets", "8", "--methods", "fastervlm", "--no-materialize", "--no-graph"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--name", "r", "--quiet"]) == 0
+    case = json.loads((tmp_path / "out" / "r.json").read_text())["runs"][0]["cases"][1]
+    assert applied == ["fastervlm", "ideal"] * 3
+    assert case["prefill"]["repeats"] == 6 and case["ideal"]["repeats"] == 6
+    assert case["efficiency"] == pytest.approx(case["ideal"]["median_ms"] / case["prefill"]["median_ms"])
+    assert "3 alternating passes of that, pooled: 6 samples each" in (tmp_path / "out" / "r.md").read_text()

@@ -128,6 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         methods=tuple(args.methods or ()),
         repeats=args.repeats,
         warmup=args.warmup,
+        rounds=args.rounds,
         new_tokens=args.new_tokens,
         decode_runs=args.decode_runs,
         dtype=args.dtype,
@@ -321,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=_at_least(1), default=20)
     p.add_argument("--warmup", type=_at_least(0), default=3)
+    p.add_argument(
+        "--rounds",
+        type=_at_least(1),
+        default=1,
+        help="time each patched prefill and its ideal in this many alternating passes of warmup + repeats, "
+        "pooled (a drift of the machine between passes then cancels out of the efficiency)",
+    )
     p.add_argument("--new-tokens", type=_at_least(1), default=64)
     p.add_argument("--decode-runs", type=_at_least(0), default=2, help="generations whose decode steps are timed")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])

@@ -48,9 +48,17 @@ def markdown(results: dict[str, Any]) -> str:
         "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
     ]
     if not results["config"].get("launch_free"):  # the launch-free tables state their own timing
+        cfg = results["config"]
+        rounds = cfg.get("rounds", 1)
+        pooled = (
+            f" (patched prefill and ideal: {rounds} alternating passes of that, pooled: {rounds * cfg['repeats']} "
+            "samples each)"
+            if rounds > 1
+            else ""
+        )
         lines.append(
-            f"Timing: median [min-max] of {results['config']['repeats']} repeats after {results['config']['warmup']} "
-            "warm-ups (CUDA events). prefill = patched forward from pixels to the first token's logits (TTFT "
+            f"Timing: median [min-max] of {cfg['repeats']} repeats after {cfg['warmup']} warm-ups{pooled} "
+            "(CUDA events). prefill = patched forward from pixels to the first token's logits (TTFT "
             "without sampling); ideal = the same pipeline fed the same token counts with first-K selection; "
             "efficiency = ideal / prefill; speed-up = dense / prefill; decode tok/s = batch / median decoder "
             f"step over {results['config'].get('decode_runs', 1)} generations of {results['config']['new_tokens']} "

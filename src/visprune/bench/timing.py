@@ -22,26 +22,30 @@ def summarize(samples_ms: list[float]) -> dict[str, Any]:
 
 def time_fn(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> dict[str, Any]:
     """Run `fn` warmup + repeats times; each repeat timed on its own (CUDA events on a GPU)."""
+    return summarize(time_samples(fn, repeats, warmup, device))
+
+
+def time_samples(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """`time_fn`'s samples (milliseconds), for callers that pool several timing passes."""
     for _ in range(warmup):
         fn()
-    samples: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        pairs = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            pairs.append((start, end))
-        torch.cuda.synchronize(device)
-        samples = [s.elapsed_time(e) for s, e in pairs]
-    else:
+    if device.type != "cuda":
+        samples = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-    return summarize(samples)
+        return samples
+    torch.cuda.synchronize(device)
+    pairs = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in pairs]
 
 
 class CallTimer:
