@@ -239,9 +239,12 @@ class Qwen2VLAdapter(Adapter):
             now = new.tolist()  # one host synchronisation per pruning point
             if now == kept:
                 continue
-            positions, valid = flowcut.keep_top(flow, view.valid, new, width=max(now))
+            positions, _ = flowcut.keep_top(flow, view.valid, new, width=max(now))
             flow = flow.gather(1, positions)
-            qwen_tower.cut(state, None, view.natural.gather(1, positions)[valid])
+            # each image's kept units are the first `now` of its row: sliced with the host counts (a boolean
+            # index would synchronise again to learn its size)
+            rows = view.natural.gather(1, positions)
+            qwen_tower.cut(state, None, torch.cat([row[:n] for row, n in zip(rows, now, strict=True)]))
             kept = now
             view = _UnitView.of(state.unit_natural, starts, kept)
         final = state.unit_natural.sort().values  # natural order: image by image, ascending
