@@ -63,3 +63,29 @@ def test_errors():
         vispruner(f, cls_attn=s, budget=17)
     with pytest.raises(InputError, match="important_ratio"):
         vispruner(f, cls_attn=s, budget=4, important_ratio=2)
+
+
+def test_descending_rank_is_the_position_in_a_stable_descending_sort():
+    """Equal values (many here, +0.0 and -0.0 among them) go in the order of their positions; the GPU's
+    way (counting by comparisons) and the CPU's (a stable sort) agree."""
+    from visprune.methods.vispruner import _compared_rank, descending_rank
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (5, 33), generator=g).float() - 1.5
+    values[0, :6] = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, 1.0])
+    for rank in (descending_rank(values), _compared_rank(values)):
+        for row, got in zip(values.tolist(), rank.tolist(), strict=True):
+            order = sorted(range(len(row)), key=lambda p, row=row: (-row[p], p))
+            assert got == [order.index(p) for p in range(len(row))]
+
+
+def test_the_thinning_rounds_give_the_same_list_with_either_rank(monkeypatch):
+    """The rounds put the list together from ranks; with the comparison ranks (the GPU's) the selection is
+    the one the reference procedure gives."""
+    from visprune.methods.vispruner import _compared_rank
+
+    monkeypatch.setattr(vispruner_module, "descending_rank", _compared_rank)
+    g = torch.Generator().manual_seed(3)
+    features, scores = torch.randn(3, 61, 6, generator=g), torch.rand(3, 61, generator=g)
+    for i, r in enumerate(vispruner(features, cls_attn=scores, budget=14, important_ratio=0.25)):
+        assert r.sources.tolist() == reference(features[i], scores[i], 14, 0.25)

@@ -59,11 +59,12 @@ def thin_duplicates(unit: Tensor, order: Tensor, keep: int) -> Tensor:
     similarity = unit @ unit.transpose(1, 2) if b * n * n <= SIMILARITY_ELEMENTS else None
     while order.shape[1] > keep:
         drop = min(ROUND, order.shape[1] - keep)
+        if similarity is not None:
+            order = _thin_round(similarity, order, drop)
+            continue
         evens, odds = order[:, ::2], order[:, 1::2]
         if not odds.shape[1]:
             closest = unit.new_zeros(evens.shape)
-        elif similarity is not None:
-            closest = _closest_similarity(similarity, evens, odds)
         else:
             a, bb = (unit.gather(1, x.unsqueeze(-1).expand(-1, -1, unit.shape[-1])) for x in (evens, odds))
             closest = (a @ bb.transpose(1, 2)).amax(dim=2)
@@ -73,10 +74,49 @@ def thin_duplicates(unit: Tensor, order: Tensor, keep: int) -> Tensor:
 
 
 @fused
-def _closest_similarity(similarity: Tensor, evens: Tensor, odds: Tensor) -> Tensor:
-    """[B, E]: each A token's (`evens`) largest similarity to a B token (`odds`), read from `similarity`."""
-    rows = similarity.gather(1, evens.unsqueeze(-1).expand(-1, -1, similarity.shape[2]))
-    return rows.gather(2, odds.unsqueeze(1).expand(-1, evens.shape[1], -1)).amax(dim=2)
+def _thin_round(similarity: Tensor, order: Tensor, drop: int) -> Tensor:
+    """One thinning round read from the all-pairs `similarity` [B, N, N]: the list `order` [B, R] becomes
+    its A tokens (even positions) without the `drop` most similar to a B token (all of them if there are
+    fewer), most similar first, then its B tokens (odd positions). The A tokens' order is their
+    `descending_rank` and the list is put together by one scatter (a sort and two gathers otherwise): on a
+    GPU the round compiles into a few kernels."""
+    evens, odds = order[:, ::2], order[:, 1::2]
+    b, e = evens.shape
+    o = odds.shape[1]
+    if o:
+        rows = similarity.gather(1, evens.unsqueeze(-1).expand(-1, -1, similarity.shape[2]))
+        closest = rows.gather(2, odds.unsqueeze(1).expand(-1, e, -1)).amax(dim=2)
+    else:
+        closest = similarity.new_zeros(b, e)
+    rank = descending_rank(closest)
+    kept = max(e - drop, 0)  # a list of fewer A tokens than `drop` loses them all (it keeps its B tokens)
+    drop = e - kept
+    slot = torch.where(rank >= drop, rank - drop, kept + o + rank)  # the dropped ones land past the new list
+    out = order.new_empty(b, e + o)
+    out[:, kept : kept + o] = odds
+    out.scatter_(1, slot, evens)
+    return out[:, : kept + o]
+
+
+def descending_rank(values: Tensor) -> Tensor:
+    """[B, E] long: each entry's position in its row sorted in descending order, equal values in the order
+    of their positions (+0.0 and -0.0 are equal). On a GPU from pairwise comparisons (`_compared_rank`: one
+    fused reduction for the short rows of the thinning rounds, where a sort launches several kernels), on
+    the CPU from a stable sort (there ~25% faster over a whole selection at 8 x 1296 tokens)."""
+    if values.is_cuda:
+        return _compared_rank(values)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+
+
+def _compared_rank(values: Tensor) -> Tensor:
+    """`descending_rank` by counting, for each entry, the entries that go before it."""
+    position = torch.arange(values.shape[1], device=values.device)
+    other, this = values.unsqueeze(1), values.unsqueeze(2)
+    ahead = (other > this) | ((other == this) & (position < position.unsqueeze(1)))
+    return ahead.sum(dim=2)
 
 
 @register(
