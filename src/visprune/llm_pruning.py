@@ -93,11 +93,12 @@ class DecoderPruner:
         self.attn_impl = attn_impl
         self.state = PrunerState()
 
-    def begin(self, layout: TokenLayout) -> None:
-        """Arm the pruner for the next prefill over a sequence with this layout."""
-        self.state = PrunerState(
-            layout=layout, prefill_layout=layout, phase="armed", real_tokens=layout.attention_mask.sum(1).tolist()
-        )
+    def begin(self, layout: TokenLayout, real_tokens: list[int] | None = None) -> None:
+        """Arm the pruner for the next prefill over a sequence with this layout (`real_tokens`: its real tokens
+        per sample, when the caller knows them on the host; otherwise read from the layout)."""
+        if real_tokens is None:
+            real_tokens = layout.attention_mask.sum(1).tolist()
+        self.state = PrunerState(layout=layout, prefill_layout=layout, phase="armed", real_tokens=list(real_tokens))
 
     def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         st = self.state

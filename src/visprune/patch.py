@@ -431,7 +431,10 @@ def _prepare(
     handle.stats = stats
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    runs = image_runs(input_ids, attention_mask, adapter.image_token_id)
+    # the mask read on the host now, while the device is idle: nothing after the image path is launched
+    # waits for it (the splice plans on the host; the rows are gathered on the device)
+    host_mask = attention_mask.cpu()
+    runs = image_runs(input_ids, host_mask, adapter.image_token_id)
     features: list[Tensor] = []
     extras: dict[str, list[Tensor]] = {}
     if pixel_values is not None:
@@ -460,16 +463,15 @@ def _prepare(
     offsets = adapter.placeholder_offsets(stats.reductions, stats.visual_tokens_in)
     embedded = adapter.embed(input_ids, image_kwargs)
     batch = splice(
-        input_ids, attention_mask, embedded.embeds, adapter.image_token_id, features, runs, labels, offsets, pad_to
+        input_ids, host_mask, embedded.embeds, adapter.image_token_id, features, runs, labels, offsets, pad_to
     )
     batch.position_ids = adapter.position_ids(input_ids, attention_mask, image_kwargs, batch, handle.keep_positions)
     handle._additions.arm(*adapter.layer_additions(extras, embedded.extras, batch))
     stats.position_map = batch.position_map
-    real = batch.attention_mask.sum(1).tolist()
     n_layers = len(adapter.decoder_layers)
-    stats.tokens_per_layer = [[r] * n_layers for r in real]
+    stats.tokens_per_layer = [[r] * n_layers for r in batch.real_tokens]
     if handle.pruner is not None:
-        handle.pruner.begin(batch.layout)
+        handle.pruner.begin(batch.layout, batch.real_tokens)
     return batch
 
 

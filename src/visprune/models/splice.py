@@ -31,11 +31,13 @@ class Spliced:
     position_map: Tensor  # [B, S] long
     source_index: Tensor | None = None  # [B, S'] each token's index in the caller's sequence (with image_offsets)
     position_ids: Tensor | None = None  # the adapter's position ids for this sequence (None: the model's default)
+    real_tokens: list[int] | None = None  # per sample, the real (unpadded) tokens of the new sequence (host)
 
 
 def image_runs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> list[list[tuple[int, int]]]:
-    """Per sample, the (start, length) of each contiguous run of image placeholders among real tokens."""
-    is_img = (input_ids == image_token_id) & attention_mask.bool()
+    """Per sample, the (start, length) of each contiguous run of image placeholders among real tokens (read on
+    the host: on a GPU one synchronisation, which callers make before they launch the image path)."""
+    is_img = (input_ids.cpu() == image_token_id) & attention_mask.cpu().bool()
     prev = torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
     nxt = torch.nn.functional.pad(is_img[:, 1:], (0, 1), value=False)
     starts = (is_img & ~prev).nonzero().tolist()
@@ -67,85 +69,106 @@ def splice(
     adapters gather the DENSE sequence's position ids.
     pad_to: the sequence length is rounded up to a multiple of it with more left padding (static shapes for
     the launch-free path: prompts whose lengths round to the same bucket share one prefill shape).
+
+    The layout is planned on the host from `attention_mask` (pass a CPU copy: then nothing here waits for
+    the device, so the host prepares generate while the GPU still encodes the images) and the rows are
+    gathered on the device in a few calls, whatever the number of samples and images.
     """
     b, s = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    real = torch.ones(b, s, dtype=torch.bool) if attention_mask is None else attention_mask.to("cpu", torch.bool)
     n_runs = sum(len(r) for r in runs)
     if n_runs != len(image_features):
         raise InputError(
             f"the prompts contain {n_runs} image placeholder runs but {len(image_features)} images were encoded; "
             "pass one <image> per image in the text (the processor expands it)"
         )
-    real = attention_mask.bool()
+    counts = [f.shape[0] for f in image_features]
+    plan = _plan(real, runs, counts)
+    width = -(-max(len(p[0]) for p in plan) // pad_to) * pad_to
+    host = _lay_out(plan, b, s, width)
     device = text_embeds.device
-    feats = iter(image_features)
-    offsets = iter(image_offsets) if image_offsets is not None else None
-    seq_embeds, seq_ids, seq_visual, seq_labels, seq_text_pos, seq_pos = [], [], [], [], [], []
-    for i in range(b):
-        pieces, ids, visual, labs, text_pos, pos = [], [], [], [], [], []
-        cursor = 0
-        for start, length in [*runs[i], (s, 0)]:
-            seg = torch.arange(cursor, start, device=device)
-            seg = seg[real[i, cursor:start]]
-            pieces.append(text_embeds[i, seg])
-            ids.append(input_ids[i, seg])
-            visual.append(torch.zeros(seg.numel(), dtype=torch.bool, device=device))
-            text_pos.append(seg)
-            pos.append(seg)
-            if labels is not None:
-                labs.append(labels[i, seg])
-            if length:
-                f = next(feats).to(text_embeds.dtype)
-                if offsets is not None:
-                    pos.append(start + next(offsets).to(device))
-                pieces.append(f)
-                ids.append(torch.full((f.shape[0],), image_token_id, dtype=input_ids.dtype, device=device))
-                visual.append(torch.ones(f.shape[0], dtype=torch.bool, device=device))
-                text_pos.append(torch.full((f.shape[0],), -1, dtype=torch.long, device=device))
-                if labels is not None:
-                    labs.append(torch.full((f.shape[0],), IGNORE_INDEX, dtype=labels.dtype, device=device))
-            cursor = start + length
-        seq_embeds.append(torch.cat(pieces))
-        seq_ids.append(torch.cat(ids))
-        seq_visual.append(torch.cat(visual))
-        seq_text_pos.append(torch.cat(text_pos))
-        seq_pos.append(torch.cat(pos))
-        if labels is not None:
-            seq_labels.append(torch.cat(labs))
-
-    lengths = [e.shape[0] for e in seq_embeds]
-    width = -(-max(lengths) // pad_to) * pad_to
+    if device.type == "cuda":
+        host = host.pin_memory()
+    planes = host.to(device, non_blocking=True)
+    text_at, feature_at, start_at = planes[:3, :, :width]
+    position_map = planes[3, :, :s]
+    mask = (text_at >= 0) | (feature_at >= 0)
+    visual_mask = feature_at >= 0
     d = text_embeds.shape[-1]
-    embeds = text_embeds.new_zeros(b, width, d)
-    new_ids = input_ids.new_zeros(b, width)
-    mask = torch.zeros(b, width, dtype=torch.long, device=device)
-    visual_mask = torch.zeros(b, width, dtype=torch.bool, device=device)
-    new_labels = None if labels is None else labels.new_full((b, width), IGNORE_INDEX)
-    position_map = torch.full((b, s), -1, dtype=torch.long, device=device)
-    source_index = torch.zeros(b, width, dtype=torch.long, device=device) if offsets is not None else None
-    for i, n in enumerate(lengths):
-        off = width - n
-        embeds[i, off:] = seq_embeds[i]
-        new_ids[i, off:] = seq_ids[i]
-        mask[i, off:] = 1
-        visual_mask[i, off:] = seq_visual[i]
-        if new_labels is not None:
-            new_labels[i, off:] = seq_labels[i]
-        if source_index is not None:
-            source_index[i, off:] = seq_pos[i]
-        src = seq_text_pos[i]
-        is_text = src >= 0
-        position_map[i, src[is_text]] = torch.arange(off, width, device=device)[is_text]
+    feats = [f.to(text_embeds.dtype) for f in image_features]
+    pool = torch.cat([text_embeds.reshape(b * s, d), *feats, text_embeds.new_zeros(1, d)])
+    padding_row = pool.shape[0] - 1
+    rows = torch.where(visual_mask, b * s + feature_at, torch.where(mask, text_at, padding_row))
+    embeds = pool[rows]
+    flat_ids = input_ids.reshape(-1)
+    new_ids = torch.where(visual_mask, image_token_id, flat_ids[text_at.clamp(min=0)])
+    new_ids = torch.where(mask, new_ids, 0).to(input_ids.dtype)
+    new_labels = None
+    if labels is not None:
+        new_labels = torch.where(mask & ~visual_mask, labels.reshape(-1)[text_at.clamp(min=0)], IGNORE_INDEX)
+        new_labels = new_labels.to(labels.dtype)
+    source_index = None
+    if image_offsets is not None:
+        offsets = torch.cat([o.to(device) for o in image_offsets]) if image_offsets else start_at.new_zeros(1)
+        placeholder = start_at + offsets[feature_at.clamp(min=0)]
+        source_index = torch.where(visual_mask, placeholder, torch.where(mask, text_at - _row_starts(b, s, device), 0))
     return Spliced(
         inputs_embeds=embeds,
-        attention_mask=mask,
+        attention_mask=mask.long(),
         input_ids=new_ids,
-        layout=layout_from_masks(mask.bool(), visual_mask),
+        layout=layout_from_masks(mask, visual_mask),
         labels=new_labels,
         position_map=position_map,
         source_index=source_index,
+        real_tokens=[len(p[0]) for p in plan],
     )
+
+
+def _plan(real: Tensor, runs: list[list[tuple[int, int]]], counts: list[int]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per sample (host): for each token of its new sequence, the caller's position of the text token it is
+    (-1 for a visual row), the row in the concatenated image features (-1 for text) and, for a visual row,
+    the start of its placeholder run."""
+    s = real.shape[1]
+    feature_rows = iter(torch.arange(sum(counts)).split(counts))
+    plan = []
+    for i, sample in enumerate(runs):
+        text, feature, start_of = [], [], []
+        cursor = 0
+        for start, length in [*sample, (s, 0)]:
+            seg = torch.arange(cursor, start)[real[i, cursor:start]]
+            text.append(seg)
+            feature.append(torch.full_like(seg, -1))
+            start_of.append(torch.zeros_like(seg))
+            if length:
+                rows = next(feature_rows)
+                text.append(torch.full_like(rows, -1))
+                feature.append(rows)
+                start_of.append(torch.full_like(rows, start))
+            cursor = start + length
+        plan.append((torch.cat(text), torch.cat(feature), torch.cat(start_of)))
+    return plan
+
+
+def _lay_out(plan: list[tuple[Tensor, Tensor, Tensor]], b: int, s: int, width: int) -> Tensor:
+    """[4, B, max(width, S)] long on the host: the plan left-padded to `width` (text: the flat index b * S +
+    position into the caller's batch; -1 where absent), and position_map [B, S] in the last plane."""
+    columns = max(width, s)
+    host = torch.full((4, b, columns), -1, dtype=torch.long)
+    host[2] = 0
+    for i, (text, feature, start_of) in enumerate(plan):
+        n = text.shape[0]
+        off = width - n
+        is_text = text >= 0
+        host[0, i, off:width] = torch.where(is_text, text + i * s, -1)
+        host[1, i, off:width] = feature
+        host[2, i, off:width] = start_of
+        host[3, i, text[is_text]] = torch.arange(off, width)[is_text]
+    return host
+
+
+def _row_starts(b: int, s: int, device: torch.device) -> Tensor:
+    """[B, 1]: the flat index of each sample's first token in a [B, S] batch."""
+    return (torch.arange(b, device=device) * s).unsqueeze(1)
 
 
 def layout_from_masks(real: Tensor, visual: Tensor) -> TokenLayout:
