@@ -375,3 +375,34 @@ def test_rounds_alternate_the_prefill_and_its_ideal_and_pool_their_samples(tmp_p
     assert case["prefill"]["repeats"] == 6 and case["ideal"]["repeats"] == 6
     assert case["efficiency"] == pytest.approx(case["ideal"]["median_ms"] / case["prefill"]["median_ms"])
     assert "3 alternating passes of that, pooled: 6 samples each" in (tmp_path / "out" / "r.md").read_text()
+
+
+def test_launch_free_rounds_alternate_its_ttft_and_the_ideals(tmp_path, monkeypatch):
+    """--launch-free --rounds R: after the plain mode, the launch-free path and its ideal alternate R times
+    (a new apply each), their TTFT samples pooled; the end to end time comes from the first pass."""
+    import visprune
+    from visprune.bench import launch_free
+
+    tiny_llava_config("sdpa").save_pretrained(tmp_path / "cfg")
+    applied = []
+    real_apply = visprune.apply
+
+    def recording_apply(model, method, launch_free=False, **options):
+        name = method if isinstance(method, str) else "ideal"
+        applied.append(f"{name}{'/free' if launch_free else ''}")
+        return real_apply(model, method, launch_free=launch_free, **options)
+
+    monkeypatch.setattr(launch_free.visprune, "apply", recording_apply)
+    monkeypatch.setattr(launch_free, "TTFT_REPEATS", 2)
+    args = ["bench", "--config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32", "--launch-free"]
+    args += ["--rounds", "3", "--new-tokens", "2", "--batch", "1", "--budgets", "8", "--methods", "fastervlm"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--name", "lfr", "--quiet"]) == 0
+    dense, case = json.loads((tmp_path / "out" / "lfr.json").read_text())["runs"][0]["launch_free_cases"]
+    assert applied == ["none/free", "fastervlm"] + ["fastervlm/free", "ideal/free"] * 3
+    assert case["launch_free"]["ttft"]["repeats"] == 6 and case["ideal"]["ttft"]["repeats"] == 6
+    assert case["plain"]["ttft"]["repeats"] == 2 and dense["launch_free"]["ttft"]["repeats"] == 2
+    assert case["launch_free"]["e2e"]["repeats"] == launch_free.E2E_REPEATS
+    assert case["efficiency"] == pytest.approx(
+        case["ideal"]["ttft"]["median_ms"] / case["launch_free"]["ttft"]["median_ms"]
+    )
+    assert "3 alternating passes, pooled: 6 samples each" in (tmp_path / "out" / "lfr.md").read_text()

@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=_at_least(1),
         default=1,
-        help="time each patched prefill and its ideal in this many alternating passes of warmup + repeats, "
-        "pooled (a drift of the machine between passes then cancels out of the efficiency)",
+        help="time each patched prefill and its ideal (with --launch-free: the launch-free TTFT and its ideal's) "
+        "in this many alternating passes, pooled (a drift of the machine between passes then cancels out of the "
+        "efficiency)",
     )
     p.add_argument("--new-tokens", type=_at_least(1), default=64)
     p.add_argument("--decode-runs", type=_at_least(0), default=2, help="generations whose decode steps are timed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from visprune.bench.launch_free import E2E_REPEATS, TTFT_REPEATS
+from visprune.bench import launch_free
 
 
 def _ms(t: dict[str, Any] | None) -> str:
@@ -67,7 +67,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("")
     for run in results["runs"]:
         if "launch_free_cases" in run:
-            lines += _launch_free_table(run)
+            lines += _launch_free_table(run, results["config"].get("rounds", 1))
             continue
         lines += [
             f"## {_run_title(run)} ({run['text_tokens']} text tokens per sample)",
@@ -149,14 +149,24 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _launch_free_table(run: dict[str, Any]) -> list[str]:
+def _pooled(rounds: int) -> str:
+    """What the launch-free table's timing line adds for `--rounds`."""
+    if rounds <= 1:
+        return ""
+    return (
+        f" (launch-free and ideal TTFT of patched cases: {rounds} alternating passes, pooled: "
+        f"{rounds * launch_free.TTFT_REPEATS} samples each)"
+    )
+
+
+def _launch_free_table(run: dict[str, Any], rounds: int = 1) -> list[str]:
     """The launch-free mode's table: TTFT / end to end / decode per mode, speed-ups, efficiency, capture cost."""
     lines = [
         f"## Launch-free generate, {_run_title(run)} ({run['text_tokens']} text tokens per sample)",
         "",
-        f"Timing: median [min-max] wall time (device synchronised) of {TTFT_REPEATS} repeats for TTFT and "
-        f"{E2E_REPEATS} for e2e, after warm-up. TTFT = wall time of generate(max_new_tokens=1); "
-        "e2e = generate with the new tokens; decode tok/s = "
+        f"Timing: median [min-max] wall time (device synchronised) of {launch_free.TTFT_REPEATS} repeats for TTFT "
+        f"and {launch_free.E2E_REPEATS} for e2e, after warm-up{_pooled(rounds)}. TTFT = wall time of "
+        "generate(max_new_tokens=1); e2e = generate with the new tokens; decode tok/s = "
         "batch x (new tokens - 1) / (e2e - TTFT); ideal = the launch-free path with the same token counts and "
         "first-K selection; efficiency = ideal TTFT / launch-free TTFT; capture = the first call's wall time "
         "(graphs captured, cache allocated).",

@@ -501,7 +501,7 @@ def _launch_free_runs(
         todo = [c for c in plans[size][0] if supported(c.method)]
         for batch in cfg.batches:
             inputs = family.make_inputs(model, batch, size, cfg.seed)
-            bench = LaunchFreeBench(model, inputs, cfg.new_tokens)
+            bench = LaunchFreeBench(model, inputs, cfg.new_tokens, cfg.rounds)
             run: dict[str, Any] = {
                 "batch": batch,
                 "image_size": size,
