@@ -431,10 +431,13 @@ def _prepare(
     handle.stats = stats
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    # the mask read on the host now, while the device is idle: nothing after the image path is launched
-    # waits for it (the splice plans on the host; the rows are gathered on the device)
-    host_mask = attention_mask.cpu()
-    runs = image_runs(input_ids, host_mask, adapter.image_token_id)
+    # the token ids, the mask and the inputs the positions read are copied to the host now, while the device
+    # is idle: nothing after the image path is launched waits for the device (the splice and the position ids
+    # are planned on the host; the rows are gathered on the device)
+    host_mask, host_ids = attention_mask.cpu(), input_ids.cpu()
+    image_kwargs = image_kwargs or {}
+    host_kwargs = {k: v.cpu() for k, v in image_kwargs.items() if k in adapter.host_inputs and isinstance(v, Tensor)}
+    runs = image_runs(host_ids, host_mask, adapter.image_token_id)
     features: list[Tensor] = []
     extras: dict[str, list[Tensor]] = {}
     if pixel_values is not None:
@@ -465,7 +468,9 @@ def _prepare(
     batch = splice(
         input_ids, host_mask, embedded.embeds, adapter.image_token_id, features, runs, labels, offsets, pad_to
     )
-    batch.position_ids = adapter.position_ids(input_ids, attention_mask, image_kwargs, batch, handle.keep_positions)
+    batch.position_ids = adapter.position_ids(
+        host_ids, host_mask, {**image_kwargs, **host_kwargs}, batch, handle.keep_positions
+    )
     handle._additions.arm(*adapter.layer_additions(extras, embedded.extras, batch))
     stats.position_map = batch.position_map
     n_layers = len(adapter.decoder_layers)

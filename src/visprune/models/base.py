@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from visprune.errors import UnsupportedModelError
 from visprune.methods.base import Reduction, SignalRequest
-from visprune.models.splice import Spliced
+from visprune.models.splice import Spliced, host_to_device
 
 # A reducer: (features [n, N, C], grid, signals, budget=None) -> one Reduction per image or crop; it has
 # `requests` (the signals it needs) and `budget` (tokens per image, None when adaptive).
@@ -57,6 +57,8 @@ class Adapter(ABC):
 
     model_classes: tuple[str, ...] = ()
     image_inputs: tuple[str, ...] = ()  # per-image keyword inputs the adapter consumes (e.g. image_sizes)
+    # of those, the ones `position_ids` reads: handed to it as host copies, with input_ids and the mask
+    host_inputs: tuple[str, ...] = ()
     supports_keep_positions: bool = False
     supports_tower_layer: bool = False  # the reducer may cut the vision tower (apply's tower_layer)
     supports_compile_tower: bool = False  # visprune runs the vision tower's blocks (apply's compile_tower)
@@ -152,13 +154,15 @@ class Adapter(ABC):
         batch: Spliced,
         keep_positions: bool,
     ) -> Tensor | None:
-        """Position ids for the spliced sequence. Default: with keep_positions, every token's position in
-        the dense sequence (gathered through `batch.source_index`); otherwise None (the model numbers the
-        shorter sequence itself)."""
+        """Position ids for the spliced sequence (on the batch's device). input_ids, attention_mask and the
+        `host_inputs` among image_kwargs arrive as host copies taken before the image path was launched, so
+        that the positions are worked out on the host while the device encodes the images. Default: with
+        keep_positions, every token's position in the dense sequence (gathered through
+        `batch.source_index`); otherwise None (the model numbers the shorter sequence itself)."""
         if not keep_positions or batch.source_index is None:
             return None
         dense = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        return dense.gather(1, batch.source_index)
+        return host_to_device(dense, batch.source_index.device).gather(1, batch.source_index)
 
     @property
     def addition_layers(self) -> tuple[int, ...]:

@@ -41,7 +41,7 @@ from visprune.methods.signals import mean_received_attention, patch_keys
 from visprune.models import qwen_tower
 from visprune.models.base import Adapter, Embedded, ImageTokens, Reducer
 from visprune.models.llava import dense_reduction
-from visprune.models.splice import Spliced
+from visprune.models.splice import Spliced, host_to_device
 from visprune.models.vision import missing_cls
 
 MERGED = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
@@ -57,6 +57,7 @@ class Qwen2VLAdapter(Adapter):
         "video_grid_thw",
         "second_per_grid_ts",
     )
+    host_inputs = ("image_grid_thw", "mm_token_type_ids", "video_grid_thw", "second_per_grid_ts")
     signal_kinds = ("keys", "mean_received", "mean_received_layers", "flowcut")
     supports_tower_layer = True
     supports_compile_tower = True
@@ -423,7 +424,9 @@ class Qwen2VLAdapter(Adapter):
         batch: Spliced,
         keep_positions: bool,
     ) -> Tensor:
-        """[4, B, S'] M-RoPE position ids of the spliced sequence (see the module docstring)."""
+        """[4, B, S'] M-RoPE position ids of the spliced sequence (see the module docstring). The dense
+        positions come from transformers' `get_rope_index` on the host copies of the inputs (it reads them
+        in Python: on device tensors it would wait for the vision tower)."""
         grid = image_kwargs.get("image_grid_thw")
         types = image_kwargs.get("mm_token_type_ids")
         if types is None:
@@ -437,7 +440,7 @@ class Qwen2VLAdapter(Adapter):
         rows = batch.attention_mask.long()
         text = (rows.cumsum(1) - 1).clamp(min=0)
         index = batch.source_index.unsqueeze(0).expand(dense.shape[0], -1, -1)
-        mrope = dense.to(text.device).gather(2, index)
+        mrope = host_to_device(dense, text.device).gather(2, index)
         # Decoding from a cache numbers new tokens text + rope_deltas: continue after the dense positions.
         self.model.model.rope_deltas = (mrope[:, :, -1].amax(0) - text[:, -1]).unsqueeze(1)
         return torch.cat([text.unsqueeze(0), mrope], dim=0)

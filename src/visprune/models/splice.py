@@ -87,9 +87,7 @@ def splice(
     width = -(-max(len(p[0]) for p in plan) // pad_to) * pad_to
     host = _lay_out(plan, b, s, width)
     device = text_embeds.device
-    if device.type == "cuda":
-        host = host.pin_memory()
-    planes = host.to(device, non_blocking=True)
+    planes = host_to_device(host, device)
     text_at, feature_at, start_at = planes[:3, :, :width]
     position_map = planes[3, :, :s]
     mask = (text_at >= 0) | (feature_at >= 0)
@@ -164,6 +162,14 @@ def _lay_out(plan: list[tuple[Tensor, Tensor, Tensor]], b: int, s: int, width: i
         host[2, i, off:width] = start_of
         host[3, i, text[is_text]] = torch.arange(off, width)[is_text]
     return host
+
+
+def host_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without waiting for the device's queue (a pinned, non-blocking copy on
+    CUDA: a copy from pageable memory may wait for the work queued before it)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _row_starts(b: int, s: int, device: torch.device) -> Tensor:
