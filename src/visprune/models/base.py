@@ -50,7 +50,8 @@ class Adapter(ABC):
     check pixels and encode + reduce + project images (`check_pixels`, `image_tokens`), which tokens
     can be reduced at most (`max_visual_tokens`, `vision_layers`), where each kept row stands in its
     image's placeholder run (`placeholder_offsets`), and the position ids of a spliced sequence
-    (`position_ids`: None for the model's own 1-D numbering, gathered dense positions for M-RoPE), and,
+    (`position_ids`: None for the model's own 1-D numbering, gathered dense positions for M-RoPE; worked
+    out on host copies of the prompt and of the inputs named in `host_inputs`), and,
     where the model feeds visual features into the LLM beyond its input rows (DeepStack), the rows added
     to the visual tokens' hidden states after some decoder layers (`addition_layers`, `layer_additions`).
     """
