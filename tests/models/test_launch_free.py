@@ -35,8 +35,10 @@ def inputs(model):
 
 
 def _greedy(model, method, inputs, launch_free, **kw):
-    options = {} if method == "none" else tiny.METHOD_OPTIONS[method]
-    handle = visprune.apply(model, method, launch_free=launch_free, **options)
+    if method == "none":
+        handle = visprune.apply(model, "none", launch_free=launch_free)
+    else:
+        handle = tiny.apply_method(model, method, launch_free=launch_free)
     try:
         out = tiny.greedy(model, inputs, max_new_tokens=N_NEW, **kw)
         return out, handle
@@ -72,7 +74,7 @@ def test_one_prompt_matches_plain_and_reuses_its_cache(model, inputs):
 
 def test_sampling_follows_the_plain_path(model, inputs):
     def sample(launch_free):
-        visprune.apply(model, "visionzip", launch_free=launch_free, **tiny.METHOD_OPTIONS["visionzip"])
+        tiny.apply_method(model, "visionzip", launch_free=launch_free)
         try:
             torch.manual_seed(3)
             with torch.no_grad():
@@ -185,7 +187,7 @@ def test_llm_side_stages_are_refused_at_apply(model, method):
 def test_a_method_that_needs_the_host_inside_the_tower_is_refused(model):
     assert "flowcut" in tiny.METHOD_OPTIONS and "flowcut" not in ENCODER_METHODS
     with pytest.raises(visprune.InputError, match="flowcut prunes inside the vision tower"):
-        visprune.apply(model, "flowcut", launch_free=True, **tiny.METHOD_OPTIONS["flowcut"])
+        tiny.apply_method(model, "flowcut", launch_free=True)
     assert not hasattr(model, "_visprune_handle")
 
 
@@ -274,7 +276,7 @@ def test_sliding_window_models_are_refused():
 def test_generate_encodes_images_without_gradients(model, inputs, launch_free):
     """generate outside torch.no_grad(): the tower and the reduction build no autograd graph (unpatched
     generate runs under no_grad; on the launch-free path gradients would also stop the graphs)."""
-    handle = visprune.apply(model, "visionzip", launch_free=launch_free, **tiny.METHOD_OPTIONS["visionzip"])
+    handle = tiny.apply_method(model, "visionzip", launch_free=launch_free)
     try:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert not any(r.features.requires_grad for crops in handle.stats.reductions for r in crops)

@@ -47,27 +47,21 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
     ]
-    if not results["config"].get("launch_free"):  # the launch-free tables state their own timing
-        cfg = results["config"]
-        rounds = cfg.get("rounds", 1)
-        pooled = (
-            f" (patched prefill and ideal: {rounds} alternating passes of that, pooled: {rounds * cfg['repeats']} "
-            "samples each)"
-            if rounds > 1
-            else ""
-        )
+    cfg = results["config"]
+    rounds = cfg.get("rounds", 1)
+    if not cfg.get("launch_free"):  # the launch-free tables state their own timing
+        pooled = _pooled("patched prefill and ideal", "alternating passes of that", rounds, cfg["repeats"])
         lines.append(
             f"Timing: median [min-max] of {cfg['repeats']} repeats after {cfg['warmup']} warm-ups{pooled} "
             "(CUDA events). prefill = patched forward from pixels to the first token's logits (TTFT "
             "without sampling); ideal = the same pipeline fed the same token counts with first-K selection; "
             "efficiency = ideal / prefill; speed-up = dense / prefill; decode tok/s = batch / median decoder "
-            f"step over {results['config'].get('decode_runs', 1)} generations of {results['config']['new_tokens']} "
-            "new tokens."
+            f"step over {cfg.get('decode_runs', 1)} generations of {cfg['new_tokens']} new tokens."
         )
     lines.append("")
     for run in results["runs"]:
         if "launch_free_cases" in run:
-            lines += _launch_free_table(run, results["config"].get("rounds", 1))
+            lines += _launch_free_table(run, rounds)
             continue
         lines += [
             f"## {_run_title(run)} ({run['text_tokens']} text tokens per sample)",
@@ -149,23 +143,23 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pooled(rounds: int) -> str:
-    """What the launch-free table's timing line adds for `--rounds`."""
+def _pooled(timed: str, passes: str, rounds: int, repeats: int) -> str:
+    """What a timing line adds for `--rounds`: which timings were pooled over how many passes."""
     if rounds <= 1:
         return ""
-    return (
-        f" (launch-free and ideal TTFT of patched cases: {rounds} alternating passes, pooled: "
-        f"{rounds * launch_free.TTFT_REPEATS} samples each)"
-    )
+    return f" ({timed}: {rounds} {passes}, pooled: {rounds * repeats} samples each)"
 
 
 def _launch_free_table(run: dict[str, Any], rounds: int = 1) -> list[str]:
     """The launch-free mode's table: TTFT / end to end / decode per mode, speed-ups, efficiency, capture cost."""
+    pooled = _pooled(
+        "launch-free and ideal TTFT of patched cases", "alternating passes", rounds, launch_free.TTFT_REPEATS
+    )
     lines = [
         f"## Launch-free generate, {_run_title(run)} ({run['text_tokens']} text tokens per sample)",
         "",
         f"Timing: median [min-max] wall time (device synchronised) of {launch_free.TTFT_REPEATS} repeats for TTFT "
-        f"and {launch_free.E2E_REPEATS} for e2e, after warm-up{_pooled(rounds)}. TTFT = wall time of "
+        f"and {launch_free.E2E_REPEATS} for e2e, after warm-up{pooled}. TTFT = wall time of "
         "generate(max_new_tokens=1); e2e = generate with the new tokens; decode tok/s = "
         "batch x (new tokens - 1) / (e2e - TTFT); ideal = the launch-free path with the same token counts and "
         "first-K selection; efficiency = ideal TTFT / launch-free TTFT; capture = the first call's wall time "

@@ -224,11 +224,7 @@ class Bench:
             visprune.remove(self.model)
         ideal = self._ideal(visual_out, tokens, case.options)
         for _ in range(1, self.cfg.rounds):
-            visprune.apply(self.model, case.method, **case.options)
-            try:
-                prefill += self._samples()
-            finally:
-                visprune.remove(self.model)
+            prefill += self._applied_samples(case.method, **case.options)
             ideal += self._ideal(visual_out, tokens, case.options)
         res["prefill"], res["ideal"] = summarize(prefill), summarize(ideal)
         res["efficiency"] = res["ideal"]["median_ms"] / res["prefill"]["median_ms"]
@@ -238,6 +234,14 @@ class Bench:
         """One timing pass of the patched prefill: warmup + repeats samples (ms)."""
         with torch.inference_mode():
             return time_samples(self._prefill, self.cfg.repeats, self.cfg.warmup, self.device)
+
+    def _applied_samples(self, method: Any, **options: Any) -> list[float]:
+        """`_samples` of the model with `method` applied (removed again after)."""
+        visprune.apply(self.model, method, **options)
+        try:
+            return self._samples()
+        finally:
+            visprune.remove(self.model)
 
     def _encoder_parts(self, handle: visprune.Handle) -> dict[str, Any]:
         """'vision': the tower plus the method's signals (and the projection of one token per image), via
@@ -273,16 +277,9 @@ class Bench:
         stages = stages_from_tokens(tokens, text)
         if stages:
             methods.append(static_llm(stages))
-        visprune.apply(
-            self.model,
-            methods,
-            tower_layer=options.get("tower_layer"),
-            compile_tower=options.get("compile_tower", False),
+        return self._applied_samples(
+            methods, tower_layer=options.get("tower_layer"), compile_tower=options.get("compile_tower", False)
         )
-        try:
-            return self._samples()
-        finally:
-            visprune.remove(self.model)
 
     def tower(self) -> dict[str, Any]:
         """The stock vision tower (transformers' forward) against visprune's runner on the same images:

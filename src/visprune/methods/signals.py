@@ -261,13 +261,13 @@ def _received_by_length(
     for i, n in enumerate(lengths):
         by_length.setdefault(n, []).append(i)
     parts: list[Tensor] = [q.new_empty(0)] * len(lengths)
+    packed = [x for x in (q, k, lse) if x is not None]  # folded alike: q, k and the normalisers if given
     for n, members in by_length.items():
-        parts_of = [x for x in (q, k, lse) if x is not None]
         if len(members) == len(lengths):  # one length: the segments are already a batch in order
-            folded = [x.reshape(len(members), n, -1) for x in parts_of]
+            folded = [x.reshape(len(members), n, -1) for x in packed]
         else:
             rows = torch.cat([torch.arange(starts[i], starts[i] + n) for i in members]).to(q.device)
-            folded = [x[rows].reshape(len(members), n, -1) for x in parts_of]
+            folded = [x[rows].reshape(len(members), n, -1) for x in packed]
         lse_h = None if lse is None else folded[2].transpose(1, 2)
         sums = _received(_split_heads(folded[0], h), _split_heads(folded[1], h), skip, chunk, lse_h) / (n - skip)
         for j, i in enumerate(members):

@@ -132,17 +132,18 @@ def _segment_attention(
         attended, _ = _attend(*folded, plan.valid[:, None, None, :], scale, eager, False)
         return attended.transpose(1, 2).reshape(n * width, h, d).index_select(0, plan.slots), None
     out = torch.empty_like(q)
-    lse_all = q.new_empty(t, h, dtype=torch.float32) if want_lse else None
+    found = []
     for length, rows in plan.groups:
         n = rows.shape[0] // length
         folded = [x[rows].view(n, length, h, d).transpose(1, 2) for x in (q, k, v)]
         attended, lse = _attend(*folded, None, scale, eager, want_lse)
         out[rows] = attended.transpose(1, 2).reshape(-1, h, d)
-        if lse_all is not None:
-            if lse is None:
-                lse_all = None
-            else:
-                lse_all[rows] = _token_rows(lse, rows.shape[0], h)
+        found.append((rows, lse))
+    if not want_lse or any(lse is None for _, lse in found):
+        return out, None
+    lse_all = q.new_empty(t, h, dtype=torch.float32)
+    for rows, lse in found:
+        lse_all[rows] = _token_rows(lse, rows.shape[0], h)
     return out, lse_all
 
 
