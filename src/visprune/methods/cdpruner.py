@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
@@ -18,6 +17,7 @@ from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.graphs import fused, replayed, row_at
 from visprune.methods.registry import register
+from visprune.methods.similarity import cosine_similarity, pairwise_cosine
 
 EPS = 1e-6  # the official code's offset in the relevance normalisation; also the floor of a pivot variance
 
@@ -32,9 +32,8 @@ def conditional_kernel(projected: Tensor, prompt: Tensor) -> Tensor:
     r each token's cosine similarity to the instruction vector `prompt` [B, D], min-max normalised per
     image to (0, 1] ((r - min + EPS) / (max - min); all ones when the tokens are equally relevant or
     there is no instruction, a zero prompt)."""
-    unit = F.normalize(projected.float(), dim=-1)
-    similarity = unit @ unit.transpose(1, 2)
-    relevance = (unit @ F.normalize(prompt.float(), dim=-1).unsqueeze(-1)).squeeze(-1)  # [B, N]
+    similarity = pairwise_cosine(projected)
+    relevance = cosine_similarity(projected, prompt.unsqueeze(1)).squeeze(-1)  # [B, N]
     low, high = relevance.amin(dim=1, keepdim=True), relevance.amax(dim=1, keepdim=True)
     relevance = (relevance - low + EPS) / (high - low).clamp(min=EPS)
     return relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
@@ -52,19 +51,20 @@ def greedy_map(kernel: Tensor, k: int) -> Tensor:
     """
     b, n, _ = kernel.shape
     variance = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d^2 [B, N]
-    rows = kernel.new_zeros(k, b, n)  # the Cholesky rows of the selected tokens, c_i [B, N]; zero until chosen
+    rows = kernel.new_empty(k, b, n)  # the Cholesky rows of the selected tokens, c_i [B, N], filled step by step
     taken = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
     chosen = []
     for i in range(k):
-        j, rows[i], variance, taken = _cholesky_step(kernel, rows, variance, taken)
+        j, rows[i], variance, taken = _cholesky_step(kernel, rows[:i], variance, taken)
         chosen.append(j)
     return torch.stack(chosen, dim=1)
 
 
 @fused
 def _cholesky_step(kernel: Tensor, rows: Tensor, variance: Tensor, taken: Tensor) -> tuple[Tensor, ...]:
-    """One greedy step: the token of largest d^2, its Cholesky row e, the new d^2 and taken mask. The rows
-    not chosen yet are zero, so summing over all of them is the sum over the selected ones."""
+    """One greedy step: the token of largest d^2, its Cholesky row e, the new d^2 and taken mask. rows
+    [i, B, N] are the rows of the i tokens selected so far (none at the first step); a step reads only
+    those (a compiled step serves every i: dynamic shapes)."""
     j = variance.masked_fill(taken, float("-inf")).argmax(dim=1)
     selected_j = rows.gather(2, j.view(1, -1, 1).expand(rows.shape[0], -1, 1))  # c_i[j] [k, B, 1]
     row = row_at(kernel, j) - (selected_j * rows).sum(dim=0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.methods.base import Placement, Reduction, SignalRequest, select_tokens
@@ -19,6 +18,7 @@ from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.graphs import fused, replayed, row_at
 from visprune.methods.registry import register
+from visprune.methods.similarity import pairwise_cosine
 
 
 def check_options(*, budget: Any) -> None:
@@ -36,8 +36,7 @@ def max_min_selection(x: Tensor, k: int) -> Tensor:
     synchronisation (so `graphs.replayed` can capture it).
     """
     n = x.shape[1]
-    unit = F.normalize(x.float(), dim=-1)
-    distance = 1 - unit @ unit.transpose(1, 2)  # [B, N, N], symmetric
+    distance = 1 - pairwise_cosine(x)  # [B, N, N], symmetric
     rows = torch.arange(n, device=x.device)
     itself = rows == rows.unsqueeze(1)
     nearest_other = distance.masked_fill(itself, float("inf")).amin(dim=2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.errors import InputError
@@ -28,6 +27,7 @@ from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.graphs import fused, replayed, row_at
 from visprune.methods.registry import register
+from visprune.methods.similarity import pairwise_cosine
 
 
 def check_options(*, budget: Any, alpha: Any, signal: Any) -> None:
@@ -46,8 +46,7 @@ def saliency_coverage_selection(features: Tensor, saliency: Tensor, k: int) -> T
     coverage to max(coverage, S_i). Batched over images; one `_coverage_step` per selected token, O(N^2) each; no host
     synchronisation (`graphs.replayed` captures it).
     """
-    unit = F.normalize(features.float(), dim=-1)
-    similarity = unit @ unit.transpose(1, 2)  # [B, N, N]
+    similarity = pairwise_cosine(features)  # [B, N, N]
     # a step sums over j for every token i: reading S transposed (S_ji at [i, j]) makes that a contiguous row sum
     similarity_t = similarity.transpose(1, 2).contiguous()
     coverage = torch.zeros_like(saliency, dtype=similarity.dtype)

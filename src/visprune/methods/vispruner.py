@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.errors import InputError
@@ -30,6 +29,7 @@ from visprune.methods.checks import check_budgeted_features, check_count
 from visprune.methods.cls_topk import check_signal
 from visprune.methods.graphs import fused, replayed
 from visprune.methods.registry import register
+from visprune.methods.similarity import cosine_similarity, pairwise_cosine
 
 ROUND = 8  # tokens dropped per thinning round at most, as in the official code
 SIMILARITY_ELEMENTS = 2**26  # float32 entries (256 MiB) up to which all pairs' similarities are computed once
@@ -45,18 +45,18 @@ def check_options(*, budget: Any, important_ratio: Any, signal: Any) -> None:
     check_signal_option(signal)
 
 
-def thin_duplicates(unit: Tensor, order: Tensor, keep: int) -> Tensor:
+def thin_duplicates(features: Tensor, order: Tensor, keep: int) -> Tensor:
     """Indices [B, keep] left of `order` [B, R] (token indices) after dropping near-duplicates in rounds.
 
-    unit [B, N, C] are L2-normalised features. Each round splits the current list into its even (A) and
-    odd (B) positions, scores every A token by its largest cosine similarity to a B token and drops the
-    min(ROUND, R - keep) highest-scoring A tokens; the list becomes the kept A tokens (most similar
-    first, as the official code orders them) followed by the B tokens. Ties go to the lower position.
+    features [B, N, C]. Each round splits the current list into its even (A) and odd (B) positions,
+    scores every A token by its largest cosine similarity to a B token (`similarity.cosine_similarity`)
+    and drops the min(ROUND, R - keep) highest-scoring A tokens; the list becomes the kept A tokens (most
+    similar first, as the official code orders them) followed by the B tokens. Ties go to the lower position.
     The similarities come from one [B, N, N] product when it has at most SIMILARITY_ELEMENTS entries
     (each round then only gathers; ~10x faster at N = 1296 on a GPU), else from the features each round.
     """
-    b, n, _ = unit.shape
-    similarity = unit @ unit.transpose(1, 2) if b * n * n <= SIMILARITY_ELEMENTS else None
+    b, n, _ = features.shape
+    similarity = pairwise_cosine(features) if b * n * n <= SIMILARITY_ELEMENTS else None
     while order.shape[1] > keep:
         drop = min(ROUND, order.shape[1] - keep)
         if similarity is not None:
@@ -64,10 +64,10 @@ def thin_duplicates(unit: Tensor, order: Tensor, keep: int) -> Tensor:
             continue
         evens, odds = order[:, ::2], order[:, 1::2]
         if not odds.shape[1]:
-            closest = unit.new_zeros(evens.shape)
+            closest = features.new_zeros(evens.shape, dtype=torch.float32)
         else:
-            a, bb = (unit.gather(1, x.unsqueeze(-1).expand(-1, -1, unit.shape[-1])) for x in (evens, odds))
-            closest = (a @ bb.transpose(1, 2)).amax(dim=2)
+            a, bb = (features.gather(1, x.unsqueeze(-1).expand(-1, -1, features.shape[-1])) for x in (evens, odds))
+            closest = cosine_similarity(a, bb).amax(dim=2)
         survivors = closest.sort(dim=1, descending=True, stable=True).indices[:, drop:]
         order = torch.cat([evens.gather(1, survivors), odds], dim=1)
     return order
@@ -143,7 +143,7 @@ def vispruner(
     """Keep `budget` tokens per image: int(budget * important_ratio) important ones by `cls_attn` [B, N]
     (the score chosen by `signal` at encoder layer -2: head-averaged CLS attention, or on a tower without
     CLS the attention each patch receives, averaged over the patch queries), then the rest chosen by
-    `thin_duplicates` on the L2-normalised features [B, N, C] of the other tokens in descending score
+    `thin_duplicates` on the features [B, N, C] of the other tokens in descending score
     order. Output: the kept tokens, unchanged, in spatial order; `assignment` marks the dropped ones -1.
     grid is accepted for uniformity and only validated.
 
@@ -169,6 +169,5 @@ def important_and_diverse(features: Tensor, scores: Tensor, k: int, important: i
     the features [B, N, C] in descending score order; no host synchronisation (`graphs.replayed`
     captures it)."""
     ranked = scores.float().sort(dim=1, descending=True, stable=True).indices
-    unit = F.normalize(features.float(), dim=-1)
-    diverse = thin_duplicates(unit, ranked[:, important:], k - important)
+    diverse = thin_duplicates(features, ranked[:, important:], k - important)
     return torch.cat([ranked[:, :important], diverse], dim=1)
