@@ -51,20 +51,20 @@ def greedy_map(kernel: Tensor, k: int) -> Tensor:
     """
     b, n, _ = kernel.shape
     variance = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d^2 [B, N]
-    rows = kernel.new_empty(k, b, n)  # the Cholesky rows of the selected tokens, c_i [B, N], filled step by step
+    rows = kernel.new_zeros(k, b, n)  # the Cholesky rows of the selected tokens, c_i [B, N]; zero until chosen
     taken = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
     chosen = []
     for i in range(k):
-        j, rows[i], variance, taken = _cholesky_step(kernel, rows[:i], variance, taken)
+        j, rows[i], variance, taken = _cholesky_step(kernel, rows, variance, taken)
         chosen.append(j)
     return torch.stack(chosen, dim=1)
 
 
 @fused
 def _cholesky_step(kernel: Tensor, rows: Tensor, variance: Tensor, taken: Tensor) -> tuple[Tensor, ...]:
-    """One greedy step: the token of largest d^2, its Cholesky row e, the new d^2 and taken mask. rows
-    [i, B, N] are the rows of the i tokens selected so far (none at the first step); a step reads only
-    those (a compiled step serves every i: dynamic shapes)."""
+    """One greedy step: the token of largest d^2, its Cholesky row e, the new d^2 and taken mask. The rows
+    not chosen yet are zero, so summing over all of them is the sum over the selected ones (one shape for
+    every step: a compiled step is specialised to it)."""
     j = variance.masked_fill(taken, float("-inf")).argmax(dim=1)
     selected_j = rows.gather(2, j.view(1, -1, 1).expand(rows.shape[0], -1, 1))  # c_i[j] [k, B, 1]
     row = row_at(kernel, j) - (selected_j * rows).sum(dim=0)

@@ -13,8 +13,11 @@ warning, once per shape. The graph computes exactly what the loop computes (same
 
 A graph removes the launches, not the kernels: a step of a few small elementwise passes and reductions
 still runs them one after another, each reading and writing its [B, N] or [B, N, N] operand. `fused` marks a
-loop's step function; on a GPU it runs compiled by torch.compile (dynamic shapes, so one compilation serves
-every batch size and token count), which fuses the step into a few Triton kernels. Compiled kernels may
+loop's step function; on a GPU it runs compiled by torch.compile, which fuses the step into a few Triton
+kernels. The first compilation is specialised to the shapes it sees; a later call with other sizes compiles
+once more with those dimensions symbolic, and that version serves every size after (torch.compile's
+automatic dynamic shapes). Specialised kernels are much faster: SCOPE's step over 8 x 1296 tokens took
+21 us against 54 us with every dimension symbolic (H200). Compiled kernels may
 sum in a different order than the plain ones, so on a GPU the scores can differ in the last bits (a tie
 between two tokens can go the other way); off the GPU the step runs as written.
 """
@@ -145,7 +148,7 @@ class fused:
         if self._unfusable or not _fusable(args):
             return self._step(*args)
         if FUSE_BACKEND not in self._compiled:
-            self._compiled[FUSE_BACKEND] = torch.compile(self._step, backend=FUSE_BACKEND, dynamic=True, fullgraph=True)
+            self._compiled[FUSE_BACKEND] = torch.compile(self._step, backend=FUSE_BACKEND, fullgraph=True)
         try:
             return self._compiled[FUSE_BACKEND](*args)
         except Exception as err:

@@ -83,9 +83,10 @@ def _thin_round(similarity: Tensor, order: Tensor, drop: int) -> Tensor:
     evens, odds = order[:, ::2], order[:, 1::2]
     b, e = evens.shape
     o = odds.shape[1]
-    if o:
+    if o:  # whole rows of the A tokens, the B tokens' columns picked by a mask: coalesced reads, no column gather
+        in_b = torch.zeros_like(similarity[:, 0], dtype=torch.bool).scatter(1, odds, True)
         rows = similarity.gather(1, evens.unsqueeze(-1).expand(-1, -1, similarity.shape[2]))
-        closest = rows.gather(2, odds.unsqueeze(1).expand(-1, e, -1)).amax(dim=2)
+        closest = rows.masked_fill(~in_b.unsqueeze(1), float("-inf")).amax(dim=2)
     else:
         closest = similarity.new_zeros(b, e)
     rank = descending_rank(closest)
