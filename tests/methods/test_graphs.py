@@ -114,8 +114,9 @@ def test_methods_give_the_same_tokens_with_and_without_graphs(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(LOOPS))
 def test_fused_steps_trace_as_one_graph_and_compute_the_same(name, monkeypatch):
-    """Every loop's step compiles whole (fullgraph, also after a change of shapes: a graph break would make the GPU fall back
-    to the unfused step) and gives the unfused result; traced here with aot_eager, which needs no compiler."""
+    """Every loop's step compiles whole (fullgraph, also after a change of shapes: a graph break would make the
+    GPU fall back to the unfused step) and gives the unfused result; traced here with aot_eager, which needs no
+    compiler."""
     loop, args, static = LOOPS[name]
     monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
     torch._dynamo.reset()
