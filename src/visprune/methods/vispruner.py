@@ -93,8 +93,9 @@ def _thin_round(similarity: Tensor, order: Tensor, drop: int) -> Tensor:
     kept = max(e - drop, 0)  # a list of fewer A tokens than `drop` loses them all (it keeps its B tokens)
     drop = e - kept
     slot = torch.where(rank >= drop, rank - drop, kept + o + rank)  # the dropped ones land past the new list
-    after = torch.arange(kept, kept + o, device=order.device).expand(b, -1)  # the B tokens follow, in order
-    out = order.new_empty(b, e + o).scatter(1, torch.cat([slot, after], dim=1), torch.cat([evens, odds], dim=1))
+    out = order.new_empty(b, e + o)
+    out[:, kept : kept + o] = odds
+    out.scatter_(1, slot, evens)
     return out[:, : kept + o]
 
 
