@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import visprune
 from visprune.bench.model import build_model, family_for
-from visprune.methods import graphs
+from visprune.methods import get_method, graphs
 
 
 def main() -> None:
@@ -36,7 +36,8 @@ def main() -> None:
     inputs = family.make_inputs(model, args.batch, size)
     for method in args.methods:
         extra = {"compile_tower": True} if args.compile_tower else {}
-        visprune.apply(model, method, budget=args.budget, **extra)
+        budget = None if get_method(method).adaptive else args.budget  # adaptive methods choose their counts
+        visprune.apply(model, method, budget=budget, **extra)
         with torch.inference_mode():
             for _ in range(3):
                 model(**inputs)
@@ -45,7 +46,7 @@ def main() -> None:
                 model(**inputs)
                 torch.cuda.synchronize()
         visprune.remove(model)
-        print(f"===== {method}, budget {args.budget}, batch {args.batch}, {size} px, fuse={graphs.FUSE}")
+        print(f"===== {method}, budget {budget}, batch {args.batch}, {size} px, fuse={graphs.FUSE}")
         table = prof.key_averages()
         print(table.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
         print(table.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))
