@@ -37,7 +37,7 @@ def main() -> None:
     for method in args.methods:
         extra = {"compile_tower": True} if args.compile_tower else {}
         budget = None if get_method(method).adaptive else args.budget  # adaptive methods choose their counts
-        visprune.apply(model, method, budget=budget, **extra)
+        visprune.apply(model, method, **extra, **({} if budget is None else {"budget": budget}))
         with torch.inference_mode():
             for _ in range(3):
                 model(**inputs)
