@@ -452,6 +452,7 @@ def _prepare(
                 attention_mask,
                 sync=handle.sync_timings,
                 tower_layer=handle.tower_layer,
+                runs=runs,
             )
         sync_device(pixel_values, handle.sync_timings)
         t0 = time.perf_counter()

@@ -41,10 +41,16 @@ def prompt_vectors(
     return (chosen.unsqueeze(-1) * unit).sum(1) / chosen.sum(1, keepdim=True).clamp(min=1)
 
 
-def prompts_for(adapter: Any, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """`prompt_vectors` of a model call: the images' placeholder runs in `input_ids`, the adapter's image
-    token and its LLM's input embedding."""
+def prompts_for(
+    adapter: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    runs: list[list[tuple[int, int]]] | None = None,
+) -> Tensor:
+    """`prompt_vectors` of a model call: the images' placeholder runs in `input_ids` (`runs`, read here on the
+    host when not given), the adapter's image token and its LLM's input embedding."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    runs = image_runs(input_ids, mask, adapter.image_token_id)
+    if runs is None:
+        runs = image_runs(input_ids, mask, adapter.image_token_id)
     embedding = adapter.language_model.get_input_embeddings()
     return prompt_vectors(input_ids, mask, runs, adapter.image_token_id, embedding)

@@ -63,12 +63,14 @@ class Reducer:
         *,
         sync: bool = False,
         tower_layer: int | None = None,
+        runs: list[list[tuple[int, int]]] | None = None,
     ) -> Reducer:
         """The reducer of one model call: the adapter's projector and signal kinds, and, for a method that
-        reads the "prompt" signal, the prompt vectors of the call's `input_ids`."""
+        reads the "prompt" signal, the prompt vectors of the call's `input_ids` (`runs`: its placeholder runs
+        when the caller has already read them on the host)."""
         reducer = cls(spec, options, sync, stats, tower_layer, adapter.project, available=adapter.signal_kinds)
         if reducer.needs_prompts:
-            reducer.prompts = prompts_for(adapter, input_ids, attention_mask)
+            reducer.prompts = prompts_for(adapter, input_ids, attention_mask, runs)
         return reducer
 
     @property
