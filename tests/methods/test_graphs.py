@@ -147,3 +147,46 @@ def test_a_step_that_cannot_compile_runs_unfused_after_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(step(x), x + 1)
+
+
+def test_a_step_past_its_compilation_limit_runs_unfused_after_one_warning(monkeypatch):
+    """A step whose shapes keep changing compiles up to RECOMPILE_LIMIT versions; past it the step runs as
+    written with a warning instead of torch.compile silently falling back."""
+
+    @graphs.fused
+    def step(x, n):
+        return x * n
+
+    monkeypatch.setattr(graphs, "_fusable", lambda args: True)
+    monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
+    monkeypatch.setattr(graphs, "RECOMPILE_LIMIT", 2)
+    torch._dynamo.reset()
+    x = torch.ones(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(step(x, 2), x * 2) and torch.equal(step(x, 3), x * 3)  # static, then n symbolic
+    with pytest.warns(UserWarning, match="step could not be compiled.*runs unfused"):
+        assert torch.equal(step(torch.ones(2, 2), 4), torch.full((2, 2), 4.0))  # a new rank: a third version
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(step(x, 5), x * 5)
+    torch._dynamo.reset()
+
+
+def test_steps_keep_compiling_across_many_shapes(monkeypatch):
+    """A selection over several batch sizes, token counts and budgets stays compiled: no step reaches the
+    limit (torch's default of 8 is too few for vispruner's shrinking rounds)."""
+    monkeypatch.setattr(graphs, "_fusable", lambda args: True)
+    monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for b, n in ((2, 60), (3, 60), (2, 47), (1, 33)):
+            x, s = torch.randn(b, n, 8, generator=g), torch.rand(b, n, generator=g)
+            for k in (15, 8, 3):
+                monkeypatch.setattr(graphs, "_fusable", lambda args: True)
+                fused = important_and_diverse(x, s, k=k, important=k // 2)
+                monkeypatch.setattr(graphs, "_fusable", lambda args: False)
+                assert torch.equal(fused, important_and_diverse(x, s, k=k, important=k // 2)), (b, n, k)
+    torch._dynamo.reset()

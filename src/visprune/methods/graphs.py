@@ -37,6 +37,10 @@ CACHE_SIZE = 16
 ENABLED = True  # tests switch it off to compare with the plain loop
 FUSE = True  # compile the `fused` steps on a GPU (tests and benchmarks switch it off to compare)
 FUSE_BACKEND = "inductor"  # torch.compile's backend for them (the CPU tests trace with "aot_eager")
+# Compilations kept per step: vispruner's rounds shrink every round and end on small or odd lists, each a
+# guard of its own (7 versions over three batch shapes and three budgets on the CPU), past torch's default
+# limit of 8 with a few more shapes, where torch.compile would run the step uncompiled without a word.
+RECOMPILE_LIMIT = 64
 
 _Entry = tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]
 UNCAPTURABLE = None  # the cache entry of a loop whose capture failed for those shapes
@@ -149,8 +153,9 @@ class fused:
             return self._step(*args)
         if FUSE_BACKEND not in self._compiled:
             self._compiled[FUSE_BACKEND] = torch.compile(self._step, backend=FUSE_BACKEND, fullgraph=True)
-        try:
-            return self._compiled[FUSE_BACKEND](*args)
+        try:  # past RECOMPILE_LIMIT versions torch.compile raises (caught below) instead of silently not compiling
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+                return self._compiled[FUSE_BACKEND](*args)
         except Exception as err:
             if not _is_compile_error(err):
                 raise
