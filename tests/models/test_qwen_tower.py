@@ -454,3 +454,26 @@ def test_the_runner_keeps_the_log_normalisers_of_a_block_a_signal_reads():
         qh, kh = (_split_heads(x[a:b].flatten(1)[None], x.shape[1]) for x in (seen.q, seen.k))
         reused = _received_fused(qh, kh, 0, seen.lse[a:b].T[None])
         torch.testing.assert_close(reused, _received_fused(qh, kh, 0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "with_normalisers"), [("flowcut", {"budget": 4}, False), ("fastervlm", {"budget": 4}, True)]
+)
+def test_blocks_record_normalisers_only_for_signals_that_read_them(method, options, with_normalisers, monkeypatch):
+    """FlowCut reads q, k and v at every block but no attention normaliser: its blocks run the plain attention
+    call; the CLS-free signal's block returns its normalisers with the attention."""
+    from visprune.models import qwen_tower
+
+    model = tiny_qwen.tiny_qwen("qwen2.5-vl")
+    pixels, grid = _pixels(model, GRIDS)
+    calls = []
+    original = qwen_tower.segment_attention_lse
+    monkeypatch.setattr(qwen_tower, "segment_attention_lse", lambda *a, **k: calls.append(1) or original(*a, **k))
+    handle = visprune.apply(model, method, **options)
+    try:
+        with torch.no_grad():
+            tokens = handle.adapter.image_tokens(pixels, _reducer(handle), {"image_grid_thw": grid})
+    finally:
+        visprune.remove(model)
+    assert bool(calls) == with_normalisers
+    assert [len(f) for f in tokens.features] == [4] * len(GRIDS)

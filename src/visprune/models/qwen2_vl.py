@@ -226,7 +226,9 @@ class Qwen2VLAdapter(Adapter):
         flow: Tensor | None = None
         for i in range(depth):
             active = kept != targets
-            inputs, outputs = qwen_tower.run_blocks(tower, state, i + 1, inputs={i} if active else (), outputs={i})
+            inputs, outputs = qwen_tower.run_blocks(
+                tower, state, i + 1, inputs={i} if active else (), outputs={i}, normalisers=False
+            )
             for part, block in parts.items():
                 if block == i:
                     saved[part] = (self._part(part, outputs[i]), state.unit_natural)

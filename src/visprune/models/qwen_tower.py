@@ -173,10 +173,17 @@ def start(patches: Tensor, plan: TowerPlan, steps: BlockSteps | None = None) -> 
 
 
 def run_blocks(
-    tower: nn.Module, state: TowerState, until: int, *, inputs: Collection[int] = (), outputs: Collection[int] = ()
+    tower: nn.Module,
+    state: TowerState,
+    until: int,
+    *,
+    inputs: Collection[int] = (),
+    outputs: Collection[int] = (),
+    normalisers: bool = True,
 ) -> tuple[dict[int, BlockInput], dict[int, Tensor]]:
     """Run blocks state.next_block .. until-1; return the inputs of the blocks in `inputs` and the outputs
-    (hidden [T, C], tower order) of the blocks in `outputs`."""
+    (hidden [T, C], tower order) of the blocks in `outputs`. normalisers=False records the inputs without
+    their attention's log-normalisers (for readers of q, k and v only: the plain attention call runs)."""
     seen_in: dict[int, BlockInput] = {}
     seen_out: dict[int, Tensor] = {}
     rope = None
@@ -187,7 +194,9 @@ def run_blocks(
         rope = rope or compat.vision_rope(block.attn)
         segments = state.layout.segments(i)
         record = seen_in.get(i)
-        state.hidden = run_block(block, state.hidden, state.cos, state.sin, segments, rope, state.steps, record)
+        state.hidden = run_block(
+            block, state.hidden, state.cos, state.sin, segments, rope, state.steps, record, normalisers
+        )
         if i in outputs:
             seen_out[i] = state.hidden
     state.next_block = max(state.next_block, until)
@@ -203,9 +212,10 @@ def run_block(
     rope: Callable,
     steps: BlockSteps,
     record: BlockInput | None = None,
+    normalisers: bool = True,
 ) -> Tensor:
-    """One Qwen-VL vision block with its attention batched over `segments`; its q, k, v and attention
-    log-normalisers go into `record` where given."""
+    """One Qwen-VL vision block with its attention batched over `segments`; its q, k, v and (with
+    `normalisers`) attention log-normalisers go into `record` where given."""
     attn = block.attn
     impl = attn.config._attn_implementation or "eager"
     if impl not in ("sdpa", "eager"):
@@ -213,11 +223,12 @@ def run_block(
         cu = segments.cu_seqlens(hidden.device)
         return block(hidden, cu_seqlens=cu, max_seqlen=max(segments.lengths), position_embeddings=(cos, sin))
     q, k, v, keys = steps.attention_inputs(block, hidden, cos, sin, rope)
-    if record is None:
-        out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
+    if record is not None and normalisers:
+        out, record.lse = segment_attention_lse(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
     else:
-        out, lse = segment_attention_lse(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
-        record.q, record.k, record.keys, record.v, record.lse = q, k, keys, v, lse
+        out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
+    if record is not None:
+        record.q, record.k, record.keys, record.v = q, k, keys, v
     return steps.finish_block(block, hidden, out)
 
 
