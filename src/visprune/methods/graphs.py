@@ -153,8 +153,11 @@ class fused:
             return self._step(*args)
         if FUSE_BACKEND not in self._compiled:
             self._compiled[FUSE_BACKEND] = torch.compile(self._step, backend=FUSE_BACKEND, fullgraph=True)
-        try:  # past RECOMPILE_LIMIT versions torch.compile raises (caught below) instead of silently not compiling
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        # Past RECOMPILE_LIMIT versions torch.compile raises (caught below) instead of silently not compiling;
+        # some torch versions refuse that together with suppress_errors, which some libraries switch on.
+        limits = {"recompile_limit": RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True, "suppress_errors": False}
+        try:
+            with torch._dynamo.config.patch(**limits):
                 return self._compiled[FUSE_BACKEND](*args)
         except Exception as err:
             if not _is_compile_error(err):
