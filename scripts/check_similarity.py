@@ -46,7 +46,9 @@ def similarity_in(cosine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] |
     finally:
         for m, pair, cross in saved:
             m.pairwise_cosine = pair
-            if cross is not None:
+            if cross is None:  # the module does not import it: drop what was set above
+                m.__dict__.pop("cosine_similarity", None)
+            else:
                 m.cosine_similarity = cross
         graphs.ENABLED, graphs.FUSE = True, True
 

@@ -14,7 +14,7 @@ def _reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.double(), dim=-1) @ F.normalize(y.double(), dim=-1).transpose(1, 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_equals_the_normalised_product(dtype):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 17, 40, generator=g) * torch.rand(3, 17, 1, generator=g) * 50).to(dtype)

@@ -26,18 +26,30 @@ EPS = 1e-12  # the floor of a row's norm, as torch.nn.functional.normalize uses
 def cosine_similarity(x: Tensor, y: Tensor) -> Tensor:
     """[B, N, M] float32: the cosine similarity of every row of x [B, N, C] with every row of y [B, M, C]
     (0 against a zero row)."""
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and y.dtype == x.dtype:
-        products = torch.bmm(x, y.transpose(1, 2), out_dtype=torch.float32)
-    else:
-        products = x.float() @ y.float().transpose(1, 2)
-    return products * _inverse_norm(x).unsqueeze(2) * _inverse_norm(y).unsqueeze(1)
+    return _scaled(_products(x, y), _inverse_norm(x), _inverse_norm(y))
 
 
 def pairwise_cosine(x: Tensor) -> Tensor:
     """[B, N, N] float32: the cosine similarity of every pair of rows of x [B, N, C]."""
-    return cosine_similarity(x, x)
+    inverse = _inverse_norm(x)
+    return _scaled(_products(x, x), inverse, inverse)
+
+
+def _products(x: Tensor, y: Tensor) -> Tensor:
+    """[B, N, M] float32 dot products of the rows: on the tensor cores for half-precision CUDA rows."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and y.dtype == x.dtype:
+        return torch.bmm(x, y.transpose(1, 2), out_dtype=torch.float32)
+    xf = x.float()
+    return xf @ (xf if y is x else y.float()).transpose(1, 2)
+
+
+def _scaled(products: Tensor, inverse_x: Tensor, inverse_y: Tensor) -> Tensor:
+    """The products divided by both rows' norms, in place (the [B, N, M] product is this call's own)."""
+    return products.mul_(inverse_x.unsqueeze(2)).mul_(inverse_y.unsqueeze(1))
 
 
 def _inverse_norm(x: Tensor) -> Tensor:
-    """[B, N] float32: 1 / max(|x_i|, EPS) per row."""
-    return torch.linalg.vector_norm(x.float(), dim=-1).clamp(min=EPS).reciprocal()
+    """[B, N] float32: 1 / max(|x_i|, EPS) per row (half-precision rows summed in float32 without a float32
+    copy of x)."""
+    rows = x if x.dtype in (torch.float16, torch.bfloat16) else x.float()
+    return torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32).clamp(min=EPS).reciprocal()
