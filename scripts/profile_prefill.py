@@ -3,11 +3,14 @@ the vision tower, the reduction and the LLM goes. Needs CUDA; prints torch profi
 
     python scripts/profile_prefill.py --config llava-1.5-7b --batch 16 --budget 64 --methods flowcut divprune
     python scripts/profile_prefill.py ... --no-fuse     # the selection loops' steps unfused (graphs.FUSE off)
+    python scripts/profile_prefill.py ... --trace-dir traces   # also a Chrome trace per method (gzipped)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,6 +31,7 @@ def main() -> None:
     p.add_argument("--compile-tower", action="store_true")
     p.add_argument("--no-fuse", action="store_true", help="run the selection loops' steps unfused")
     p.add_argument("--rows", type=int, default=25, help="rows per table")
+    p.add_argument("--trace-dir", type=Path, default=None, help="write <method>.json.gz Chrome traces here")
     args = p.parse_args()
     graphs.FUSE = not args.no_fuse
     model = build_model(args.config, getattr(torch, args.dtype), torch.device("cuda"))
@@ -42,11 +46,23 @@ def main() -> None:
             for _ in range(3):
                 model(**inputs)
             torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(**inputs)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 model(**inputs)
                 torch.cuda.synchronize()
         visprune.remove(model)
         print(f"===== {method}, budget {budget}, batch {args.batch}, {size} px, fuse={graphs.FUSE}")
+        print(f"prefill without the profiler: median {statistics.median(times):.1f} ms of {len(times)}")
+        if args.trace_dir is not None:
+            args.trace_dir.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(args.trace_dir / f"{method.replace('+', '-')}.json.gz"))
         table = prof.key_averages()
         print(table.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
         print(table.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70))

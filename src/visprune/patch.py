@@ -26,7 +26,7 @@ from visprune.methods import MethodSpec, Placement, get_method
 from visprune.methods.base import available_requests
 from visprune.models import Adapter, adapter_for
 from visprune.models.splice import IGNORE_INDEX, Spliced, image_runs, splice
-from visprune.reducer import Reducer, encoder_budget, split_reducer_signals, sync_device
+from visprune.reducer import HostWork, Reducer, encoder_budget, split_reducer_signals, sync_device
 from visprune.stats import Stats
 
 _ATTR = "_visprune_handle"
@@ -437,11 +437,16 @@ def _prepare(
         attention_mask = torch.ones_like(input_ids)
     # the token ids, the mask and the inputs the positions read are copied to the host now, while the device
     # is idle: nothing after the image path is launched waits for the device (the splice and the position ids
-    # are planned on the host; the rows are gathered on the device)
+    # are planned on the host; the rows are gathered on the device). The dense positions need nothing the
+    # reduction decides: the reducer works them out before the image path's first host read, while the
+    # device still encodes the images.
     host_mask, host_ids = attention_mask.cpu(), input_ids.cpu()
     image_kwargs = image_kwargs or {}
     host_kwargs = {k: v.cpu() for k, v in image_kwargs.items() if k in adapter.host_inputs and isinstance(v, Tensor)}
     runs = image_runs(host_ids, host_mask, adapter.image_token_id)
+    dense_positions = HostWork(
+        lambda: adapter.dense_positions(host_ids, host_mask, {**image_kwargs, **host_kwargs}, handle.keep_positions)
+    )
     features: list[Tensor] = []
     extras: dict[str, list[Tensor]] = {}
     if pixel_values is not None:
@@ -457,6 +462,7 @@ def _prepare(
                 sync=handle.sync_timings,
                 tower_layer=handle.tower_layer,
                 runs=runs,
+                host_work=dense_positions,
             )
         sync_device(pixel_values, handle.sync_timings)
         t0 = time.perf_counter()
@@ -473,9 +479,7 @@ def _prepare(
     batch = splice(
         input_ids, host_mask, embedded.embeds, adapter.image_token_id, features, runs, labels, offsets, pad_to
     )
-    batch.position_ids = adapter.position_ids(
-        host_ids, host_mask, {**image_kwargs, **host_kwargs}, batch, handle.keep_positions
-    )
+    batch.position_ids = adapter.position_ids(dense_positions.result(), batch)
     handle._additions.arm(*adapter.layer_additions(extras, embedded.extras, batch))
     stats.position_map = batch.position_map
     n_layers = len(adapter.decoder_layers)

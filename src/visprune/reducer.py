@@ -26,7 +26,10 @@ class Reducer:
     REDUCER_KINDS itself: "projected" with `project` (the adapter's projector), "prompt" from `prompts`
     [images, D] (`prompts.prompt_vectors`), for which adapters pass the image index of each row
     (`images`). `available`: the signal kinds the adapter computes (`Adapter.signal_kinds`); the method's
-    optional requests outside them are left out (None keeps every request).
+    optional requests outside them are left out (None keeps every request). `host_work`: the call's host
+    work that needs nothing from the device (`HostWork`); the reducer runs it before the method, and an
+    adapter that reads the device before it calls the reducer runs it first (`before_host_read`), so that
+    it overlaps the device's encoding instead of waiting for it.
     """
 
     def __init__(
@@ -39,8 +42,10 @@ class Reducer:
         project: Callable[[Tensor], Tensor] | None = None,
         prompts: Tensor | None = None,
         available: Collection[str] | None = None,
+        host_work: HostWork | None = None,
     ):
         self.spec = spec
+        self.host_work = host_work
         self.tower_layer = tower_layer
         self.options = options
         self.requests, self._own = split_reducer_signals(spec.signals(options))
@@ -64,11 +69,21 @@ class Reducer:
         sync: bool = False,
         tower_layer: int | None = None,
         runs: list[list[tuple[int, int]]] | None = None,
+        host_work: HostWork | None = None,
     ) -> Reducer:
         """The reducer of one model call: the adapter's projector and signal kinds, and, for a method that
         reads the "prompt" signal, the prompt vectors of the call's `input_ids` (`runs`: its placeholder runs
         when the caller has already read them on the host)."""
-        reducer = cls(spec, options, sync, stats, tower_layer, adapter.project, available=adapter.signal_kinds)
+        reducer = cls(
+            spec,
+            options,
+            sync,
+            stats,
+            tower_layer,
+            adapter.project,
+            available=adapter.signal_kinds,
+            host_work=host_work,
+        )
         if reducer.needs_prompts:
             reducer.prompts = prompts_for(adapter, input_ids, attention_mask, runs)
         return reducer
@@ -81,6 +96,12 @@ class Reducer:
     @property
     def budget(self) -> int | None:
         return encoder_budget(self.spec, self.options)
+
+    def before_host_read(self) -> None:
+        """Run the call's pending host work (once): adapters call this before they read a device result
+        on the host (a count, a layout), since that read waits for the device."""
+        if self.host_work is not None:
+            self.host_work.run()
 
     def _options_for(self, budget: int | None) -> dict[str, Any]:
         """The options for a per-crop `budget` override, by the method's own budget rule."""
@@ -96,6 +117,7 @@ class Reducer:
         budget: int | None = None,
         images: Sequence[int] | None = None,
     ) -> list[Reduction]:
+        self.before_host_read()  # methods may read counts or check values on the host
         sync_device(features, self.sync)
         t0 = time.perf_counter()
         if self._own:
@@ -122,6 +144,27 @@ class Reducer:
                     )
                 out[name] = _rows(self.prompts, images).to(features.device)
         return out
+
+
+class HostWork:
+    """Host work of one model call that reads no device result (the dense M-RoPE positions from host copies
+    of the prompt), run at most once: the first host read of the image path waits for the device, so work
+    run before it overlaps the device's encoding, and work run after it leaves the device idle."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._fn: Callable[[], Any] | None = fn
+        self._value: Any = None
+
+    def run(self) -> None:
+        """Do the work now unless it is done."""
+        if self._fn is not None:
+            fn, self._fn = self._fn, None
+            self._value = fn()
+
+    def result(self) -> Any:
+        """The work's result (done now if it is not yet)."""
+        self.run()
+        return self._value
 
 
 REDUCER_KINDS = ("projected", "prompt")  # signal kinds the Reducer computes, not the adapter

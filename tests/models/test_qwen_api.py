@@ -4,6 +4,8 @@ keeps working, bad inputs raise visprune's errors, and remove restores the model
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -174,3 +176,29 @@ def test_videos_pass_through_unreduced(family, model, inputs):
         visprune.remove(model)
     assert handle.stats.visual_tokens_out == [4, 4]
     assert out.shape == ref.shape
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "knee", "flowcut"])
+def test_dense_positions_are_worked_out_before_the_image_path_reads_the_device(model, inputs, method, monkeypatch):
+    """The M-RoPE positions of the dense prompt (host work, ~20 ms at batch 8) must come before the first
+    host read of the reduction (a method's count or check, FlowCut's per-cut counts), which waits for the
+    tower: after it, the device would idle while the host works them out."""
+    from visprune.methods import flowcut
+    from visprune.models import qwen2_vl
+
+    events = []
+    handle = visprune.apply(model, method, **({"budget": 4} if method != "knee" else {}))
+    try:
+        adapter, spec = handle.adapter, handle.encoder
+        dense_positions = adapter.dense_positions
+        monkeypatch.setattr(adapter, "dense_positions", lambda *a: events.append("positions") or dense_positions(*a))
+        wrapped = replace(spec, fn=lambda *a, **k: events.append("method") or spec.fn(*a, **k))
+        monkeypatch.setattr(handle, "encoder", wrapped)
+        counts = flowcut.prune_counts
+        monkeypatch.setattr(qwen2_vl.flowcut, "prune_counts", lambda *a: events.append("counts") or counts(*a))
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        visprune.remove(model)
+    assert events[0] == "positions" and events.count("positions") == 1
+    assert len(events) > 1  # the method (or FlowCut's cuts) ran after it

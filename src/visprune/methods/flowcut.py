@@ -124,7 +124,8 @@ def relation_terms(q: Tensor, k: Tensor, v: Tensor, image: Tensor, images: int, 
     the largest intermediate is [T, H]; no loop over images."""
     q, k, v = q.float(), k.float(), v.float()
     heads = q.shape[1]
-    rows = torch.bincount(image, minlength=images).clamp(min=1).float()
+    # the rows per image by an index_add (torch.bincount reads its input's range on the host: a synchronisation)
+    rows = q.new_zeros(images).index_add_(0, image, q.new_ones(image.shape[0])).clamp(min=1)
     mean_q = q.new_zeros(images, heads, q.shape[2]).index_add_(0, image, q) / rows[:, None, None]
     logits = (mean_q[image] * k).sum(dim=-1) * scale  # [T, H]
     by_image = image.unsqueeze(1).expand(-1, heads)

@@ -50,15 +50,15 @@ class Adapter(ABC):
     check pixels and encode + reduce + project images (`check_pixels`, `image_tokens`), which tokens
     can be reduced at most (`max_visual_tokens`, `vision_layers`), where each kept row stands in its
     image's placeholder run (`placeholder_offsets`), and the position ids of a spliced sequence
-    (`position_ids`: None for the model's own 1-D numbering, gathered dense positions for M-RoPE; worked
-    out on host copies of the prompt and of the inputs named in `host_inputs`), and,
+    (`dense_positions` worked out on host copies of the prompt and of the inputs named in `host_inputs`,
+    `position_ids` gathering them: None for the model's own 1-D numbering), and,
     where the model feeds visual features into the LLM beyond its input rows (DeepStack), the rows added
     to the visual tokens' hidden states after some decoder layers (`addition_layers`, `layer_additions`).
     """
 
     model_classes: tuple[str, ...] = ()
     image_inputs: tuple[str, ...] = ()  # per-image keyword inputs the adapter consumes (e.g. image_sizes)
-    # of those, the ones `position_ids` reads: handed to it as host copies, with input_ids and the mask
+    # of those, the ones `dense_positions` reads: handed to it as host copies, with input_ids and the mask
     host_inputs: tuple[str, ...] = ()
     supports_keep_positions: bool = False
     supports_tower_layer: bool = False  # the reducer may cut the vision tower (apply's tower_layer)
@@ -147,22 +147,24 @@ class Adapter(ABC):
             out.append(torch.where(sources >= 0, sources, torch.where(leading, 0, n - 1)))
         return out
 
-    def position_ids(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        image_kwargs: dict[str, Any],
-        batch: Spliced,
-        keep_positions: bool,
+    def dense_positions(
+        self, input_ids: Tensor, attention_mask: Tensor, image_kwargs: dict[str, Any], keep_positions: bool
     ) -> Tensor | None:
-        """Position ids for the spliced sequence (on the batch's device). input_ids, attention_mask and the
-        `host_inputs` among image_kwargs arrive as host copies taken before the image path was launched, so
-        that the positions are worked out on the host while the device encodes the images. Default: with
-        keep_positions, every token's position in the dense sequence (gathered through
-        `batch.source_index`); otherwise None (the model numbers the shorter sequence itself)."""
-        if not keep_positions or batch.source_index is None:
+        """The position ids of the dense prompt, on the host, for `position_ids` to gather from; None where
+        the model numbers the spliced sequence itself. It reads only host copies (input_ids, attention_mask
+        and the `host_inputs` among image_kwargs, copied before the image path was launched) and nothing the
+        reduction decides, so the patch runs it while the device encodes the images (before the image path's
+        first host read). Default: with keep_positions, each token's index among its sample's real tokens;
+        otherwise None."""
+        if not keep_positions:
             return None
-        dense = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+    def position_ids(self, dense: Tensor | None, batch: Spliced) -> Tensor | None:
+        """Position ids for the spliced sequence (on the batch's device): each token's dense position
+        (`dense_positions`' result) gathered through `batch.source_index`; None where `dense` is None."""
+        if dense is None or batch.source_index is None:
+            return None
         return host_to_device(dense, batch.source_index.device).gather(1, batch.source_index)
 
     @property

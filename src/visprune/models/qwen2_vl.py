@@ -238,6 +238,7 @@ class Qwen2VLAdapter(Adapter):
             flow = flowcut.accumulate(flow, view.pad(score))
             if i not in schedule:
                 continue
+            reducer.before_host_read()  # the counts are read on the host next
             new = flowcut.prune_counts(view.pad(attention), view.valid, target, schedule[i])
             now = new.tolist()  # one host synchronisation per pruning point
             if now == kept:
@@ -418,17 +419,12 @@ class Qwen2VLAdapter(Adapter):
         rows that go with them (none on Qwen2-VL)."""
         return self.project(torch.cat([r.features for r in reductions])), {}
 
-    def position_ids(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        image_kwargs: dict[str, Any],
-        batch: Spliced,
-        keep_positions: bool,
+    def dense_positions(
+        self, input_ids: Tensor, attention_mask: Tensor, image_kwargs: dict[str, Any], keep_positions: bool
     ) -> Tensor:
-        """[4, B, S'] M-RoPE position ids of the spliced sequence (see the module docstring). The dense
-        positions come from transformers' `get_rope_index` on the host copies of the inputs (it reads them
-        in Python: on device tensors it would wait for the vision tower)."""
+        """[3, B, S] M-RoPE position ids of the dense prompt: transformers' `get_rope_index` on the host
+        copies of the inputs (it reads them in Python, ~20 ms at batch 8 x 1008 px; on device tensors it
+        would wait for the vision tower). Always needed here: M-RoPE keeps the dense positions."""
         grid = image_kwargs.get("image_grid_thw")
         types = image_kwargs.get("mm_token_type_ids")
         if types is None:
@@ -439,6 +435,12 @@ class Qwen2VLAdapter(Adapter):
         dense, _ = self.model.model.get_rope_index(
             input_ids, image_grid_thw=grid, attention_mask=attention_mask, mm_token_type_ids=types, **videos
         )
+        return dense
+
+    def position_ids(self, dense: Tensor | None, batch: Spliced) -> Tensor:
+        """[4, B, S'] position ids of the spliced sequence (see the module docstring): the text positions of
+        its own real tokens, then the dense M-RoPE positions gathered at the tokens' dense indices; sets the
+        model's `rope_deltas` so that decoding continues after the dense positions."""
         rows = batch.attention_mask.long()
         text = (rows.cumsum(1) - 1).clamp(min=0)
         index = batch.source_index.unsqueeze(0).expand(dense.shape[0], -1, -1)
