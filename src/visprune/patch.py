@@ -449,8 +449,8 @@ def _prepare(
     )
     features: list[Tensor] = []
     extras: dict[str, list[Tensor]] = {}
+    reducer = None
     if pixel_values is not None:
-        reducer = None
         if handle.encoder is not None:
             reducer = Reducer.for_call(
                 adapter,
@@ -480,6 +480,8 @@ def _prepare(
         input_ids, host_mask, embedded.embeds, adapter.image_token_id, features, runs, labels, offsets, pad_to
     )
     batch.position_ids = adapter.position_ids(dense_positions.result(), batch)
+    if reducer is not None:
+        reducer.verify_inputs()  # the method's finite-value checks, read now that the host work is launched
     handle._additions.arm(*adapter.layer_additions(extras, embedded.extras, batch))
     stats.position_map = batch.position_map
     n_layers = len(adapter.decoder_layers)

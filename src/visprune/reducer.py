@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor
 from visprune.errors import UnsupportedModelError
 from visprune.methods import MethodSpec, Reduction, SignalRequest
 from visprune.methods.base import available_requests
+from visprune.methods.checks import FiniteChecks, deferred_finite_checks
 from visprune.prompts import prompts_for
 from visprune.stats import Stats
 
@@ -29,7 +31,10 @@ class Reducer:
     optional requests outside them are left out (None keeps every request). `host_work`: the call's host
     work that needs nothing from the device (`HostWork`); the reducer runs it before the method, and an
     adapter that reads the device before it calls the reducer runs it first (`before_host_read`), so that
-    it overlaps the device's encoding instead of waiting for it.
+    it overlaps the device's encoding instead of waiting for it. A fixed-count method's finite-value checks
+    are recorded, not read (`methods.checks.deferred_finite_checks`): the caller reads them with
+    `verify_inputs` once its own host work is done and before it uses the reductions. An adaptive method
+    reads its counts on the host anyway, so its checks run at once.
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class Reducer:
     ):
         self.spec = spec
         self.host_work = host_work
+        self.finite_checks = FiniteChecks()
         self.tower_layer = tower_layer
         self.options = options
         self.requests, self._own = split_reducer_signals(spec.signals(options))
@@ -103,6 +109,10 @@ class Reducer:
         if self.host_work is not None:
             self.host_work.run()
 
+    def verify_inputs(self) -> None:
+        """Raise the InputError of a method input that held NaN or inf (the deferred finite-value checks)."""
+        self.finite_checks.verify()
+
     def _options_for(self, budget: int | None) -> dict[str, Any]:
         """The options for a per-crop `budget` override, by the method's own budget rule."""
         if budget is None or budget == self.budget or self.spec.budget_rule is None:
@@ -122,7 +132,9 @@ class Reducer:
         t0 = time.perf_counter()
         if self._own:
             signals = {**signals, **self._reducer_signals(features, images)}
-        out = self.spec.fn(features, grid=grid, **signals, **self._options_for(budget))
+        deferred = deferred_finite_checks(self.finite_checks) if not self.spec.adaptive else nullcontext()
+        with deferred:
+            out = self.spec.fn(features, grid=grid, **signals, **self._options_for(budget))
         sync_device(features, self.sync)
         self.stats.timings["reduce"] = self.stats.timings.get("reduce", 0.0) + time.perf_counter() - t0
         return out

@@ -69,6 +69,34 @@ def test_relation_terms_and_unit_sums_are_the_formula_per_image():
     torch.testing.assert_close(units[:3].sum(), torch.tensor(1.0))  # a distribution over the image's units
 
 
+def test_relation_terms_of_interleaved_images_and_an_image_without_tokens():
+    """The terms do not assume each image's tokens contiguous, and an image with no tokens left changes
+    nothing for the others (its mean query divides by one row, not zero)."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(10, 2, 4, generator=g) for _ in range(3))
+    image = torch.tensor([0, 2, 0, 2, 2, 0, 0, 2, 0, 2])
+    score, a = relation_terms(q, k, v, image, 3, 0.7)
+    for i in (0, 2):
+        rows = image == i
+        alone_score, alone_a = relation_terms(
+            q[rows], k[rows], v[rows], torch.zeros(int(rows.sum()), dtype=torch.long), 1, 0.7
+        )
+        torch.testing.assert_close(a[rows], alone_a)
+        torch.testing.assert_close(score[rows], alone_score)
+    assert torch.isfinite(score).all() and torch.isfinite(a).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_relation_terms_of_half_precision_cuda_inputs_match_their_float32_values():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(4096, 16, 80, generator=g).bfloat16().cuda() for _ in range(3))
+    image = torch.arange(4096, device="cuda") // 1024
+    score, a = relation_terms(q, k, v, image, 4, 80**-0.5)
+    want_score, want_a = relation_terms(q.cpu().float(), k.cpu().float(), v.cpu().float(), image.cpu(), 4, 80**-0.5)
+    torch.testing.assert_close(a.cpu(), want_a, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(score.cpu(), want_score, rtol=1e-5, atol=1e-9)
+
+
 def test_layer_scores_are_the_formula_on_the_valid_patches():
     g = torch.Generator().manual_seed(0)
     a, s, v = torch.rand(2, 6, generator=g), torch.rand(2, 6, generator=g), torch.rand(2, 6, generator=g)

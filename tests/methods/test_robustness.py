@@ -210,3 +210,24 @@ def test_knee_of_a_straight_line_is_its_first_point(detector):
     assert knee_count(line, detector).tolist() == [expect] * 300
     three = torch.rand(300, 3, generator=g).sort(dim=1, descending=True).values
     assert knee_count(three, detector, smooth=3).tolist() == [expect] * 300
+
+
+def test_deferred_finite_checks_raise_at_verify_and_only_then():
+    """Inside `deferred_finite_checks` a method's NaN input is recorded, not read (the patched model reads it
+    after its host work); `verify` raises the same error the immediate check does, naming the input."""
+    from visprune.errors import InputError
+    from visprune.methods.checks import FiniteChecks, deferred_finite_checks
+
+    features = torch.randn(2, 16, 8)
+    scores = torch.rand(2, 16)
+    scores[1, 3] = float("nan")
+    fn = get_method("fastervlm").fn
+    with pytest.raises(InputError, match="cls_attn contains NaN or inf"):
+        fn(features, grid=(4, 4), cls_attn=scores, budget=5)
+    checks = FiniteChecks()
+    with deferred_finite_checks(checks):
+        fn(features, grid=(4, 4), cls_attn=scores, budget=5)  # recorded, not raised
+    fn(features, grid=(4, 4), cls_attn=torch.rand(2, 16), budget=5)  # outside the block: checked at once
+    with pytest.raises(InputError, match="cls_attn contains NaN or inf"):
+        checks.verify()
+    checks.verify()  # read once: nothing left to raise

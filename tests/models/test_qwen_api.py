@@ -202,3 +202,24 @@ def test_dense_positions_are_worked_out_before_the_image_path_reads_the_device(m
         visprune.remove(model)
     assert events[0] == "positions" and events.count("positions") == 1
     assert len(events) > 1  # the method (or FlowCut's cuts) ran after it
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "divprune", "knee"])
+def test_a_tower_that_overflows_raises_the_methods_error_not_a_silent_result(model, inputs, method):
+    """Finite pixels, NaN features (a tower weight overflowed): the method's finite-value check must still
+    stop the call with its InputError, also where it is read only after the splice (fixed-count methods)."""
+    import copy
+
+    from visprune.errors import InputError
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.visual.blocks[0].norm1.weight.fill_(float("nan"))
+    visprune.apply(broken, method, **({"budget": 4} if method != "knee" else {}))
+    try:
+        with pytest.raises(InputError, match="NaN or inf"), torch.no_grad():
+            broken(**inputs)
+        with pytest.raises(InputError, match="NaN or inf"), torch.no_grad():
+            broken.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        visprune.remove(broken)

@@ -4,6 +4,9 @@ and what to pass instead; nothing is silently coerced."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,6 +16,45 @@ from visprune.errors import InputError
 
 if TYPE_CHECKING:
     from visprune.methods.base import TokenLayout
+
+
+class FiniteChecks:
+    """Finite-value checks recorded on the device instead of read at once (`deferred_finite_checks`):
+    reading one waits for the device, which stalls a caller that still has host work to overlap."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, Tensor]] = []
+
+    def add(self, name: str, finite: Tensor) -> None:
+        self._pending.append((name, finite))
+
+    def verify(self) -> None:
+        """Read every recorded check (one device read) and raise for the first tensor that held NaN or inf."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        ok = torch.stack([flag for _, flag in pending]).tolist()
+        for (name, _), good in zip(pending, ok, strict=True):
+            if not good:
+                raise _not_finite(name)
+
+
+_DEFERRED: ContextVar[FiniteChecks | None] = ContextVar("visprune_deferred_finite_checks", default=None)
+
+
+@contextmanager
+def deferred_finite_checks(checks: FiniteChecks) -> Iterator[FiniteChecks]:
+    """Within the block, `check_tensor` records its finite-value checks in `checks` instead of reading the
+    device; the caller must `checks.verify()` before it uses what the checked inputs produced."""
+    token = _DEFERRED.set(checks)
+    try:
+        yield checks
+    finally:
+        _DEFERRED.reset(token)
+
+
+def _not_finite(name: str) -> InputError:
+    return InputError(f"{name} contains NaN or inf values; check the model's dtype/overflow upstream")
 
 
 def check_features(features: Any) -> tuple[int, int, int]:
@@ -104,14 +146,18 @@ def check_tensor(t: Any, name: str, shape: tuple[int | None, ...], *, finite: bo
 
     The finite-value check reads the tensor on the host, so it is skipped while a CUDA graph is being
     captured (the launch-free path): its inputs there are the model's own features, whose pixels were
-    checked before the capture."""
+    checked before the capture. Inside `deferred_finite_checks` it is recorded for a later `verify`."""
     if not isinstance(t, Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     expect = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
     if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape, strict=True)):
         raise InputError(f"{name} must have shape {expect}, got {tuple(t.shape)}")
-    if finite and t.is_floating_point() and not _capturing(t) and not bool(torch.isfinite(t).all()):
-        raise InputError(f"{name} contains NaN or inf values; check the model's dtype/overflow upstream")
+    if finite and t.is_floating_point() and not _capturing(t):
+        deferred = _DEFERRED.get()
+        if deferred is not None:
+            deferred.add(name, torch.isfinite(t).all())
+        elif not bool(torch.isfinite(t).all()):
+            raise _not_finite(name)
     return t
 
 

@@ -120,20 +120,30 @@ def relation_terms(q: Tensor, k: Tensor, v: Tensor, image: Tensor, images: int, 
     FlowCut's terms on a tower without CLS: q, k (RoPE applied) and v [T, H, d] of the tokens of `images`
     images, `image` [T] long the image of each token. Per image and head the global query is the mean of
     the image's queries; a_j = softmax over the image's tokens of q_mean . k_j * scale, averaged over the
-    heads; S_j = a_j * |mean over heads of v_j|_1. One query row per image and head: no attention map,
-    the largest intermediate is [T, H]; no loop over images."""
-    q, k, v = q.float(), k.float(), v.float()
-    heads = q.shape[1]
-    # the rows per image by an index_add (torch.bincount reads its input's range on the host: a synchronisation)
-    rows = q.new_zeros(images).index_add_(0, image, q.new_ones(image.shape[0])).clamp(min=1)
-    mean_q = q.new_zeros(images, heads, q.shape[2]).index_add_(0, image, q) / rows[:, None, None]
-    logits = (mean_q[image] * k).sum(dim=-1) * scale  # [T, H]
-    by_image = image.unsqueeze(1).expand(-1, heads)
-    peak = logits.new_full((images, heads), float("-inf")).scatter_reduce_(0, by_image, logits, "amax")
-    weights = (logits - peak[image]).exp()
-    total = logits.new_zeros(images, heads).index_add_(0, image, weights)
+    heads; S_j = a_j * |mean over heads of v_j|_1. One query row per image and head: no attention map.
+
+    The per-image sums are products with the [images, T] membership matrix (half-precision CUDA inputs on
+    the tensor cores with float32 results, exact products), and every token's logit is taken against
+    every image's mean query ([T, H, images]) and then its own: no scatter onto a few [images, H] rows,
+    whose atomic adds contend, and no host synchronisation."""
+    t, heads, width = q.shape
+    member = image.unsqueeze(0) == torch.arange(images, device=image.device).unsqueeze(1)  # [images, T]
+    rows = member.sum(dim=1).clamp(min=1).float()
+    mean_q = _member_sums(member, q.reshape(t, heads * width)).view(images, heads, width) / rows[:, None, None]
+    logits = torch.einsum("thd,ihd->thi", k.float(), mean_q).mul_(scale)  # [T, H, images]
+    own = image.view(t, 1, 1).expand(t, heads, 1)
+    peak = logits.masked_fill(~member.t().unsqueeze(1), float("-inf")).amax(dim=0)  # [H, images]
+    weights = (logits.gather(2, own).squeeze(2) - peak.t()[image]).exp_()  # [T, H]
+    total = _member_sums(member, weights)  # [images, H]
     attention = (weights / total[image]).mean(dim=1)
-    return attention * v.mean(dim=1).abs().sum(dim=-1), attention
+    return attention * v.mean(dim=1, dtype=torch.float32).abs().sum(dim=-1), attention
+
+
+def _member_sums(member: Tensor, x: Tensor) -> Tensor:
+    """[images, C] float32: the sums of the rows of x [T, C] per image (`member` [images, T] bool)."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.bmm(member.to(x.dtype).unsqueeze(0), x.unsqueeze(0), out_dtype=torch.float32).squeeze(0)
+    return member.float() @ x.float()
 
 
 def unit_sums(x: Tensor, unit: int = 4) -> Tensor:
