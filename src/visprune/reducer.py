@@ -170,8 +170,8 @@ class HostWork:
     def run(self) -> None:
         """Do the work now unless it is done."""
         if self._fn is not None:
-            fn, self._fn = self._fn, None
-            self._value = fn()
+            self._value = self._fn()
+            self._fn = None  # only once it succeeded: a failed attempt raises again, never yields None
 
     def result(self) -> Any:
         """The work's result (done now if it is not yet)."""
