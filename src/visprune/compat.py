@@ -57,6 +57,14 @@ def output_cache(output: Any) -> Any:
     return None
 
 
+def replace_output_cache(output: Any, cache: Any) -> None:
+    """Put `cache` where `output_cache` found the output's KV cache (the field's name depends on the version)."""
+    for name in CACHE_KEYWORDS:
+        if getattr(output, name, None) is not None:
+            setattr(output, name, cache)  # a ModelOutput keeps its mapping in step with the attribute
+            return
+
+
 def cache_length(cache: Any, layer_idx: int = 0) -> int:
     """Tokens held in `cache` for decoder layer `layer_idx` (0 for an empty or missing cache)."""
     if cache is None:

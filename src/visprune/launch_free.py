@@ -9,6 +9,8 @@ waits for the host, and a pruned prefill saves little time. On this path:
   methods' token counts that round to the same bucket share one prefill shape.
 - generate runs on a `transformers.StaticCache` owned by the path, sized for the prompt plus
   `max_new_tokens` (rounded up to `CACHE_BUCKET`), kept per (batch, length) and reused by later calls.
+  An output that carries the cache (`return_dict_in_generate=True`) gets a copy of it, which later calls
+  leave as it is.
   Decode steps see the attention mask padded to the cache's length, so every step has the same shapes.
 - On a CUDA device, with gradients off, each piece runs as a CUDA graph captured on its first call per
   shape and replayed afterwards: the vision tower plus the reduction plus the projector (one graph, for
@@ -156,6 +158,13 @@ class LaunchFree:
         kwargs.update(model_kwargs, generation_config=config)
         kwargs[self._cache_keyword] = slot.cache
         self.prefill_pending = True
+
+    def hand_over(self, output: Any) -> None:
+        """Give a generate output that carries one of this path's caches a copy of it: the path reuses its
+        cache (and the graphs that write it) in later calls, which would change a cache the caller kept."""
+        cache = compat.output_cache(output)
+        if cache is not None and any(slot.cache is cache for slot in self._slots.values()):
+            compat.replace_output_cache(output, copy.deepcopy(cache))
 
     def _slot(self, model: nn.Module, batch: int, max_len: int) -> _CacheSlot:
         key = (batch, max_len)

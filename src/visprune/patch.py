@@ -195,7 +195,8 @@ def apply(
     vision tower (with the reduction, for methods with a fixed budget), the LLM prefill and every decode step
     replayed as CUDA graphs captured on their first call per shape. Greedy tokens equal the plain path's.
     For batch 1 and other launch-bound cases; encoder-side methods (and 'none') on
-    LlavaForConditionalGeneration; beam search and LLM-side stages are refused.
+    LlavaForConditionalGeneration; beam search and LLM-side stages are refused. The path reuses its cache
+    across calls; an output with `return_dict_in_generate=True` carries a copy of it.
     The model keeps its attention implementation; `generate` and `forward` keep their signatures.
     """
     adapter = adapter_for(model)
@@ -575,6 +576,8 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         if launch_free is not None:
             launch_free.prefill_pending = False
             handle._generate_cache = None  # the path reuses its cache: no later call continues from it
+    if launch_free is not None:
+        launch_free.hand_over(out)
     if handle._generate_cache is not None:
         handle._session = _Session(
             cache=handle._generate_cache,

@@ -63,9 +63,14 @@ def test_one_prompt_matches_plain_and_reuses_its_cache(model, inputs):
     handle = visprune.apply(model, "fastervlm", launch_free=True, budget=8)
     try:
         first = tiny.greedy(model, one, max_new_tokens=N_NEW)
+        kept = [t.clone() for layer in compat.output_cache(first).layers for t in (layer.keys, layer.values)]
         second = tiny.greedy(model, one, max_new_tokens=N_NEW)
-        assert compat.output_cache(first) is compat.output_cache(second)
-        assert len(handle.launch_free._slots) == 1
+        assert len(handle.launch_free._slots) == 1  # the path's own cache was reused
+        # ... while each caller got a copy, which the second call left as it was
+        path_cache = handle.launch_free._slots[next(iter(handle.launch_free._slots))].cache
+        assert compat.output_cache(first) is not path_cache and compat.output_cache(second) is not path_cache
+        after = [t for layer in compat.output_cache(first).layers for t in (layer.keys, layer.values)]
+        assert all(torch.equal(a, b) for a, b in zip(kept, after, strict=True))
     finally:
         visprune.remove(model)
     assert torch.equal(first.sequences, plain.sequences)
