@@ -87,9 +87,12 @@ def test_relation_terms_of_interleaved_images_and_an_image_without_tokens():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_relation_terms_of_half_precision_cuda_inputs_match_their_float32_values():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_relation_terms_of_half_precision_cuda_inputs_match_their_float32_values(dtype):
+    """The tensor-core path (k read in its own dtype, the float32 mean queries split in three parts) against
+    the float32 computation of the same values."""
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(4096, 16, 80, generator=g).bfloat16().cuda() for _ in range(3))
+    q, k, v = (torch.randn(4096, 16, 80, generator=g).to(dtype).cuda() for _ in range(3))
     image = torch.arange(4096, device="cuda") // 1024
     score, a = relation_terms(q, k, v, image, 4, 80**-0.5)
     want_score, want_a = relation_terms(q.cpu().float(), k.cpu().float(), v.cpu().float(), image.cpu(), 4, 80**-0.5)

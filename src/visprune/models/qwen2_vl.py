@@ -238,9 +238,12 @@ class Qwen2VLAdapter(Adapter):
             flow = flowcut.accumulate(flow, view.pad(score))
             if i not in schedule:
                 continue
-            reducer.before_host_read()  # the counts are read on the host next
-            new = flowcut.prune_counts(view.pad(attention), view.valid, target, schedule[i])
-            now = new.tolist()  # one host synchronisation per pruning point
+            if schedule[i] == 0:  # the last pruning point keeps each image's target: known on the host
+                new, now = target, targets
+            else:
+                reducer.before_host_read()  # the counts are read on the host next
+                new = flowcut.prune_counts(view.pad(attention), view.valid, target, schedule[i])
+                now = new.tolist()  # one host synchronisation per pruning point
             if now == kept:
                 continue
             positions, _ = flowcut.keep_top(flow, view.valid, new, width=max(now))
