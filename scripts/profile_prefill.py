@@ -3,7 +3,8 @@ the vision tower, the reduction and the LLM goes. Needs CUDA; prints torch profi
 
     python scripts/profile_prefill.py --config llava-1.5-7b --batch 16 --budget 64 --methods flowcut divprune
     python scripts/profile_prefill.py ... --no-fuse     # the selection loops' steps unfused (graphs.FUSE off)
-    python scripts/profile_prefill.py ... --trace-dir traces   # also a Chrome trace per method (gzipped)
+    python scripts/profile_prefill.py ... --trace-dir traces   # also a Chrome trace per method (gzipped),
+    python scripts/trace_gaps.py traces/flowcut.json.gz        # ... and where the GPU waits in it
 """
 
 from __future__ import annotations
