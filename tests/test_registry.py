@@ -172,7 +172,18 @@ def test_a_new_method_needs_only_its_registration_for_budgets():
             check=check,
             budget_rule=TOKENS,
         )(first_k)
+    with pytest.raises(RuntimeError, match="visual_kept is for LLM-side methods"):
+        register(
+            "test-encoder-count",
+            description="x",
+            placement=Placement.ENCODER,
+            adaptive=False,
+            check=check,
+            budget_rule=TOKENS,
+            visual_kept=lambda present, options, stage: present,
+        )(first_k)
     assert "test-no-rule" not in _REGISTRY and "test-adaptive" not in _REGISTRY
+    assert "test-encoder-count" not in _REGISTRY
 
 
 def test_where_published_code_materialises_attention_is_part_of_the_registration():

@@ -25,9 +25,9 @@ for those shapes, with a warning naming it: the result is the same, only slower.
 
 What the path refuses, with an InputError at `generate`: beam search, several return sequences, a cache
 passed in, another `cache_implementation`, `use_cache=False`, assisted decoding. At `apply`: LLM-side
-stages (their per-layer token counts are decided on the host during the prefill), methods registered with
-`graph_capturable=False` (flowcut), `sync_timings`, models with sliding-window attention, and models other
-than LlavaForConditionalGeneration.
+stages (a prefill graph with their stages, and a static cache whose layers hold different lengths, are not
+built), methods registered with `graph_capturable=False` (flowcut), `sync_timings`, models with
+sliding-window attention, and models other than LlavaForConditionalGeneration.
 """
 
 from __future__ import annotations

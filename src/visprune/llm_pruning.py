@@ -6,6 +6,11 @@ later layer the shorter sequence's attention mask and position embeddings. Layer
 Decode steps reuse the shorter caches: layers after a stage get a mask over that stage's kept tokens
 plus the generated ones. Per-sample kept counts may differ; shorter rows are left-padded with masked
 slots. Nothing reads `cache_position` and no attention weights are materialised.
+
+The shorter sequence's length is read from the keep mask (a host read at each stage), except for a method
+with a count rule (`MethodSpec.visual_kept`: fastv, pdrop, dart, sparsevlm): its counts follow from the
+host's token counts, so the host plans the stage without waiting for the device, and the mask's counts are
+checked against the plan at the end of the prefill (`VisPruneError` if a rule and its method disagree).
 """
 
 from __future__ import annotations
@@ -49,6 +54,12 @@ class PrunerState:
     real_tokens: list[int] = field(default_factory=list)
     signals: dict[str, Tensor] = field(default_factory=dict)
     rows_per_sample: int = 1  # > 1 when generate expanded the batch (beam search, several return sequences)
+    # The current sequence's real and image tokens per sample on the host (None: not known there), which a
+    # method's `visual_kept` rule carries from stage to stage; and per stage planned that way, (decoder layer,
+    # the keep mask's counts [B] on the device, the planned counts) for the check at the end of the prefill.
+    host_tokens: list[int] | None = None
+    host_visual: list[int] | None = None
+    planned: list[tuple[int, Tensor, list[int]]] = field(default_factory=list)
     # Per stage (decoder layer, [B, S] bool over the prefill sequence): the visual tokens present from that
     # layer on (what `Stats.llm_visual_kept` reports).
     visual_kept: list[tuple[int, Tensor]] = field(default_factory=list)
@@ -93,12 +104,23 @@ class DecoderPruner:
         self.attn_impl = attn_impl
         self.state = PrunerState()
 
-    def begin(self, layout: TokenLayout, real_tokens: list[int] | None = None) -> None:
+    def begin(
+        self, layout: TokenLayout, real_tokens: list[int] | None = None, visual_tokens: list[int] | None = None
+    ) -> None:
         """Arm the pruner for the next prefill over a sequence with this layout (`real_tokens`: its real tokens
-        per sample, when the caller knows them on the host; otherwise read from the layout)."""
+        per sample, when the caller knows them on the host; otherwise read from the layout; `visual_tokens`:
+        its image tokens per sample, when the caller knows them on the host: a method with a `visual_kept`
+        rule then prunes without reading the device)."""
         if real_tokens is None:
             real_tokens = layout.attention_mask.sum(1).tolist()
-        self.state = PrunerState(layout=layout, prefill_layout=layout, phase="armed", real_tokens=list(real_tokens))
+        self.state = PrunerState(
+            layout=layout,
+            prefill_layout=layout,
+            phase="armed",
+            real_tokens=list(real_tokens),
+            host_tokens=list(real_tokens),
+            host_visual=None if visual_tokens is None else list(visual_tokens),
+        )
 
     def model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         st = self.state
@@ -125,10 +147,14 @@ class DecoderPruner:
         st.layout = TokenLayout(*(t.repeat_interleave(r, dim=0) for t in _layout_masks(st.layout)))
         st.prefill_layout = st.layout
         st.real_tokens = [n for n in st.real_tokens for _ in range(r)]
+        st.host_tokens = list(st.real_tokens)
+        if st.host_visual is not None:
+            st.host_visual = [n for n in st.host_visual for _ in range(r)]
         st.rows_per_sample = r
 
     def model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.state.phase == "prefill":
+            self._check_planned()
             per_layer = []
             for layer in range(self.num_layers):
                 group = self._group_for(layer)
@@ -242,8 +268,14 @@ class DecoderPruner:
         keep = keep & layout.attention_mask
 
         counts = keep.sum(1)
-        width = int(counts.max())  # the one host sync: the new sequence length
-        slot = width - counts.unsqueeze(1) + keep.long().cumsum(1) - 1
+        planned = self._plan_on_host(stage)
+        if planned is None:
+            width = int(counts.max())  # a host read: the new sequence length
+        else:  # the method's count rule gave it on the host; `_check_planned` compares at the prefill's end
+            width = max(planned)
+            st.planned.append((layer_idx, counts, planned))
+        # (the clamp only matters if a method's rule and its mask disagree: no out-of-range slot before the check)
+        slot = (width - counts.unsqueeze(1) + keep.long().cumsum(1) - 1).clamp(0, width)
         slot = torch.where(keep, slot, width)  # dropped tokens go to a discarded extra column
         index = torch.zeros(b, width + 1, dtype=torch.long, device=hidden.device)
         index.scatter_(1, slot, torch.arange(s, device=hidden.device).expand(b, s))
@@ -264,7 +296,7 @@ class DecoderPruner:
         present.scatter_(1, torch.where(valid, base_index, width0), True)
         st.visual_kept.append((layer_idx, present[:, :width0] & first.visual & first.attention_mask))
 
-        all_valid = bool(valid.all())
+        all_valid = bool(valid.all()) if planned is None else min(planned) == width
         plain = all_valid and self.attn_impl != "eager"
         mask = None if plain else self._step_mask(valid, 0, width, width, hidden.dtype)
 
@@ -287,6 +319,30 @@ class DecoderPruner:
             )
         )
         return gather3(hidden)
+
+    def _plan_on_host(self, stage: int) -> list[int] | None:
+        """The real tokens per sample after `stage`, from the host's counts and the method's `visual_kept` rule
+        (every real non-image token stays); None where the method has no rule or the counts are not known."""
+        st = self.state
+        rule = self.spec.visual_kept
+        if rule is None or st.host_visual is None or st.host_tokens is None:
+            return None
+        kept = rule(torch.tensor(st.host_visual, dtype=torch.long), self.options, stage).tolist()
+        st.host_tokens = [n - v + k for n, v, k in zip(st.host_tokens, st.host_visual, kept, strict=True)]
+        st.host_visual = kept
+        return st.host_tokens
+
+    def _check_planned(self) -> None:
+        """Each stage planned on the host kept what its keep mask kept (one read, at the end of the prefill)."""
+        planned, self.state.planned = self.state.planned, []
+        for layer, counts, expected in planned:
+            kept = counts.tolist()
+            if kept != expected:
+                raise VisPruneError(
+                    f"{self.spec.name} kept {kept} tokens per sample at decoder layer {layer} where its count rule "
+                    f"(visual_kept) planned {expected}: the method's function and its rule disagree, a bug in the "
+                    "method; please report it"
+                )
 
     def sequence_at(self, layer: int) -> tuple[Tensor, Tensor] | None:
         """(index, valid) of the sequence decoder layer `layer` runs on at prefill into the prefill sequence,

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.methods.llm_fixtures import make_layout
+from tests.methods.llm_fixtures import make_layout, qk
 from visprune.errors import InputError
+from visprune.methods import get_method
 from visprune.methods.base import TokenLayout
 from visprune.methods.llm_attention import (
     attention_rows,
@@ -143,3 +144,25 @@ def test_check_qk_errors():
         check_qk(q, k, {"attention_mask": None})
     with pytest.raises(InputError, match="multiple"):
         attention_rows(torch.randn(1, 3, 4, 8), k, torch.zeros(1, 1, dtype=torch.long), lay.attention_mask)
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart", "sparsevlm"])
+@pytest.mark.parametrize("specs", [[(3, 9, 2), (1, 0, 3), (2, 5, 1)], [(0, 16, 1), (4, 1, 0)]])
+def test_each_count_rule_is_what_its_method_keeps(name, specs):
+    """`MethodSpec.visual_kept` (the count the decoder pruner plans on the host) equals the image tokens the
+    method's keep mask holds, at every stage, on layouts with padding, no image tokens and no query tokens."""
+    spec = get_method(name)
+    options = {"fastv": {"layer": 2}, "dart": {"layer": 2, "budget": 3}, "pdrop": {"layers": (1, 2, 3)}}.get(
+        name, {"layers": (1, 2), "keep_counts": (6, 2)}
+    )
+    options = spec.options(**options)
+    lay = make_layout(specs)
+    q, k = qk(lay)
+    hidden = torch.randn(*lay.attention_mask.shape, 8, generator=torch.Generator().manual_seed(1))
+    present = (lay.visual & lay.attention_mask).sum(dim=1)
+    for stage in range(len(spec.layers(options))):
+        keep = spec.fn(q=q, k=k, hidden=hidden, layout=lay, stage=stage, **options)
+        kept = (keep & lay.visual).sum(dim=1)
+        assert kept.tolist() == spec.visual_kept(present, options, stage).tolist()
+        present = kept  # the next stage sees what this one kept (its layout keeps the same positions here)
+        lay = type(lay)(lay.attention_mask & keep, lay.visual & keep, lay.query & keep, lay.system & keep)

@@ -242,6 +242,11 @@ class MethodSpec:
     # False: the method's vision-tower pass needs the host between blocks (it prunes inside the tower with
     # counts read back on the host), so it cannot run as a CUDA graph; apply(launch_free=True) refuses it.
     graph_capturable: bool = field(default=True, repr=False)
+    # An LLM-side method whose image-token count at each stage follows from the counts alone: (the image tokens
+    # present per sample [B] long, its options, the stage) -> the image tokens it keeps per sample, the rule its
+    # function applies. The decoder pruner then knows each stage's sequence length on the host (no read of the
+    # keep mask); it checks the rule against the mask at the end of the prefill.
+    visual_kept: Callable[[Tensor, dict[str, Any], int], Tensor] | None = field(default=None, repr=False)
 
     def options(self, **overrides: Any) -> dict[str, Any]:
         """Defaults merged with `overrides`, validated (names, types, ranges, choices): InputError

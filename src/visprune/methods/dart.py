@@ -54,6 +54,12 @@ def _ordered_top(scores: Tensor, candidates: Tensor, p: int) -> Tensor:
     return torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :p]
 
 
+def kept_images(present: Tensor, options: dict[str, Any], stage: int = 0) -> Tensor:
+    """[B] long: the image tokens DART keeps of the `present` ones per sample, min(n, budget) (the rule its
+    function applies; the decoder pruner plans the shorter sequence with it)."""
+    return present.clamp(max=options["budget"])
+
+
 @register(
     "dart",
     description="DART: at LLM layer K keep, for 4 image + 4 text pivots (largest key L1 norm), the image "
@@ -64,6 +70,7 @@ def _ordered_top(scores: Tensor, candidates: Tensor, p: int) -> Tensor:
     layers=lambda o: (published(o["layer"]),),
     check=check_options,
     budget_rule=TOKENS,
+    visual_kept=kept_images,
 )
 def dart(
     *,
@@ -118,7 +125,7 @@ def dart(
     text = layout.query & mask & ~layout.visual
     norms = k.float().abs().sum(dim=(1, 3))  # [B, S] L1 norm of the concatenated per-head keys
     n_vis = visual.sum(dim=1)
-    target = n_vis.clamp(max=budget)
+    target = kept_images(n_vis, {"budget": budget})
     p_img = n_vis.clamp(max=pivots).clamp(max=target)
     p_txt = text.sum(dim=1).clamp(max=pivots)
     p = min(pivots, s)

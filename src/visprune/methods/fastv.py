@@ -43,6 +43,12 @@ def _signals(o: dict) -> dict[str, SignalRequest]:
     return {"q": SignalRequest("q", layers=score, rows="last"), "k": SignalRequest("k", layers=score)}
 
 
+def kept_images(present: Tensor, options: dict[str, Any], stage: int = 0) -> Tensor:
+    """[B] long: the image tokens FastV keeps of the `present` ones per sample, floor(n * keep_ratio), at
+    least 1 (the rule its function applies; the decoder pruner plans the shorter sequence with it)."""
+    return ratio_count(present, options["keep_ratio"])
+
+
 @register(
     "fastv",
     description="FastV: at LLM layer K keep the image tokens the last prompt token attends to most "
@@ -54,6 +60,7 @@ def _signals(o: dict) -> dict[str, SignalRequest]:
     check=check_options,
     budget_rule=KEEP_RATIO,
     published_attention="llm",
+    visual_kept=kept_images,
 )
 def fastv(
     *,
@@ -92,5 +99,5 @@ def fastv(
     check_qk(q, k, layout)
     visual = layout.visual & layout.attention_mask
     scores = mean_received_attention(q, k, visual, layout.attention_mask, rows=last_token_rows(layout))
-    counts = ratio_count(visual.sum(dim=1), keep_ratio)
+    counts = kept_images(visual.sum(dim=1), {"keep_ratio": keep_ratio})
     return assemble_keep(layout, top_count_mask(scores, visual, counts))

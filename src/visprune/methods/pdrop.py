@@ -53,6 +53,12 @@ def _signals(o: dict) -> dict[str, SignalRequest]:
     return {"q": SignalRequest("q", layers=layers, rows="last"), "k": SignalRequest("k", layers=layers)}
 
 
+def kept_images(present: Tensor, options: dict[str, Any], stage: int) -> Tensor:
+    """[B] long: the image tokens stage `stage` keeps of the `present` ones per sample (the rule pdrop's
+    function applies; the decoder pruner plans the shorter sequence with it)."""
+    return ratio_count(present, stage_fraction(options["keep_ratios"], stage))
+
+
 def stage_fraction(keep_ratios: tuple[float, ...], stage: int) -> Fraction:
     """The fraction of the image tokens PRESENT at `stage` that it keeps: r_s / r_{s-1} (r_{-1} = 1)."""
     frac = [Fraction(r).limit_denominator(1_000_000) for r in keep_ratios]
@@ -101,6 +107,7 @@ def _budget(budget: int, options: dict[str, Any], *, dense: int, num_layers: int
     check=check_options,
     budget_rule=BudgetRule(_budget),
     published_attention="llm",
+    visual_kept=kept_images,
 )
 def pdrop(
     *,
@@ -138,5 +145,5 @@ def pdrop(
     check_qk(q, k, layout)
     visual = layout.visual & layout.attention_mask
     scores = mean_received_attention(q, k, visual, layout.attention_mask, rows=last_token_rows(layout))
-    counts = ratio_count(visual.sum(dim=1), stage_fraction(ratios, stage))
+    counts = kept_images(visual.sum(dim=1), {"keep_ratios": ratios}, stage)
     return assemble_keep(layout, top_count_mask(scores, visual, counts))

@@ -8,6 +8,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from torch import Tensor
+
 from visprune.errors import InputError, UnknownMethodError, closest
 from visprune.methods.base import MethodSpec, Placement, SignalRequest
 from visprune.methods.budget_rules import BudgetRule
@@ -74,6 +76,7 @@ def register(
     budget_rule: BudgetRule | None = None,
     published_attention: str | None = None,
     graph_capturable: bool = True,
+    visual_kept: Callable[[Tensor, dict[str, Any], int], Tensor] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers a method function under `name`.
 
@@ -89,9 +92,14 @@ def register(
     "llm"), for the benchmark's comparison; None when it does not.
     graph_capturable: False for a method whose vision-tower pass needs the host between blocks (the
     launch-free path, which replays the tower as a CUDA graph, refuses it).
+    visual_kept: for an LLM-side method that keeps a number of image tokens decided by the counts alone,
+    that rule ((present [B] long, options, stage) -> kept [B] long; the function must use the same), so that
+    the decoder pruner plans the shorter sequence on the host (`MethodSpec.visual_kept`).
     """
     if published_attention not in (None, "vision", "llm"):
         raise RuntimeError(f"method {name!r}: published_attention must be None, 'vision' or 'llm'")
+    if visual_kept is not None and placement is not Placement.LLM:
+        raise RuntimeError(f"method {name!r}: visual_kept is for LLM-side methods")
     if adaptive == (budget_rule is not None):
         need = "takes no budget_rule (it is adaptive)" if adaptive else "needs a budget_rule (it keeps a fixed count)"
         raise RuntimeError(f"method {name!r} {need}")
@@ -133,6 +141,7 @@ def register(
             budget_rule=budget_rule,
             published_attention=published_attention,
             graph_capturable=graph_capturable,
+            visual_kept=visual_kept,
         )
         return fn
 

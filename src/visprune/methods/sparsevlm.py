@@ -102,6 +102,12 @@ def _budget(budget: int, options: dict[str, Any], *, dense: int, num_layers: int
     return {**options, "keep_counts": counts}
 
 
+def kept_images(present: Tensor, options: dict[str, Any], stage: int) -> Tensor:
+    """[B] long: the image tokens stage `stage` keeps of the `present` ones per sample, min(n, keep_counts[s])
+    (the rule sparsevlm's function applies; the decoder pruner plans the shorter sequence with it)."""
+    return present.clamp(max=options["keep_counts"][stage])
+
+
 @register(
     "sparsevlm",
     description="SparseVLM: text raters' attention prunes image tokens at LLM layers 2/6/15 (keep 300/200/110)",
@@ -112,6 +118,7 @@ def _budget(budget: int, options: dict[str, Any], *, dense: int, num_layers: int
     check=check_options,
     budget_rule=BudgetRule(_budget),
     published_attention="llm",
+    visual_kept=kept_images,
 )
 def sparsevlm(
     *,
@@ -151,5 +158,5 @@ def sparsevlm(
     check_hidden(hidden, layout)
     visual = layout.visual & layout.attention_mask
     scores = mean_received_attention(q, k, raters(hidden, layout), layout.attention_mask)
-    counts = visual.sum(dim=1).clamp(max=keep_counts[stage])
+    counts = kept_images(visual.sum(dim=1), {"keep_counts": keep_counts}, stage)
     return assemble_keep(layout, top_count_mask(scores, visual, counts))

@@ -427,7 +427,8 @@ class Qwen2VLAdapter(Adapter):
     ) -> Tensor:
         """[3, B, S] M-RoPE position ids of the dense prompt: transformers' `get_rope_index` on the host
         copies of the inputs (it reads them in Python: 2.3 ms at batch 8 x 1008 px on the H200 machine's
-        host; on device tensors it would wait for the vision tower). Always needed here: M-RoPE keeps the dense positions."""
+        host; on device tensors it would wait for the vision tower). Always needed here: M-RoPE keeps the
+        dense positions."""
         grid = image_kwargs.get("image_grid_thw")
         types = image_kwargs.get("mm_token_type_ids")
         if types is None:

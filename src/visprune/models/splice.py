@@ -32,6 +32,7 @@ class Spliced:
     source_index: Tensor | None = None  # [B, S'] each token's index in the caller's sequence (with image_offsets)
     position_ids: Tensor | None = None  # the adapter's position ids for this sequence (None: the model's default)
     real_tokens: list[int] | None = None  # per sample, the real (unpadded) tokens of the new sequence (host)
+    visual_tokens: list[int] | None = None  # per sample, the image rows among them (host)
 
 
 def image_runs(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> list[list[tuple[int, int]]]:
@@ -119,7 +120,17 @@ def splice(
         position_map=position_map,
         source_index=source_index,
         real_tokens=[len(p[0]) for p in plan],
+        visual_tokens=_per_sample(counts, runs),
     )
+
+
+def _per_sample(counts: list[int], runs: list[list[tuple[int, int]]]) -> list[int]:
+    """The image rows of each sample: `counts` per image in batch order, `runs` the samples' placeholder runs."""
+    out, first = [], 0
+    for sample in runs:
+        out.append(sum(counts[first : first + len(sample)]))
+        first += len(sample)
+    return out
 
 
 def _plan(real: Tensor, runs: list[list[tuple[int, int]]], counts: list[int]) -> list[tuple[Tensor, Tensor, Tensor]]:
