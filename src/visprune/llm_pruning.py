@@ -155,10 +155,11 @@ class DecoderPruner:
     def model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.state.phase == "prefill":
             self._check_planned()
+            kept = {id(g): g.valid.sum(1).tolist() for g in self.state.groups}  # one read per stage, not per layer
             per_layer = []
             for layer in range(self.num_layers):
                 group = self._group_for(layer)
-                per_layer.append(self.state.real_tokens if group is None else group.valid.sum(1).tolist())
+                per_layer.append(self.state.real_tokens if group is None else kept[id(group)])
             rows = [list(x) for x in zip(*per_layer, strict=True)]
             self.state.tokens_per_layer = rows[:: self.state.rows_per_sample]
 
