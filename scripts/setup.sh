@@ -3,6 +3,8 @@
 #   bash scripts/setup.sh            -> .venv: the newest torch / transformers inside pyproject's tested range
 #   bash scripts/setup.sh --oldest   -> .venv-oldest: transformers pinned to the range's lower bound
 #   bash scripts/setup.sh --lmms     -> .venv-lmms: the lmms extra (lmms-eval) for the plugin tests (tests/lmms)
+# .venv-oldest and .venv-lmms are layered on .venv (made first if missing): they see its packages after their
+# own, so they share its torch (0.75 GB each) and hold only what differs; what they install shadows .venv's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
@@ -23,6 +25,12 @@ elif [ -n "${1:-}" ]; then
 fi
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
+fi
+if [ "$venv" != .venv ]; then
+  [ -x .venv/bin/python ] || bash scripts/setup.sh
+  site_of() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))'; }
+  # addsitedir appends .venv's site-packages (and runs its .pth files) after this venv's own; the name sorts last.
+  echo "import site; site.addsitedir('$(site_of .venv)')" > "$(site_of "$venv")/zz-visprune-base-venv.pth"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 # CPU build of torch (the pinned wheel is available offline on the project's machines).
