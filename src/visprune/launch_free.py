@@ -17,6 +17,8 @@ waits for the host, and a pruned prefill saves little time. On this path:
   methods with a fixed budget), or the vision tower alone (adaptive methods: their token counts are known
   only on the host, so their reduction runs as plain PyTorch); the LLM prefill; every decode step.
   transformers' own compilation of decoding is switched off (the steps are already graphs).
+  The method's finite-value checks (`methods.checks.FiniteChecks`) are outputs of the image path's graph:
+  each replay computes them and the call reads them before the LLM runs, as on the plain path.
 - Off the GPU, or with gradients on, the same static shapes run as plain PyTorch: the tokens are those
   of the plain path (the CPU tests check that); only the launches are not removed.
 
@@ -221,12 +223,15 @@ class LaunchFree:
         others = {k: v for k, v in image_kwargs.items() if k not in tensors}
         key = ("images", reducer is None, tuple((t.shape, t.dtype) for t in inputs), repr(sorted(others.items())))
         names = list(tensors)
+        checks = reducer.finite_checks if reducer is not None else None
 
         def call(pixels: Tensor, *rest: Tensor) -> Any:
             if isinstance(prompts, Tensor):
                 reducer.prompts = rest[-1]
             given = dict(zip(names, rest[: len(names)], strict=True))
-            return self._image_tokens(pixels, reducer, {**others, **given})
+            start = len(checks) if checks is not None else 0
+            tokens = self._image_tokens(pixels, reducer, {**others, **given})
+            return tokens, checks.take_since(start) if checks is not None else []
 
         self._whole = True
         try:
@@ -235,7 +240,10 @@ class LaunchFree:
             self._whole = False
         if entry is None:
             return self._image_tokens(pixel_values, reducer, image_kwargs)
-        return entry.run(inputs)
+        tokens, recorded = entry.run(inputs)
+        for name, finite in recorded:  # the method's deferred finite-value checks, as the replay computed them
+            checks.add(name, finite)
+        return tokens
 
     def encode(self, pixel_values: Tensor, requests: dict[str, Any]) -> Any:
         """The adapter's vision tower (features and signals), replayed from a graph."""

@@ -10,8 +10,10 @@ import torch
 from transformers import StaticCache
 
 import visprune
+import visprune.launch_free as lf
 from tests.models import tiny
 from visprune import compat
+from visprune.errors import InputError
 from visprune.launch_free import CACHE_BUCKET, SEQUENCE_BUCKET
 from visprune.methods import Placement, get_method
 from visprune.patch import _prepare
@@ -287,3 +289,97 @@ def test_generate_encodes_images_without_gradients(model, inputs, launch_free):
         assert not any(r.features.requires_grad for crops in handle.stats.reductions for r in crops)
     finally:
         visprune.remove(model)
+
+
+class _ReplayOnCPU:
+    """A CUDA graph's stand-in on the CPU: `replay` runs the captured call again and writes its result into
+    the tensors the capture returned, as a replay overwrites them. While it runs, `running` is set: pieces
+    called inside it run plainly, as inside a real capture (a real replay runs no Python at all)."""
+
+    running = False
+
+    def __init__(self, call):
+        self.call = call
+        self.output = self.run()
+
+    def run(self):
+        _ReplayOnCPU.running = True
+        try:
+            return self.call()
+        finally:
+            _ReplayOnCPU.running = False
+
+    def replay(self):
+        for kept, new in zip(_tensors(self.output), _tensors(self.run()), strict=True):
+            kept.copy_(new)
+
+
+def _tensors(obj):
+    found = []
+    lf.map_tensors(obj, lambda t: found.append(t) or t)
+    return found
+
+
+@pytest.fixture
+def simulated_graphs(monkeypatch):
+    """The launch-free path capturing and replaying on the CPU: the warm-up's output stands for the captured
+    one (a real capture runs nothing, so what the warm-up changed is undone as there)."""
+
+    def fake_capture(call, device, pool=None, after_warmup=None):
+        graph = _ReplayOnCPU(call)
+        if after_warmup is not None:
+            after_warmup()
+        return graph, graph.output
+
+    def graphable(inputs):
+        return bool(inputs) and not torch.is_grad_enabled() and not _ReplayOnCPU.running
+
+    monkeypatch.setattr(lf, "capture", fake_capture)
+    monkeypatch.setattr(lf, "_graphable", graphable)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+
+@pytest.mark.parametrize("method", ["none", "fastervlm", "prumerge+"])
+def test_replayed_pieces_generate_the_plain_paths_tokens(model, inputs, method, simulated_graphs):
+    """The pieces are captured on the first calls (the prefill on the second: the first allocates the cache)
+    and replayed afterwards; every call gives the plain path's tokens."""
+    plain, _ = _greedy(model, method, inputs, False)
+    handle = visprune.apply(model, "none", launch_free=True) if method == "none" else None
+    handle = handle or tiny.apply_method(model, method, launch_free=True)
+    outs = []
+    try:
+        for _ in range(3):
+            outs.append(tiny.greedy(model, inputs, max_new_tokens=N_NEW))
+            captures = list(handle.launch_free.captures)
+    finally:
+        visprune.remove(model)
+    tower = "vision tower" if method == "prumerge+" else "vision tower + reduction"  # adaptive: the tower alone
+    assert sorted(c["piece"] for c in captures) == sorted([tower, "prefill", "decode"])  # once each, then replays
+    for out in outs:
+        assert torch.equal(out.sequences, plain.sequences)
+
+
+def test_a_replayed_image_path_still_checks_the_methods_inputs(model, inputs, simulated_graphs):
+    """A replay runs none of the method's Python, so the finite-value checks it recorded at capture come back
+    with the graph's outputs: a tower that turns out NaN features raises the method's InputError on a replay
+    too, instead of generating from them."""
+    one = tiny.select(inputs, 1)
+    weight = model.model.vision_tower.embeddings.patch_embedding.weight
+    kept = weight.detach().clone()
+    handle = visprune.apply(model, "fastervlm", launch_free=True, budget=8)
+    try:
+        good = tiny.greedy(model, one, max_new_tokens=N_NEW)
+        assert any(c["piece"] == "vision tower + reduction" for c in handle.launch_free.captures)
+        with torch.no_grad():
+            weight.fill_(float("nan"))  # in place: the graph reads the same memory
+        with pytest.raises(InputError, match="NaN or inf"):
+            tiny.greedy(model, one, max_new_tokens=N_NEW)
+        with torch.no_grad():
+            weight.copy_(kept)
+        again = tiny.greedy(model, one, max_new_tokens=N_NEW)  # the graph still serves good weights
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+        visprune.remove(model)
+    assert torch.equal(again.sequences, good.sequences)

@@ -28,6 +28,16 @@ class FiniteChecks:
     def add(self, name: str, finite: Tensor) -> None:
         self._pending.append((name, finite))
 
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def take_since(self, start: int) -> list[tuple[str, Tensor]]:
+        """Remove and return the checks recorded after the first `start` (`len(self)` before the calls that
+        recorded them): a captured CUDA graph returns them as outputs, re-`add`ed after each replay, since a
+        replay recomputes the flags but runs none of the code that records them."""
+        taken, self._pending = self._pending[start:], self._pending[:start]
+        return taken
+
     def verify(self) -> None:
         """Read every recorded check (one device read) and raise for the first tensor that held NaN or inf."""
         pending, self._pending = self._pending, []
