@@ -330,22 +330,32 @@ def test_parts_a_family_cannot_measure_are_named():
 
 
 def test_launch_free_mode_runs_the_three_modes(tmp_path):
-    """`--launch-free`: dense and encoder-side cases in plain / launch-free / ideal modes, the ideal fed
-    the launch-free path's token counts; LLM-side methods are left out with the reason."""
+    """`--launch-free`: dense, encoder-side and LLM-side cases in plain / launch-free / ideal modes, the ideal
+    fed the launch-free path's token counts (per decoder layer too); knee+text, whose text stage has no count
+    rule, is left out with the reason."""
     tiny_llava_config("sdpa").save_pretrained(tmp_path / "cfg")
     args = ["bench", "--config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32", "--launch-free"]
     args += ["--new-tokens", "3", "--batch", "1", "--budgets", "8", "--methods", "fastervlm", "prumerge", "fastv"]
+    args += ["knee+text"]
     assert main([*args, "--out", str(tmp_path / "out"), "--name", "lf", "--quiet"]) == 0
     res = json.loads((tmp_path / "out" / "lf.json").read_text())
     cases = res["runs"][0]["launch_free_cases"]
-    assert [(c["method"], c["budget"]) for c in cases] == [("dense", None), ("fastervlm", 8), ("prumerge", None)]
+    assert [(c["method"], c["budget"]) for c in cases] == [
+        ("dense", None),
+        ("fastervlm", 8),
+        ("prumerge", None),
+        ("fastv", 8),
+    ]
     assert all("error" not in c for c in cases)
     for c in cases[1:]:
         assert c["launch_free"]["visual_tokens_per_image"] == c["ideal"]["visual_tokens_per_image"]
         assert c["plain"]["visual_tokens_per_image"] == c["launch_free"]["visual_tokens_per_image"]
+        assert c["launch_free"]["tokens_per_layer"] == c["ideal"]["tokens_per_layer"] == c["plain"]["tokens_per_layer"]
         assert c["efficiency"] == pytest.approx(c["ideal"]["ttft"]["median_ms"] / c["launch_free"]["ttft"]["median_ms"])
     assert cases[1]["launch_free"]["visual_tokens"] == 8
-    assert "LLM-side" in res["not_measured"]["launch_free"]
+    fastv_layers = cases[3]["launch_free"]["tokens_per_layer"][0]
+    assert fastv_layers[-1] < fastv_layers[0]  # the LLM-side stage pruned, in the ideal too
+    assert "knee+text" in res["not_measured"]["launch_free"]
     markdown = (tmp_path / "out" / "lf.md").read_text()
     assert "## Launch-free generate, batch 1" in markdown and "| fastervlm | 8 | 8" in markdown
     assert (tmp_path / "out" / "lf.png").stat().st_size > 0

@@ -72,6 +72,17 @@ def cache_length(cache: Any, layer_idx: int = 0) -> int:
     return int(cache.get_seq_length(layer_idx))
 
 
+def filled_length(cache: Any, layer_idx: int) -> int | Tensor:
+    """Tokens held for decoder layer `layer_idx`: a static layer's count as the 0-dim device tensor it keeps
+    (read without waiting for the device, and advanced by replayed CUDA graphs), any other layer's as an int."""
+    layer = cache.layers[layer_idx]
+    if getattr(layer, "max_cache_len", None) is not None and getattr(layer, "is_initialized", False):
+        count = getattr(layer, "cumulative_length", None)
+        if isinstance(count, Tensor):
+            return count
+    return cache_length(cache, layer_idx)
+
+
 def attended_keys(cache: Any, layer_idx: int, q_len: int) -> int:
     """How many key slots decoder layer `layer_idx` attends over in a step that feeds `q_len` tokens: the
     filled length plus the new tokens for a growing cache, the whole preallocated length for a static one

@@ -16,6 +16,11 @@ waits for the host, and a pruned prefill saves little time. On this path:
   shape and replayed afterwards: the vision tower plus the reduction plus the projector (one graph, for
   methods with a fixed budget), or the vision tower alone (adaptive methods: their token counts are known
   only on the host, so their reduction runs as plain PyTorch); the LLM prefill; every decode step.
+- An LLM-side method with a count rule (fastv, pdrop, dart, sparsevlm; `MethodSpec.visual_kept`) runs in
+  the prefill graph: the host plans each stage's length, which joins the graph's key, the pruner's layout
+  is an input of the graph and what the stages leave for decoding (the kept tokens' masks) its outputs
+  (`DecoderPruner.graph_inputs` and friends). The static cache's layers after a stage hold fewer tokens,
+  each layer counting its own on the device; decode steps build their masks from those counts.
   transformers' own compilation of decoding is switched off (the steps are already graphs).
   The method's finite-value checks (`methods.checks.FiniteChecks`) are outputs of the image path's graph:
   each replay computes them and the call reads them before the LLM runs, as on the plain path.
@@ -27,9 +32,9 @@ for those shapes, with a warning naming it: the result is the same, only slower.
 
 What the path refuses, with an InputError at `generate`: beam search, several return sequences, a cache
 passed in, another `cache_implementation`, `use_cache=False`, assisted decoding. At `apply`: LLM-side
-stages (a prefill graph with their stages, and a static cache whose layers hold different lengths, are not
-built), methods registered with `graph_capturable=False` (flowcut), `sync_timings`, models with
-sliding-window attention, and models other than LlavaForConditionalGeneration.
+stages without a count rule (knee+text's text stage, whose counts are decided during the prefill), methods
+registered with `graph_capturable=False` (flowcut), `sync_timings`, models with sliding-window attention,
+and models other than LlavaForConditionalGeneration.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from transformers.utils import ModelOutput
 
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
+from visprune.llm_pruning import DecoderPruner
 from visprune.methods.graphs import capture
 
 SEQUENCE_BUCKET = 32  # the reduced prompt's length is rounded up to a multiple of this
@@ -90,9 +96,10 @@ class LaunchFree:
     per shape, warm-up included), for benchmarks and for users who want to know what was captured.
     """
 
-    def __init__(self, adapter: Any, capture_images: bool):
+    def __init__(self, adapter: Any, capture_images: bool, pruner: DecoderPruner | None = None):
         self.adapter = adapter
         self.capture_images = capture_images  # the whole image path (fixed-budget methods, dense)
+        self.pruner = pruner  # an LLM-side method's stages, whose host state the prefill / decode graphs carry
         self.captures: list[dict[str, Any]] = []
         self.prefill_pending = False
         self._slots: OrderedDict[tuple[int, int], _CacheSlot] = OrderedDict()
@@ -191,25 +198,55 @@ class LaunchFree:
         if piece == "decode" and isinstance(mask, Tensor) and mask.dim() == 2:
             width = slot.cache.layers[0].max_cache_len
             kwargs["attention_mask"] = nn.functional.pad(mask, (0, width - mask.shape[1]))
+        pruner = self.pruner
+        if pruner is None or piece == "decode":
+            return self._model_step(original, kwargs, slot, piece)
+        pruner.defer_finish = True  # its counts are read after the graph, not inside it
+        try:
+            out = self._model_step(original, kwargs, slot, piece)
+        finally:
+            pruner.defer_finish = False
+        pruner.finish_prefill()
+        return out
+
+    def _model_step(self, original: Callable[..., Any], kwargs: dict[str, Any], slot: _CacheSlot, piece: str) -> Any:
+        """One model call on `slot`'s cache: replayed from the graph of its shapes (captured on first use), or
+        plain. An LLM-side pruner's state tensors are inputs of the graph and what it leaves there outputs."""
+        pruner = self.pruner
         names = sorted(k for k, v in kwargs.items() if isinstance(v, Tensor))
         others = {k: v for k, v in kwargs.items() if k not in names}
-        inputs = [kwargs[k] for k in names]
-        key = call_key(piece, kwargs, cache)
+        own = pruner.graph_inputs(piece) if pruner is not None else []
+        inputs = [kwargs[k] for k in names] + own
+        key = call_key(piece, kwargs, slot.cache)
+        if pruner is not None:
+            key = (key, pruner.graph_key(piece), tuple((tuple(t.shape), t.dtype) for t in own))
         if not _graphable(inputs) or not slot.cache.layers[0].is_initialized:
             return original(**kwargs)  # the first call allocates the cache (lazily, on its first write)
+        if pruner is not None and not pruner.capturable:
+            return original(**kwargs)
         if key not in slot.graphs and len(slot.graphs) >= MAX_GRAPHS:
             warnings.warn(
                 f"visprune launch_free: {MAX_GRAPHS} graphs captured on one cache; further shapes run as plain "
                 "PyTorch (prompts of many different lengths?)",
-                stacklevel=4,
+                stacklevel=5,
             )
             slot.graphs[key] = _UNCAPTURABLE
 
         def call(*tensors: Tensor) -> Any:
-            return original(**dict(zip(names, tensors, strict=True)), **others)
+            if pruner is not None:
+                pruner.bind_graph_inputs(piece, tensors[len(names) :])
+            out = original(**dict(zip(names, tensors[: len(names)], strict=True)), **others)
+            return out, pruner.graph_outputs(piece) if pruner is not None else None
 
         entry = self._graph(slot.graphs, key, piece, call, inputs, rewind=slot.cache)
-        return original(**kwargs) if entry is None else entry.run(inputs)
+        if entry is None:
+            if pruner is not None:
+                pruner.bind_graph_inputs(piece, own)  # back to this call's own state (a capture may have failed)
+            return original(**kwargs)
+        out, results = entry.run(inputs)
+        if pruner is not None:
+            pruner.adopt_graph_outputs(piece, results)
+        return out
 
     # ----- images --------------------------------------------------------------------------------
 

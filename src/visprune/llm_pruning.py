@@ -11,20 +11,28 @@ The shorter sequence's length is read from the keep mask (a host read at each st
 with a count rule (`MethodSpec.visual_kept`: fastv, pdrop, dart, sparsevlm): its counts follow from the
 host's token counts, so the host plans the stage without waiting for the device, and the mask's counts are
 checked against the plan at the end of the prefill (`VisPruneError` if a rule and its method disagree).
+Such a method's prefill and decode steps read nothing from the device (on a static cache, a decode step's
+mask is built from the cache's length on the device), so the launch-free path can capture them as CUDA
+graphs: `graph_key`, `graph_inputs`, `bind_graph_inputs`, `graph_outputs` and `adopt_graph_outputs` give it
+what a replay needs from and gives back to this pruner's host state, and `finish_prefill` reads the counts
+after the graph.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from visprune.compat import attended_keys, cache_length
+from visprune.compat import attended_keys, filled_length
 from visprune.errors import InputError, VisPruneError
 from visprune.methods.base import MethodSpec, TokenLayout
+from visprune.methods.checks import FiniteChecks, deferred_finite_checks
 from visprune.methods.llm_attention import query_or_last, rows_from_mask
 from visprune.models.decoder import layer_qk
 
@@ -54,15 +62,18 @@ class PrunerState:
     real_tokens: list[int] = field(default_factory=list)
     signals: dict[str, Tensor] = field(default_factory=dict)
     rows_per_sample: int = 1  # > 1 when generate expanded the batch (beam search, several return sequences)
-    # The current sequence's real and image tokens per sample on the host (None: not known there), which a
-    # method's `visual_kept` rule carries from stage to stage; and per stage planned that way, (decoder layer,
-    # the keep mask's counts [B] on the device, the planned counts) for the check at the end of the prefill.
-    host_tokens: list[int] | None = None
+    # The prefill's image tokens per sample on the host (None: not known there); the real tokens per sample
+    # after each stage that a method's `visual_kept` rule gives from them and `real_tokens` (`plan`, computed
+    # on first use); and per stage planned that way, (decoder layer, the keep mask's counts [B] on the device,
+    # the planned counts) for the check at the end of the prefill.
     host_visual: list[int] | None = None
+    plan: list[list[int]] | None = None
     planned: list[tuple[int, Tensor, list[int]]] = field(default_factory=list)
     # Per stage (decoder layer, [B, S] bool over the prefill sequence): the visual tokens present from that
     # layer on (what `Stats.llm_visual_kept` reports).
     visual_kept: list[tuple[int, Tensor]] = field(default_factory=list)
+    # The stages' finite-value checks of their inputs, recorded on the device and read by `finish_prefill`.
+    checks: FiniteChecks = field(default_factory=FiniteChecks)
 
 
 def format_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
@@ -102,6 +113,7 @@ class DecoderPruner:
         self.first_layer = min(min(self.signal_plan, default=self.stage_layers[0]), self.stage_layers[0])
         self.num_layers = num_layers
         self.attn_impl = attn_impl
+        self.defer_finish = False  # True: the prefill's end does not read its counts; the caller `finish_prefill`s
         self.state = PrunerState()
 
     def begin(
@@ -113,12 +125,14 @@ class DecoderPruner:
         rule then prunes without reading the device)."""
         if real_tokens is None:
             real_tokens = layout.attention_mask.sum(1).tolist()
+        if visual_tokens is not None and layout.text_rows is None:
+            text = max((n - v for n, v in zip(real_tokens, visual_tokens, strict=True)), default=0)
+            layout = dataclasses.replace(layout, text_rows=text)
         self.state = PrunerState(
             layout=layout,
             prefill_layout=layout,
             phase="armed",
             real_tokens=list(real_tokens),
-            host_tokens=list(real_tokens),
             host_visual=None if visual_tokens is None else list(visual_tokens),
         )
 
@@ -144,24 +158,32 @@ class DecoderPruner:
                 f"the language model received {rows} rows for a batch of {b} prompts; pass one row per prompt"
             )
         r = rows // b
-        st.layout = TokenLayout(*(t.repeat_interleave(r, dim=0) for t in _layout_masks(st.layout)))
+        masks = (t.repeat_interleave(r, dim=0) for t in _layout_masks(st.layout))
+        st.layout = TokenLayout(*masks, text_rows=st.layout.text_rows)
         st.prefill_layout = st.layout
         st.real_tokens = [n for n in st.real_tokens for _ in range(r)]
-        st.host_tokens = list(st.real_tokens)
+        st.plan = None
         if st.host_visual is not None:
             st.host_visual = [n for n in st.host_visual for _ in range(r)]
         st.rows_per_sample = r
 
     def model_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.state.phase == "prefill":
-            self._check_planned()
-            kept = {id(g): g.valid.sum(1).tolist() for g in self.state.groups}  # one read per stage, not per layer
-            per_layer = []
-            for layer in range(self.num_layers):
-                group = self._group_for(layer)
-                per_layer.append(self.state.real_tokens if group is None else kept[id(group)])
-            rows = [list(x) for x in zip(*per_layer, strict=True)]
-            self.state.tokens_per_layer = rows[:: self.state.rows_per_sample]
+        if self.state.phase == "prefill" and not self.defer_finish:
+            self.finish_prefill()
+
+    def finish_prefill(self) -> None:
+        """Check the stages' inputs were finite and each planned stage's counts against its plan, and record
+        the tokens per layer (host reads of the prefill's results: at its end, or after its graph on the
+        launch-free path)."""
+        self.state.checks.verify()
+        self._check_planned()
+        kept = {id(g): g.valid.sum(1).tolist() for g in self.state.groups}  # one read per stage, not per layer
+        per_layer = []
+        for layer in range(self.num_layers):
+            group = self._group_for(layer)
+            per_layer.append(self.state.real_tokens if group is None else kept[id(group)])
+        rows = [list(x) for x in zip(*per_layer, strict=True)]
+        self.state.tokens_per_layer = rows[:: self.state.rows_per_sample]
 
     def _group_for(self, layer: int) -> _Group | None:
         found = None
@@ -208,24 +230,27 @@ class DecoderPruner:
                         "a decode step after an LLM-side prune reached the decoder without its KV cache; "
                         "LLM-side methods prune the cache at prefill, so generate with use_cache=True"
                     )
-                past = cache_length(cache, layer_idx)
+                past = filled_length(cache, layer_idx)  # a device tensor for a static cache: no host read
                 q_len = hidden.shape[1]
                 keys = attended_keys(cache, layer_idx, q_len)
-                if group.all_valid and keys == past + q_len and q_len == 1 and self.attn_impl != "eager":
+                growing = isinstance(past, int) and keys == past + q_len
+                if group.all_valid and growing and q_len == 1 and self.attn_impl != "eager":
                     kwargs["attention_mask"] = None  # one new token over a padding-free cache: nothing to hide
                 else:
                     kwargs["attention_mask"] = self._step_mask(group.valid, past, q_len, keys, hidden.dtype)
         return args, kwargs
 
-    def _step_mask(self, valid: Tensor, past: int, q_len: int, keys: int, dtype: torch.dtype) -> Tensor:
-        """Mask for `q_len` tokens entering at position `past` of a group's cache with `keys` key slots:
-        the group's kept prompt tokens (`valid` [B, S_g]) and every token fed since, causally; unfilled
-        slots of a static cache hidden; each query sees itself (so padding rows stay finite)."""
-        b, s_g = valid.shape
-        filled = past + q_len
-        real = torch.cat([valid, valid.new_ones(b, filled - s_g), valid.new_zeros(b, keys - filled)], dim=1)
-        q_pos = torch.arange(past, filled, device=valid.device)[:, None]
-        k_pos = torch.arange(keys, device=valid.device)[None, :]
+    def _step_mask(self, valid: Tensor, past: int | Tensor, q_len: int, keys: int, dtype: torch.dtype) -> Tensor:
+        """Mask for `q_len` tokens entering at position `past` (an int, or a 0-dim device tensor) of a group's
+        cache with `keys` key slots: the group's kept prompt tokens (`valid` [B, S_g]) and every token fed
+        since, causally; unfilled slots of a static cache hidden; each query sees itself (so padding rows stay
+        finite). Its shapes depend on `q_len` and `keys` only."""
+        s_g = valid.shape[1]
+        k_pos = torch.arange(keys, device=valid.device)
+        fed = k_pos < past + q_len  # the slots filled once these tokens are written
+        real = torch.where(k_pos < s_g, nn.functional.pad(valid, (0, keys - s_g)), fed)  # [B, keys]
+        q_pos = (torch.arange(q_len, device=valid.device) + past)[:, None]
+        k_pos = k_pos[None, :]
         allowed = (real[:, None, None, :] & (k_pos <= q_pos)[None, None]) | (k_pos == q_pos)[None, None]
         return format_mask(allowed, self.attn_impl, dtype)
 
@@ -254,7 +279,7 @@ class DecoderPruner:
         if hint == "last":
             return layout.last_index.clamp(min=0).unsqueeze(1)
         mask = query_or_last(layout) if hint == "query" else layout.attention_mask & ~layout.visual
-        rows, _ = rows_from_mask(mask)
+        rows, _ = rows_from_mask(mask, layout.text_rows)
         return rows
 
     def _prune(self, layer_idx: int, hidden: Tensor, kwargs: dict) -> Tensor:
@@ -265,7 +290,8 @@ class DecoderPruner:
         b, s, _ = hidden.shape
         signals, st.signals = st.signals, {}
         stage = self.stage_layers.index(layer_idx)
-        keep = self.spec.fn(layout=layout, stage=stage, **signals, **self.options)
+        with deferred_finite_checks(st.checks):  # read at the end of the prefill (`finish_prefill`)
+            keep = self.spec.fn(layout=layout, stage=stage, **signals, **self.options)
         keep = keep & layout.attention_mask
 
         counts = keep.sum(1)
@@ -307,6 +333,7 @@ class DecoderPruner:
             visual=sub.visual & valid,
             query=sub.query & valid,
             system=sub.system & valid,
+            text_rows=layout.text_rows,  # stages prune image tokens only
         )
         st.groups.append(
             _Group(
@@ -322,16 +349,24 @@ class DecoderPruner:
         return gather3(hidden)
 
     def _plan_on_host(self, stage: int) -> list[int] | None:
-        """The real tokens per sample after `stage`, from the host's counts and the method's `visual_kept` rule
-        (every real non-image token stays); None where the method has no rule or the counts are not known."""
+        """The real tokens per sample after `stage`, from the host's counts and the method's `visual_kept` rule;
+        None where the method has no rule or the counts are not known."""
+        plan = self._host_plan()
+        return None if plan is None else plan[stage]
+
+    def _host_plan(self) -> list[list[int]] | None:
+        """The real tokens per sample after each stage (every real non-image token stays; each stage keeps the
+        image tokens its rule gives of those the previous one kept), or None (no rule, counts not known)."""
         st = self.state
         rule = self.spec.visual_kept
-        if rule is None or st.host_visual is None or st.host_tokens is None:
-            return None
-        kept = rule(torch.tensor(st.host_visual, dtype=torch.long), self.options, stage).tolist()
-        st.host_tokens = [n - v + k for n, v, k in zip(st.host_tokens, st.host_visual, kept, strict=True)]
-        st.host_visual = kept
-        return st.host_tokens
+        if st.plan is None and rule is not None and st.host_visual is not None:
+            tokens, visual, st.plan = list(st.real_tokens), list(st.host_visual), []
+            for stage in range(len(self.stage_layers)):
+                kept = rule(torch.tensor(visual, dtype=torch.long), self.options, stage).tolist()
+                tokens = [n - v + k for n, v, k in zip(tokens, visual, kept, strict=True)]
+                visual = kept
+                st.plan.append(tokens)
+        return st.plan
 
     def _check_planned(self) -> None:
         """Each stage planned on the host kept what its keep mask kept (one read, at the end of the prefill)."""
@@ -344,6 +379,70 @@ class DecoderPruner:
                     f"(visual_kept) planned {expected}: the method's function and its rule disagree, a bug in the "
                     "method; please report it"
                 )
+
+    # ----- the launch-free path's CUDA graphs ------------------------------------------------------------
+    # A graph replays the device work of a prefill or decode step, not this pruner's Python: the host values
+    # it was captured with are part of its key, the tensors it reads from this pruner's state are its inputs
+    # (copied into its buffers on every replay), and what it leaves in that state comes back as its outputs.
+
+    @property
+    def capturable(self) -> bool:
+        """Whether prefill and decode steps need nothing from the device on the host: a count rule, and the
+        image tokens known on the host (`begin`'s visual_tokens), so that every stage is planned there."""
+        return self._host_plan() is not None
+
+    def graph_key(self, piece: str) -> tuple:
+        """The host values a captured `piece` ("prefill" or "decode") depends on beyond its inputs' shapes: each
+        stage's planned width and whether it has padding slots, and the text-row bound."""
+        st = self.state
+        if piece == "decode":
+            return tuple((g.start_layer, g.all_valid) for g in st.groups)
+        plan = self._host_plan()
+        return st.layout.text_rows, tuple((max(p), min(p) == max(p)) for p in plan or ())
+
+    def graph_inputs(self, piece: str) -> list[Tensor]:
+        """The tensors of this pruner's state a `piece` reads: the prefill's token layout, the decode steps'
+        kept-token masks."""
+        if piece == "decode":
+            return [g.valid for g in self.state.groups]
+        return list(_layout_masks(self.state.layout))
+
+    def bind_graph_inputs(self, piece: str, tensors: Sequence[Tensor]) -> None:
+        """Read `graph_inputs` from `tensors` (a graph's buffers) in the call that is captured. The prefill
+        starts from the armed state, as every call of a capture (its warm-up too) is a whole prefill."""
+        st = self.state
+        if piece == "decode":
+            st.groups = [dataclasses.replace(g, valid=t) for g, t in zip(st.groups, tensors, strict=True)]
+            return
+        layout = TokenLayout(*tensors, text_rows=st.prefill_layout.text_rows)
+        self.state = PrunerState(
+            layout=layout,
+            prefill_layout=layout,
+            phase="armed",
+            real_tokens=st.real_tokens,
+            host_visual=st.host_visual,
+            plan=st.plan,
+        )
+
+    def graph_outputs(self, piece: str) -> Any:
+        """What a captured `piece` leaves in this pruner's state, for `adopt_graph_outputs` after each replay."""
+        if piece == "decode":
+            return None
+        st = self.state
+        return st.groups, st.visual_kept, [counts for _, counts, _ in st.planned], st.checks.take_since(0)
+
+    def adopt_graph_outputs(self, piece: str, outputs: Any) -> None:
+        """Take what a replay of `piece` computed (copies of `graph_outputs`) into the state, as if the step
+        had run here; the planned counts are this call's, for `finish_prefill` to check."""
+        if piece == "decode":
+            return
+        groups, visual_kept, counts, checks = outputs
+        st = self.state
+        for name, finite in checks:
+            st.checks.add(name, finite)
+        plan = self._host_plan()
+        st.groups, st.visual_kept, st.phase = groups, visual_kept, "prefill"
+        st.planned = [(g.start_layer, c, plan[i]) for i, (g, c) in enumerate(zip(groups, counts, strict=True))]
 
     def sequence_at(self, layer: int) -> tuple[Tensor, Tensor] | None:
         """(index, valid) of the sequence decoder layer `layer` runs on at prefill into the prefill sequence,

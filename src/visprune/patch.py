@@ -194,8 +194,9 @@ def apply(
     to a multiple of 32 tokens, a static KV cache sized for the prompt + max_new_tokens, and on a GPU the
     vision tower (with the reduction, for methods with a fixed budget), the LLM prefill and every decode step
     replayed as CUDA graphs captured on their first call per shape. Greedy tokens equal the plain path's.
-    For batch 1 and other launch-bound cases; encoder-side methods (and 'none') on
-    LlavaForConditionalGeneration; beam search and LLM-side stages are refused. The path reuses its cache
+    For batch 1 and other launch-bound cases; encoder-side methods (and 'none') and the LLM-side methods
+    with fixed counts (fastv, pdrop, dart, sparsevlm) on LlavaForConditionalGeneration; beam search and
+    knee+text's text stage are refused. The path reuses its cache
     across calls; an output with `return_dict_in_generate=True` carries a copy of it.
     The model keeps its attention implementation; `generate` and `forward` keep their signatures.
     """
@@ -296,7 +297,7 @@ def apply(
         _additions=_LayerAdditions(pruner=pruner),
     )
     if launch_free:
-        handle.launch_free = LaunchFree(adapter, capture_images=encoder is None or not encoder.adaptive)
+        handle.launch_free = LaunchFree(adapter, capture_images=encoder is None or not encoder.adaptive, pruner=pruner)
     handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
     model.generate = _Patched(model, "generate", model.generate)
     model.forward = _Patched(model, "forward", model.forward)
@@ -338,11 +339,11 @@ def _check_launch_free(
             "blocks, which the launch-free path cannot replay from a graph; use another encoder-side method with "
             "launch_free=True, or apply without it"
         )
-    if llm is not None:
+    if llm is not None and llm.visual_kept is None:
         raise InputError(
             f"{llm.name} prunes inside the LLM with token counts decided during the prefill, which the launch-free "
-            "path cannot replay from a graph; use an encoder-side method (e.g. 'fastervlm' or 'visionzip') with "
-            "launch_free=True, or apply without it"
+            "path cannot replay from a graph; use an LLM-side method with fixed counts (fastv, pdrop, dart, "
+            "sparsevlm) or an encoder-side method with launch_free=True, or apply without it"
         )
     check_static_cache(model.config)
     if sync_timings:

@@ -101,6 +101,28 @@ def test_rows_from_mask_and_empty_rows():
     assert torch.all(out[1] == 0) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("specs", [[(3, 9, 2), (1, 0, 3), (2, 5, 1)], [(0, 16, 1), (4, 1, 0)]])
+def test_a_host_bound_on_text_rows_changes_no_result(specs):
+    """`TokenLayout.text_rows` (the most text tokens of a row, known on the host) sizes the text-row gathers
+    without a device read: the same rows, padded further with invalid ones, and the same sparsevlm keep mask."""
+    lay = make_layout(specs)
+    text = (lay.attention_mask & ~lay.visual).sum(1)
+    bound = int(text.max())
+    idx, valid = rows_from_mask(lay.query)
+    bounded_idx, bounded_valid = rows_from_mask(lay.query, bound)
+    assert bounded_idx.shape[1] == max(1, bound) >= idx.shape[1]
+    assert torch.equal(bounded_idx[:, : idx.shape[1]][valid], idx[valid])
+    assert torch.equal(bounded_valid[:, : idx.shape[1]], valid) and not bounded_valid[:, idx.shape[1] :].any()
+    spec = get_method("sparsevlm")
+    options = spec.options(layers=(1, 2), keep_counts=(6, 2))
+    q, k = qk(lay)
+    hidden = torch.randn(*lay.attention_mask.shape, 8, generator=torch.Generator().manual_seed(1))
+    bounded = TokenLayout(lay.attention_mask, lay.visual, lay.query, lay.system, text_rows=bound)
+    for stage in (0, 1):
+        plain = spec.fn(q=q, k=k, hidden=hidden, layout=lay, stage=stage, **options)
+        assert torch.equal(spec.fn(q=q, k=k, hidden=hidden, layout=bounded, stage=stage, **options), plain)
+
+
 @given(
     scores=st.lists(st.lists(st.integers(0, 4), min_size=6, max_size=6), min_size=1, max_size=3),
     seed=st.integers(0, 999),

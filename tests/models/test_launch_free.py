@@ -5,19 +5,23 @@ The CUDA-graph capture itself runs on a GPU only and is exercised by `visprune b
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import StaticCache
 
 import visprune
-import visprune.launch_free as lf
-from tests.models import tiny
+from tests.models import graph_standin, tiny
 from visprune import compat
 from visprune.errors import InputError
 from visprune.launch_free import CACHE_BUCKET, SEQUENCE_BUCKET
 from visprune.methods import Placement, get_method
 from visprune.patch import _prepare
 
+LLM_METHODS = [
+    name for name in tiny.METHOD_OPTIONS if get_method(name).placement is Placement.LLM and get_method(name).visual_kept
+]
 ENCODER_METHODS = [
     name
     for name in tiny.METHOD_OPTIONS
@@ -184,10 +188,9 @@ def test_a_cache_passed_in_is_refused(model, inputs):
         visprune.remove(model)
 
 
-@pytest.mark.parametrize("method", ["fastv", "knee+text", tiny.COMPOSITION[0]], ids=tiny.method_id)
-def test_llm_side_stages_are_refused_at_apply(model, method):
-    with pytest.raises(visprune.InputError, match="launch-free path cannot replay"):
-        tiny.apply_method(model, method, launch_free=True)
+def test_an_llm_stage_without_fixed_counts_is_refused_at_apply(model):
+    with pytest.raises(visprune.InputError, match="text prunes inside the LLM with token counts decided"):
+        tiny.apply_method(model, "knee+text", launch_free=True)
     assert not hasattr(model, "_visprune_handle")
 
 
@@ -291,53 +294,10 @@ def test_generate_encodes_images_without_gradients(model, inputs, launch_free):
         visprune.remove(model)
 
 
-class _ReplayOnCPU:
-    """A CUDA graph's stand-in on the CPU: `replay` runs the captured call again and writes its result into
-    the tensors the capture returned, as a replay overwrites them. While it runs, `running` is set: pieces
-    called inside it run plainly, as inside a real capture (a real replay runs no Python at all)."""
-
-    running = False
-
-    def __init__(self, call):
-        self.call = call
-        self.output = self.run()
-
-    def run(self):
-        _ReplayOnCPU.running = True
-        try:
-            return self.call()
-        finally:
-            _ReplayOnCPU.running = False
-
-    def replay(self):
-        for kept, new in zip(_tensors(self.output), _tensors(self.run()), strict=True):
-            kept.copy_(new)
-
-
-def _tensors(obj):
-    found = []
-    lf.map_tensors(obj, lambda t: found.append(t) or t)
-    return found
-
-
 @pytest.fixture
-def simulated_graphs(monkeypatch):
-    """The launch-free path capturing and replaying on the CPU: the warm-up's output stands for the captured
-    one (a real capture runs nothing, so what the warm-up changed is undone as there)."""
-
-    def fake_capture(call, device, pool=None, after_warmup=None):
-        graph = _ReplayOnCPU(call)
-        if after_warmup is not None:
-            after_warmup()
-        return graph, graph.output
-
-    def graphable(inputs):
-        return bool(inputs) and not torch.is_grad_enabled() and not _ReplayOnCPU.running
-
-    monkeypatch.setattr(lf, "capture", fake_capture)
-    monkeypatch.setattr(lf, "_graphable", graphable)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+def simulated_graphs(monkeypatch, model):
+    """The launch-free path capturing and replaying on the CPU (`graph_standin`)."""
+    graph_standin.install(monkeypatch, model)
 
 
 @pytest.mark.parametrize("method", ["none", "fastervlm", "prumerge+"])
@@ -383,3 +343,81 @@ def test_a_replayed_image_path_still_checks_the_methods_inputs(model, inputs, si
             weight.copy_(kept)
         visprune.remove(model)
     assert torch.equal(again.sequences, good.sequences)
+
+
+@pytest.mark.parametrize("method", [*LLM_METHODS, tiny.COMPOSITION[0]], ids=tiny.method_id)
+def test_llm_side_stages_generate_the_plain_paths_tokens(model, inputs, method):
+    """The LLM-side methods with fixed counts (and a composition) on the static cache and padded prompt:
+    the plain path's tokens and logits, and its tokens per layer."""
+    plain, plain_handle = _greedy(model, method, inputs, False)
+    plain_layers = plain_handle.stats.tokens_per_layer
+    fast, handle = _greedy(model, method, inputs, True)
+    assert torch.equal(fast.sequences, plain.sequences)
+    for a, b in zip(fast.logits, plain.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert isinstance(compat.output_cache(fast), StaticCache)
+    padding = [f[0] - p[0] for f, p in zip(handle.stats.tokens_per_layer, plain_layers, strict=True)]
+    assert padding == [0] * len(padding)  # the bucket's padding is not a token
+
+
+@pytest.mark.parametrize("method", [*LLM_METHODS, tiny.COMPOSITION[0]], ids=tiny.method_id)
+def test_replayed_llm_stages_generate_the_plain_paths_tokens(model, inputs, method, simulated_graphs):
+    """The prefill with its stages and the decode steps over the shorter caches are captured once and
+    replayed: every call gives the plain path's tokens and tokens per layer, also when the batch's prompts
+    change between calls (other lengths in the same bucket, other rows dropped)."""
+    other = tiny.make_inputs(model, [5, 3, 8], seed=4)
+    other["pixel_values"] = inputs["pixel_values"].flip(0)
+    calls = [inputs, other, inputs, other]
+    expected = []
+    for batch in calls[:2]:
+        out, plain_handle = _greedy(model, method, batch, False)
+        expected.append((out.sequences, plain_handle.stats.tokens_per_layer))
+    handle = tiny.apply_method(model, method, launch_free=True)
+    try:
+        for i, batch in enumerate(calls):
+            out = tiny.greedy(model, batch, max_new_tokens=N_NEW)
+            assert torch.equal(out.sequences, expected[i % 2][0])
+            assert handle.stats.tokens_per_layer == expected[i % 2][1]
+        pieces = [c["piece"] for c in handle.launch_free.captures]
+    finally:
+        visprune.remove(model)
+    assert pieces.count("prefill") >= 1 and pieces.count("decode") >= 1
+    assert len(pieces) <= 2 * 3  # at most one image path, prefill and decode graph per prompt shape
+
+
+def test_a_replayed_prefill_still_checks_its_count_rule(model, inputs, simulated_graphs, monkeypatch):
+    """The counts a replayed prefill kept are read after the graph and checked against the host's plan."""
+    handle = tiny.apply_method(model, "fastv", launch_free=True)
+    try:
+        tiny.greedy(model, inputs, max_new_tokens=N_NEW)
+        tiny.greedy(model, inputs, max_new_tokens=N_NEW)
+        assert any(c["piece"] == "prefill" for c in handle.launch_free.captures)
+        spec = handle.pruner.spec
+        monkeypatch.setattr(handle.pruner, "spec", dataclasses.replace(spec, visual_kept=lambda n, o, s: n - 1))
+        with pytest.raises(visprune.VisPruneError, match="its count rule"):
+            tiny.greedy(model, inputs, max_new_tokens=N_NEW)
+    finally:
+        visprune.remove(model)
+
+
+@pytest.mark.parametrize("launch_free", [False, True])
+def test_an_llm_stage_on_nan_states_raises_after_the_prefill(model, inputs, launch_free, simulated_graphs):
+    """An LLM-side stage records its inputs' finite-value checks on the device and the prefill's end reads
+    them (after its graph on the launch-free path, replays included): NaN hidden states raise the method's
+    InputError instead of generating."""
+    weight = model.model.language_model.layers[0].mlp.down_proj.weight
+    kept = weight.detach().clone()
+    handle = tiny.apply_method(model, "fastv", launch_free=launch_free)
+    try:
+        for _ in range(2):  # on the launch-free path the second call captures the prefill, a third replays it
+            tiny.greedy(model, inputs, max_new_tokens=2)
+        with torch.no_grad():
+            weight.fill_(float("nan"))
+        with pytest.raises(InputError, match="NaN or inf"):
+            tiny.greedy(model, inputs, max_new_tokens=2)
+        if launch_free:
+            assert any(c["piece"] == "prefill" for c in handle.launch_free.captures)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+        visprune.remove(model)

@@ -2,9 +2,9 @@
 
 - plain: `generate` as transformers runs it (the unpatched model for dense, `apply(method)` otherwise);
 - launch-free: `apply(method, launch_free=True)` (dense: `apply("none", launch_free=True)`);
-- ideal: the launch-free path fed the same per-image token counts with first-K selection (no scoring),
-  so `efficiency = ideal TTFT / launch-free TTFT` is the share of the pruned generate that is not the
-  method's own work.
+- ideal: the launch-free path fed the same per-image token counts (and, for an LLM-side method, the same
+  tokens per decoder layer) with first-K selection (no scoring), so `efficiency = ideal TTFT / launch-free
+  TTFT` is the share of the pruned generate that is not the method's own work.
 
 TTFT = wall time of `generate(max_new_tokens=1)` from the call to the returned tokens (pixels in, first
 token out: tower, reduction, splice, prefill, sampling); e2e = wall time of `generate` with `new_tokens`
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import visprune
-from visprune.bench.static import static_encoder
+from visprune.bench.static import ideal_methods
 from visprune.bench.timing import summarize
 from visprune.methods import Placement, get_method
 
@@ -53,11 +53,14 @@ def wall_samples(fn: Callable[[], Any], repeats: int, device: torch.device) -> l
 
 
 def supported(method: str) -> bool:
-    """Methods the launch-free path runs: dense and the encoder-side methods it can capture."""
+    """Methods the launch-free path runs: dense, the encoder-side methods it can capture, and the LLM-side
+    methods with a count rule."""
     if method == "dense":
         return True
     spec = get_method(method)
-    return spec.placement is Placement.ENCODER and spec.graph_capturable
+    if spec.placement is not Placement.ENCODER and spec.visual_kept is None:
+        return False
+    return spec.graph_capturable
 
 
 class LaunchFreeBench:
@@ -96,6 +99,7 @@ class LaunchFreeBench:
             out = self._mode(e2e, warm_e2e=launch_free)
             out["visual_tokens"] = statistics.mean(handle.stats.visual_tokens_out or [0])
             out["visual_tokens_per_image"] = list(handle.stats.visual_tokens_out)
+            out["tokens_per_layer"] = [list(t) for t in handle.stats.tokens_per_layer]
             if handle.launch_free is not None:
                 out["captures"] = list(handle.launch_free.captures)
             return out
@@ -110,7 +114,7 @@ class LaunchFreeBench:
         else:
             res["plain"] = self._patched(method, False, **options)
             free = res["launch_free"] = self._patched(method, True, **options)
-            ideal_method = static_encoder(free["visual_tokens_per_image"])
+            ideal_method = ideal_methods(free["visual_tokens_per_image"], free["tokens_per_layer"])
             ideal = res["ideal"] = self._patched(ideal_method, True, e2e=False)
             for _ in range(1, self.rounds):  # alternate the two, so that a drift of the machine cancels
                 free["ttft_samples"] += self._patched(method, True, e2e=False, **options)["ttft_samples"]

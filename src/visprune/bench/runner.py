@@ -29,7 +29,7 @@ from tqdm import tqdm
 import visprune
 from visprune.bench.launch_free import LaunchFreeBench, summarise, supported
 from visprune.bench.model import Family, build_model, family_for
-from visprune.bench.static import stages_from_tokens, static_encoder, static_llm
+from visprune.bench.static import ideal_methods
 from visprune.bench.timing import CallTimer, summarize, time_fn, time_samples
 from visprune.budgets import budget_for_share, options_for_budget
 from visprune.bundled import resolve_device
@@ -274,13 +274,10 @@ class Bench:
         """One timing pass (samples, ms) of the same pipeline fed the same token counts with first-K
         selection (no scoring work), reducing at the same `tower_layer` and compiled the same way as the
         case with `options`."""
-        methods: list[Any] = [static_encoder(visual_out)]
-        text = [t[0] - v for t, v in zip(tokens, visual_out, strict=True)]
-        stages = stages_from_tokens(tokens, text)
-        if stages:
-            methods.append(static_llm(stages))
         return self._applied_samples(
-            methods, tower_layer=options.get("tower_layer"), compile_tower=options.get("compile_tower", False)
+            ideal_methods(visual_out, tokens),
+            tower_layer=options.get("tower_layer"),
+            compile_tower=options.get("compile_tower", False),
         )
 
     def tower(self) -> dict[str, Any]:
@@ -493,8 +490,8 @@ def _launch_free_runs(
 ) -> None:
     """The launch-free mode: every supported case in three modes (plain, launch-free, ideal), per batch."""
     results["not_measured"] = {
-        "launch_free": "LLM-side methods and methods whose vision-tower pass needs the host (graph_capturable=False): "
-        "the launch-free path refuses them"
+        "launch_free": "LLM-side methods without a count rule (knee+text's text stage) and methods whose "
+        "vision-tower pass needs the host (graph_capturable=False): the launch-free path refuses them"
     }
     for size in sizes:
         todo = [c for c in plans[size][0] if supported(c.method)]

@@ -35,13 +35,19 @@ def static_encoder(counts: list[int]) -> MethodSpec:
 
 
 def static_llm(stages: list[tuple[int, list[int]]]) -> MethodSpec:
-    """At each (layer, visual counts per sample) keeps the first visual tokens; no scoring."""
+    """At each (layer, visual counts per sample) keeps the first visual tokens; no scoring. Its count rule
+    (`visual_kept`) lets the host plan its stages, so the launch-free path captures it like the methods it
+    stands in for; the counts are filled on the device (no copy from the host inside a graph)."""
     layers = tuple(layer for layer, _ in stages)
 
     def fn(*, layout: TokenLayout, stage: int = 0, **_: Any) -> Tensor:
-        keep_visual = torch.tensor(stages[stage][1], device=layout.visual.device).unsqueeze(1)
+        fill = lambda c: layout.visual.new_full((), c, dtype=torch.long)  # noqa: E731
+        keep_visual = torch.stack([fill(c) for c in stages[stage][1]]).unsqueeze(1)
         rank = layout.visual.long().cumsum(1)
         return layout.attention_mask & (~layout.visual | (rank <= keep_visual))
+
+    def visual_kept(present: Tensor, options: dict[str, Any], stage: int) -> Tensor:
+        return torch.minimum(present, torch.tensor(stages[stage][1], dtype=present.dtype))
 
     return MethodSpec(
         name="ideal-llm",
@@ -52,6 +58,7 @@ def static_llm(stages: list[tuple[int, list[int]]]) -> MethodSpec:
         defaults={},
         signals=lambda o: {},
         layers=lambda o: layers,
+        visual_kept=visual_kept,
     )
 
 
@@ -62,3 +69,15 @@ def stages_from_tokens(tokens_per_layer: list[list[int]], text_tokens: list[int]
         if any(t[layer] != t[layer - 1] for t in tokens_per_layer):
             stages.append((layer, [t[layer] - n for t, n in zip(tokens_per_layer, text_tokens, strict=True)]))
     return stages
+
+
+def ideal_methods(visual_out: list[int], tokens_per_layer: list[list[int]]) -> list[MethodSpec]:
+    """The first-K stand-ins fed a measured case's counts: its images' tokens (`static_encoder`) and, where
+    the tokens per decoder layer drop (an LLM-side method), the same image tokens per stage (`static_llm`).
+    One image per prompt: `visual_out[i]` is row i's."""
+    methods = [static_encoder(visual_out)]
+    text = [t[0] - v for t, v in zip(tokens_per_layer, visual_out, strict=True)]
+    stages = stages_from_tokens(tokens_per_layer, text)
+    if stages:
+        methods.append(static_llm(stages))
+    return methods

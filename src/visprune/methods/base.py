@@ -81,12 +81,16 @@ class TokenLayout:
     visual: True for image tokens.
     query: True for the text tokens after the last image token (the question). Never dropped.
     system: True for text tokens before the first image token (system prompt, chat template).
+    text_rows: the most real non-image tokens of any row, when the caller knows it on the host (None: not
+        known). Gathers of text or query rows size their output with it instead of reading the masks' counts
+        from the device (`llm_attention.rows_from_mask`), which a CUDA graph cannot do.
     """
 
     attention_mask: Tensor
     visual: Tensor
     query: Tensor
     system: Tensor
+    text_rows: int | None = None
 
     def __post_init__(self) -> None:
         from visprune.methods.checks import check_layout

@@ -154,19 +154,19 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
 def check_tensor(t: Any, name: str, shape: tuple[int | None, ...], *, finite: bool = True) -> Tensor:
     """`t` must be a tensor of the given shape (None matches any size) and, for floats, finite.
 
-    The finite-value check reads the tensor on the host, so it is skipped while a CUDA graph is being
-    captured (the launch-free path): its inputs there are the model's own features, whose pixels were
-    checked before the capture. Inside `deferred_finite_checks` it is recorded for a later `verify`."""
+    The finite-value check reads the tensor on the host. Inside `deferred_finite_checks` it is recorded on the
+    device for a later `verify` instead, also while a CUDA graph is captured (the launch-free path returns the
+    recorded flags from its graphs); an immediate check is skipped while one is captured."""
     if not isinstance(t, Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     expect = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
     if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape, strict=True)):
         raise InputError(f"{name} must have shape {expect}, got {tuple(t.shape)}")
-    if finite and t.is_floating_point() and not _capturing(t):
+    if finite and t.is_floating_point():
         deferred = _DEFERRED.get()
         if deferred is not None:
             deferred.add(name, torch.isfinite(t).all())
-        elif not bool(torch.isfinite(t).all()):
+        elif not _capturing(t) and not bool(torch.isfinite(t).all()):
             raise _not_finite(name)
     return t
 
@@ -180,6 +180,9 @@ def check_layout(layout: TokenLayout) -> None:
             raise InputError(f"TokenLayout.{n} must be a bool tensor [B, S]")
         if m.shape != ref.shape:
             raise InputError(f"TokenLayout.{n} has shape {tuple(m.shape)}, expected {tuple(ref.shape)}")
+    rows = layout.text_rows
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
+        raise InputError(f"TokenLayout.text_rows must be None or an int >= 0, got {rows!r}")
 
 
 def _capturing(t: Tensor) -> bool:

@@ -39,16 +39,17 @@ __all__ = [
 ]
 
 
-def rows_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
+def rows_from_mask(mask: Tensor, bound: int | None = None) -> tuple[Tensor, Tensor]:
     """The positions of the True entries of `mask` [B, S] as padded rows.
 
-    Returns (rows [B, R] long, valid [B, R] bool) with R = max(1, max_b count_b): row b lists its
-    True positions in ascending order, followed by filler indices whose `valid` is False.
-    Reading R costs one device-to-host synchronisation (the row count must be a Python int).
+    Returns (rows [B, R] long, valid [B, R] bool) with R = max(1, max_b count_b), or max(1, `bound`) when the
+    caller passes an upper bound on the counts that it knows on the host (`TokenLayout.text_rows`): row b
+    lists its True positions in ascending order, followed by filler indices whose `valid` is False.
+    Without a bound, reading R costs one device-to-host synchronisation (the row count must be a Python int).
     """
     counts = mask.sum(dim=1)
-    r = max(1, int(counts.max())) if mask.shape[0] else 1
-    r = min(r, mask.shape[1])
+    read = bound is None and mask.shape[0] > 0
+    r = min(max(1, int(counts.max()) if read else bound or 0), mask.shape[1])
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :r]
     valid = torch.arange(r, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
     return order, valid

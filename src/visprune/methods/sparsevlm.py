@@ -65,7 +65,7 @@ def raters(hidden: Tensor, layout: TokenLayout) -> Tensor:
     """
     text = query_or_last(layout)
     visual = layout.visual & layout.attention_mask
-    idx, valid = rows_from_mask(text)  # [B, R]
+    idx, valid = rows_from_mask(text, layout.text_rows)  # [B, R]
     h = hidden.float()
     t = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, R, C]
     logits = (h @ t.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))  # [B, S, R]
@@ -157,6 +157,8 @@ def sparsevlm(
     check_qk(q, k, layout)
     check_hidden(hidden, layout)
     visual = layout.visual & layout.attention_mask
-    scores = mean_received_attention(q, k, raters(hidden, layout), layout.attention_mask)
+    rating = raters(hidden, layout)
+    rows = rows_from_mask(rating, layout.text_rows)  # raters are text tokens (or the last token)
+    scores = mean_received_attention(q, k, rating, layout.attention_mask, rows=rows)
     counts = kept_images(visual.sum(dim=1), {"keep_counts": keep_counts}, stage)
     return assemble_keep(layout, top_count_mask(scores, visual, counts))
