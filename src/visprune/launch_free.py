@@ -34,7 +34,8 @@ What the path refuses, with an InputError at `generate`: beam search, several re
 passed in, another `cache_implementation`, `use_cache=False`, assisted decoding. At `apply`: LLM-side
 stages without a count rule (knee+text's text stage, whose counts are decided during the prefill), methods
 registered with `graph_capturable=False` (flowcut), `sync_timings`, models with sliding-window attention,
-and models other than LlavaForConditionalGeneration.
+and models other than LlavaForConditionalGeneration and LlavaNextForConditionalGeneration (on LLaVA-NeXT
+only the tower of the image path is a graph: the crops' packing is host work, `Adapter.launch_free_image_graph`).
 """
 
 from __future__ import annotations

@@ -195,9 +195,9 @@ def apply(
     vision tower (with the reduction, for methods with a fixed budget), the LLM prefill and every decode step
     replayed as CUDA graphs captured on their first call per shape. Greedy tokens equal the plain path's.
     For batch 1 and other launch-bound cases; encoder-side methods (and 'none') and the LLM-side methods
-    with fixed counts (fastv, pdrop, dart, sparsevlm) on LlavaForConditionalGeneration; beam search and
-    knee+text's text stage are refused. The path reuses its cache
-    across calls; an output with `return_dict_in_generate=True` carries a copy of it.
+    with fixed counts (fastv, pdrop, dart, sparsevlm) on the LLaVA-1.5 and LLaVA-NeXT classes; beam search
+    and knee+text's text stage are refused. The path reuses its cache across calls; an output with
+    `return_dict_in_generate=True` carries a copy of it.
     The model keeps its attention implementation; `generate` and `forward` keep their signatures.
     """
     adapter = adapter_for(model)
@@ -297,7 +297,8 @@ def apply(
         _additions=_LayerAdditions(pruner=pruner),
     )
     if launch_free:
-        handle.launch_free = LaunchFree(adapter, capture_images=encoder is None or not encoder.adaptive, pruner=pruner)
+        whole = adapter.launch_free_image_graph and (encoder is None or not encoder.adaptive)
+        handle.launch_free = LaunchFree(adapter, capture_images=whole, pruner=pruner)
     handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
     model.generate = _Patched(model, "generate", model.generate)
     model.forward = _Patched(model, "forward", model.forward)
@@ -331,7 +332,7 @@ def _check_launch_free(
     if not adapter.supports_launch_free:
         raise UnsupportedModelError(
             f"launch_free is not supported for {type(model).__name__} yet; it is for LlavaForConditionalGeneration "
-            "(apply without launch_free=True)"
+            "and LlavaNextForConditionalGeneration (apply without launch_free=True)"
         )
     if encoder is not None and not encoder.graph_capturable:
         raise InputError(

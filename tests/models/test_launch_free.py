@@ -12,7 +12,7 @@ import torch
 from transformers import StaticCache
 
 import visprune
-from tests.models import graph_standin, tiny
+from tests.models import graph_standin, tiny, tiny_qwen
 from visprune import compat
 from visprune.errors import InputError
 from visprune.launch_free import CACHE_BUCKET, SEQUENCE_BUCKET
@@ -206,8 +206,8 @@ def test_other_bad_requests_are_refused_at_apply(model):
         visprune.apply(model, "fastervlm", budget=8, launch_free="yes")
     with pytest.raises(visprune.InputError, match="sync_timings synchronises the host"):
         visprune.apply(model, "fastervlm", budget=8, launch_free=True, sync_timings=True)
-    with pytest.raises(visprune.UnsupportedModelError, match="launch_free is not supported for LlavaNext"):
-        visprune.apply(tiny.tiny_llava_next(), "fastervlm", budget=8, launch_free=True)
+    with pytest.raises(visprune.UnsupportedModelError, match="launch_free is not supported for Qwen2_5_VL"):
+        visprune.apply(tiny_qwen.tiny_qwen2_5_vl(), "fastervlm", budget=8, launch_free=True)
 
 
 def test_remove_releases_caches_and_restores_the_model(model, inputs):
@@ -421,3 +421,35 @@ def test_an_llm_stage_on_nan_states_raises_after_the_prefill(model, inputs, laun
         with torch.no_grad():
             weight.copy_(kept)
         visprune.remove(model)
+
+
+NEXT_CASES = [
+    ("none", {}),
+    ("fastervlm", {"budget": 8}),
+    ("prumerge+", {}),
+    ("fastv", {"layer": 2}),
+    (tiny.COMPOSITION[0], tiny.COMPOSITION[1]),
+]
+
+
+@pytest.mark.parametrize(("method", "options"), NEXT_CASES, ids=[tiny.method_id(m) for m, _ in NEXT_CASES])
+def test_llava_next_on_the_launch_free_path_generates_the_plain_paths_tokens(monkeypatch, method, options):
+    """LLaVA-NeXT (images of different sizes, so different crop counts per prompt): its tower is captured (the
+    crops' packing is host work), the prefill and the decode steps too, and every call, replays included,
+    gives the plain path's tokens."""
+    model = tiny.tiny_llava_next()
+    inputs = tiny.make_next_inputs(model, [(56, 112), (112, 112), (56, 56)], [4, 9, 2], seed=3)
+    visprune.apply(model, method, **options)
+    try:
+        plain = tiny.greedy(model, inputs, max_new_tokens=4).sequences
+    finally:
+        visprune.remove(model)
+    graph_standin.install(monkeypatch, model)
+    handle = visprune.apply(model, method, launch_free=True, **options)
+    try:
+        outs = [tiny.greedy(model, inputs, max_new_tokens=4).sequences for _ in range(3)]
+        pieces = sorted(c["piece"] for c in handle.launch_free.captures)
+    finally:
+        visprune.remove(model)
+    assert pieces == ["decode", "prefill", "vision tower"]
+    assert all(torch.equal(out, plain) for out in outs)

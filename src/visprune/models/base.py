@@ -65,6 +65,9 @@ class Adapter(ABC):
     supports_compile_tower: bool = False  # visprune runs the vision tower's blocks (apply's compile_tower)
     compile_tower: bool = False  # set by apply: run those blocks through torch.compile
     supports_launch_free: bool = False  # apply's launch_free (static shapes and CUDA graphs; launch_free.py)
+    # On that path, whether a fixed-budget method's whole image path (tower, reduction, packing) is one graph;
+    # False where it does host work between them (only the tower is captured then).
+    launch_free_image_graph: bool = True
 
     def __init__(self, model: nn.Module):
         self.model = model

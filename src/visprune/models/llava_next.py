@@ -44,7 +44,8 @@ class _Crop:
 
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
-    supports_launch_free = False  # anyres images give each prompt its own crop count: not yet static
+    supports_launch_free = True
+    launch_free_image_graph = False  # the crops' layout and packing are computed from image_sizes on the host
     supports_keep_positions = False
 
     @property
