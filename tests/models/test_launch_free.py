@@ -364,9 +364,8 @@ def test_llm_side_stages_generate_the_plain_paths_tokens(model, inputs, method):
 def test_replayed_llm_stages_generate_the_plain_paths_tokens(model, inputs, method, simulated_graphs):
     """The prefill with its stages and the decode steps over the shorter caches are captured once and
     replayed: every call gives the plain path's tokens and tokens per layer, also when the batch's prompts
-    change between calls (other lengths in the same bucket, other rows dropped)."""
-    other = tiny.make_inputs(model, [5, 3, 8], seed=4)
-    other["pixel_values"] = inputs["pixel_values"].flip(0)
+    change between calls (other lengths, two images in one prompt and none in another)."""
+    other = tiny.make_inputs(model, [5, 3, 8], [2, 0, 1], seed=4)
     calls = [inputs, other, inputs, other]
     expected = []
     for batch in calls[:2]:
