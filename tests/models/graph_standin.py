@@ -10,6 +10,10 @@ exercise its capture and replay bookkeeping. It is as strict as a real graph whe
   Python state by an earlier call, say) at the address it had at capture, stale or freed, and so does not see
   the current call's value. The stand-in raises an AssertionError naming it.
 
+What it cannot see: copies from the host inside a capture (everything is on the CPU here; on a GPU a copy of
+pageable host memory fails the capture, which the path then runs plainly with a warning: random's subset,
+drawn by a CPU generator, does), and numeric differences of the GPU's kernels.
+
 `install(monkeypatch, model)` switches the launch-free path of `model` onto the stand-in.
 """
 

@@ -300,7 +300,7 @@ def simulated_graphs(monkeypatch, model):
     graph_standin.install(monkeypatch, model)
 
 
-@pytest.mark.parametrize("method", ["none", "fastervlm", "prumerge+"])
+@pytest.mark.parametrize("method", ["none", *ENCODER_METHODS])
 def test_replayed_pieces_generate_the_plain_paths_tokens(model, inputs, method, simulated_graphs):
     """The pieces are captured on the first calls (the prefill on the second: the first allocates the cache)
     and replayed afterwards; every call gives the plain path's tokens."""
@@ -314,7 +314,8 @@ def test_replayed_pieces_generate_the_plain_paths_tokens(model, inputs, method, 
             captures = list(handle.launch_free.captures)
     finally:
         visprune.remove(model)
-    tower = "vision tower" if method == "prumerge+" else "vision tower + reduction"  # adaptive: the tower alone
+    adaptive = method != "none" and get_method(method).adaptive
+    tower = "vision tower" if adaptive else "vision tower + reduction"  # adaptive: the tower alone
     assert sorted(c["piece"] for c in captures) == sorted([tower, "prefill", "decode"])  # once each, then replays
     for out in outs:
         assert torch.equal(out.sequences, plain.sequences)
