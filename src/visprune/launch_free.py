@@ -13,9 +13,11 @@ waits for the host, and a pruned prefill saves little time. On this path:
   leave as it is.
   Decode steps see the attention mask padded to the cache's length, so every step has the same shapes.
 - On a CUDA device, with gradients off, each piece runs as a CUDA graph captured on its first call per
-  shape and replayed afterwards: the vision tower plus the reduction plus the projector (one graph, for
-  methods with a fixed budget), or the vision tower alone (adaptive methods: their token counts are known
-  only on the host, so their reduction runs as plain PyTorch); the LLM prefill; every decode step.
+  shape and replayed afterwards: the vision tower plus the reduction plus the projector (one graph; the
+  tower alone where the adapter's image path does host work, `Adapter.launch_free_image_graph`); the LLM
+  prefill; every decode step. An adaptive method (prumerge, prumerge+, knee) runs in the image graph with
+  padded outputs (`methods.padded`): every image's tokens at the width of all its patches, the counts on
+  the device, read once after the replay to cut the padding off; one graph serves every count.
 - An LLM-side method with a count rule (fastv, pdrop, dart, sparsevlm; `MethodSpec.visual_kept`) runs in
   the prefill graph: the host plans each stage's length, which joins the graph's key, the pruner's layout
   is an input of the graph and what the stages leave for decoding (the kept tokens' masks) its outputs
@@ -57,6 +59,7 @@ from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.llm_pruning import DecoderPruner
 from visprune.methods.graphs import capture
+from visprune.methods.padded import padded_outputs
 
 SEQUENCE_BUCKET = 32  # the reduced prompt's length is rounded up to a multiple of this
 CACHE_BUCKET = 256  # the static cache's length is rounded up to a multiple of this
@@ -99,7 +102,7 @@ class LaunchFree:
 
     def __init__(self, adapter: Any, capture_images: bool, pruner: DecoderPruner | None = None):
         self.adapter = adapter
-        self.capture_images = capture_images  # the whole image path (fixed-budget methods, dense)
+        self.capture_images = capture_images  # the whole image path as one graph (else the tower alone)
         self.pruner = pruner  # an LLM-side method's stages, whose host state the prefill / decode graphs carry
         self.captures: list[dict[str, Any]] = []
         self.prefill_pending = False
@@ -268,7 +271,8 @@ class LaunchFree:
                 reducer.prompts = rest[-1]
             given = dict(zip(names, rest[: len(names)], strict=True))
             start = len(checks) if checks is not None else 0
-            tokens = self._image_tokens(pixels, reducer, {**others, **given})
+            with padded_outputs():  # an adaptive method's counts stay on the device
+                tokens = self._image_tokens(pixels, reducer, {**others, **given})
             return tokens, checks.take_since(start) if checks is not None else []
 
         self._whole = True
@@ -281,7 +285,7 @@ class LaunchFree:
         tokens, recorded = entry.run(inputs)
         for name, finite in recorded:  # the method's deferred finite-value checks, as the replay computed them
             checks.add(name, finite)
-        return tokens
+        return tokens.trimmed()  # the counts of an adaptive method: one host read
 
     def encode(self, pixel_values: Tensor, requests: dict[str, Any]) -> Any:
         """The adapter's vision tower (features and signals), replayed from a graph."""

@@ -297,8 +297,7 @@ def apply(
         _additions=_LayerAdditions(pruner=pruner),
     )
     if launch_free:
-        whole = adapter.launch_free_image_graph and (encoder is None or not encoder.adaptive)
-        handle.launch_free = LaunchFree(adapter, capture_images=whole, pruner=pruner)
+        handle.launch_free = LaunchFree(adapter, capture_images=adapter.launch_free_image_graph, pruner=pruner)
     handle._saved = {name: model.__dict__[name] for name in ("generate", "forward") if name in model.__dict__}
     model.generate = _Patched(model, "generate", model.generate)
     model.forward = _Patched(model, "forward", model.forward)

@@ -15,6 +15,7 @@ from visprune.errors import UnsupportedModelError
 from visprune.methods import MethodSpec, Reduction, SignalRequest
 from visprune.methods.base import available_requests
 from visprune.methods.checks import FiniteChecks, deferred_finite_checks
+from visprune.methods.padded import padding
 from visprune.prompts import prompts_for
 from visprune.stats import Stats
 
@@ -132,7 +133,8 @@ class Reducer:
         t0 = time.perf_counter()
         if self._own:
             signals = {**signals, **self._reducer_signals(features, images)}
-        deferred = deferred_finite_checks(self.finite_checks) if not self.spec.adaptive else nullcontext()
+        # an adaptive method reads its counts on the host, and its checks with them, unless it pads (methods.padded)
+        deferred = deferred_finite_checks(self.finite_checks) if not self.spec.adaptive or padding() else nullcontext()
         with deferred:
             out = self.spec.fn(features, grid=grid, **signals, **self._options_for(budget))
         sync_device(features, self.sync)

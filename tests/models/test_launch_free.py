@@ -314,21 +314,21 @@ def test_replayed_pieces_generate_the_plain_paths_tokens(model, inputs, method, 
             captures = list(handle.launch_free.captures)
     finally:
         visprune.remove(model)
-    adaptive = method != "none" and get_method(method).adaptive
-    tower = "vision tower" if adaptive else "vision tower + reduction"  # adaptive: the tower alone
-    assert sorted(c["piece"] for c in captures) == sorted([tower, "prefill", "decode"])  # once each, then replays
+    # once each, then replays; an adaptive method's reduction too (padded, its counts read after the graph)
+    assert sorted(c["piece"] for c in captures) == sorted(["vision tower + reduction", "prefill", "decode"])
     for out in outs:
         assert torch.equal(out.sequences, plain.sequences)
 
 
-def test_a_replayed_image_path_still_checks_the_methods_inputs(model, inputs, simulated_graphs):
+@pytest.mark.parametrize(("method", "options"), [("fastervlm", {"budget": 8}), ("prumerge+", {})])
+def test_a_replayed_image_path_still_checks_the_methods_inputs(model, inputs, simulated_graphs, method, options):
     """A replay runs none of the method's Python, so the finite-value checks it recorded at capture come back
     with the graph's outputs: a tower that turns out NaN features raises the method's InputError on a replay
     too, instead of generating from them."""
     one = tiny.select(inputs, 1)
     weight = model.model.vision_tower.embeddings.patch_embedding.weight
     kept = weight.detach().clone()
-    handle = visprune.apply(model, "fastervlm", launch_free=True, budget=8)
+    handle = visprune.apply(model, method, launch_free=True, **options)
     try:
         good = tiny.greedy(model, one, max_new_tokens=N_NEW)
         assert any(c["piece"] == "vision tower + reduction" for c in handle.launch_free.captures)

@@ -39,11 +39,15 @@ class Reduction:
         assignment: [N] long or None; for each original token the output slot it went into
             (kept or merged into), -1 when it was dropped without a trace. None when the method
             does not track it.
+        size: None, except for an adaptive method inside `methods.padded.padded_outputs`: the 0-dim
+            device count of the leading rows of `features` and `sources` that are its output; the rest
+            is filler, cut off by `methods.padded.trim`.
     """
 
     features: Tensor
     sources: Tensor
     assignment: Tensor | None = None
+    size: Tensor | None = None
 
     @property
     def count(self) -> int:

@@ -25,6 +25,7 @@ from visprune.methods.base import (
 )
 from visprune.methods.checks import check_choice, check_count, check_features, check_grid, check_tensor
 from visprune.methods.knee_point import DETECTORS, knee_count
+from visprune.methods.padded import padding
 from visprune.methods.registry import register
 
 ATTENTIONS = ("single", "mean")
@@ -137,6 +138,9 @@ def knee(
     perm = torch.where(keep, rows, rows + n).argsort(dim=1)  # kept first, ascending
     slot_of = torch.empty_like(perm).scatter_(1, perm, rows)
     assign = torch.where(keep, slot_of, -1)
+    if padding():  # every row, the counts on the device (methods.padded)
+        gathered = features.gather(1, perm.unsqueeze(-1).expand(-1, -1, c))
+        return [Reduction(gathered[i], perm[i], assign[i], size=kstar[i]) for i in range(b)]
     sizes = kstar.tolist()  # the one host sync
     sel = perm[:, : max(sizes)]
     gathered = features.gather(1, sel.unsqueeze(-1).expand(-1, -1, c))

@@ -32,6 +32,7 @@ from visprune.methods.base import (
     score_request,
 )
 from visprune.methods.checks import check_choice, check_features, check_flag, check_grid, check_tensor
+from visprune.methods.padded import padding
 from visprune.methods.registry import register
 
 FENCES = ("per-image", "batch")
@@ -224,8 +225,12 @@ def _prumerge(
     sizes = kept.sum(dim=1)
     pruned = ~kept
     has_extra = pruned.any(dim=1) & extra_token
-    sizes_l, extra_l = torch.stack([sizes, has_extra.long()]).tolist()  # the one host sync
-    kmax = max(sizes_l)
+    if padding():  # as wide as every token could be kept, the counts on the device (methods.padded)
+        sizes_l = extra_l = None
+        kmax = n
+    else:
+        sizes_l, extra_l = torch.stack([sizes, has_extra.long()]).tolist()  # the one host sync
+        kmax = max(sizes_l)
 
     # Step 3: merge each kept token with its most key-similar other tokens.
     sel = perm[:, :kmax]  # [B, K]; columns past sizes[b] are padding
@@ -269,6 +274,9 @@ def _prumerge(
     src = torch.cat([sel, sel.new_full((b, 1), -1)], dim=1)
     src.scatter_(1, sizes.unsqueeze(1), -1)
 
+    if sizes_l is None:
+        count = sizes + has_extra.long()
+        return [Reduction(out[i], src[i], assign[i], size=count[i]) for i in range(b)]
     result = []
     for i in range(b):
         kk = sizes_l[i] + extra_l[i]

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visprune.errors import UnsupportedModelError
+from visprune.errors import UnsupportedModelError, VisPruneError
 from visprune.methods.base import Reduction, SignalRequest
+from visprune.methods.padded import trim, trim_counts
 from visprune.models.splice import Spliced, host_to_device
 
 # A reducer: (features [n, N, C], grid, signals, budget=None) -> one Reduction per image or crop; it has
@@ -29,6 +30,22 @@ class ImageTokens:
     # Per name, per image: more per-row tensors [K_i, ...] reduced with the same Reductions as `features`
     # (Qwen3-VL's DeepStack features); `Adapter.layer_additions` turns them into language-model inputs.
     extras: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def trimmed(self) -> ImageTokens:
+        """These tokens with padded reductions (`methods.padded.padded_outputs`) cut to their counts, read in
+        one host read; as they are when none is padded. Padded reductions need one crop per image whose rows
+        are the image's rows (an adapter whose image path does more, `launch_free_image_graph=False`, runs
+        its methods unpadded)."""
+        counts = trim_counts([r for crops in self.reductions for r in crops])
+        if counts is None:
+            return self
+        if any(len(crops) != 1 for crops in self.reductions) or self.extras:
+            raise VisPruneError("padded reductions need one crop per image and no extra rows; please report this bug")
+        return ImageTokens(
+            features=[f[:k] for f, k in zip(self.features, counts, strict=True)],
+            tokens_in=self.tokens_in,
+            reductions=[[trim(crops[0], k)] for crops, k in zip(self.reductions, counts, strict=True)],
+        )
 
 
 @dataclass
