@@ -21,8 +21,10 @@ waits for the host, and a pruned prefill saves little time. On this path:
 - An LLM-side method with a count rule (fastv, pdrop, dart, sparsevlm; `MethodSpec.visual_kept`) runs in
   the prefill graph: the host plans each stage's length, which joins the graph's key, the pruner's layout
   is an input of the graph and what the stages leave for decoding (the kept tokens' masks) its outputs
-  (`DecoderPruner.graph_inputs` and friends). The static cache's layers after a stage hold fewer tokens,
-  each layer counting its own on the device; decode steps build their masks from those counts.
+  (`DecoderPruner.graph_inputs` and friends). A stage's shorter sequence is padded to the prompt bucket
+  too, so the prompts of one bucket share the prefill and decode graphs. The static cache's layers after a
+  stage hold fewer tokens, each layer counting its own on the device; decode steps build their masks from
+  those counts.
   transformers' own compilation of decoding is switched off (the steps are already graphs).
   The method's finite-value checks (`methods.checks.FiniteChecks`) are outputs of the image path's graph:
   each replay computes them and the call reads them before the LLM runs, as on the plain path.
@@ -104,6 +106,7 @@ class LaunchFree:
         self.adapter = adapter
         self.capture_images = capture_images  # the whole image path as one graph (else the tower alone)
         self.pruner = pruner  # an LLM-side method's stages, whose host state the prefill / decode graphs carry
+
         self.captures: list[dict[str, Any]] = []
         self.prefill_pending = False
         self._slots: OrderedDict[tuple[int, int], _CacheSlot] = OrderedDict()

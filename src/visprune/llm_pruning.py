@@ -65,7 +65,9 @@ class PrunerState:
     # The prefill's image tokens per sample on the host (None: not known there); the real tokens per sample
     # after each stage that a method's `visual_kept` rule gives from them and `real_tokens` (`plan`, computed
     # on first use); and per stage planned that way, (decoder layer, the keep mask's counts [B] on the device,
-    # the planned counts) for the check at the end of the prefill.
+    # the planned counts) for the check at the end of the prefill. `width_multiple`: a planned stage's sequence
+    # is padded to a multiple of it (masked slots), and the text-row bound rounded up to one (`begin`).
+    width_multiple: int = 1
     host_visual: list[int] | None = None
     plan: list[list[int]] | None = None
     planned: list[tuple[int, Tensor, list[int]]] = field(default_factory=list)
@@ -117,22 +119,30 @@ class DecoderPruner:
         self.state = PrunerState()
 
     def begin(
-        self, layout: TokenLayout, real_tokens: list[int] | None = None, visual_tokens: list[int] | None = None
+        self,
+        layout: TokenLayout,
+        real_tokens: list[int] | None = None,
+        visual_tokens: list[int] | None = None,
+        width_multiple: int = 1,
     ) -> None:
         """Arm the pruner for the next prefill over a sequence with this layout (`real_tokens`: its real tokens
         per sample, when the caller knows them on the host; otherwise read from the layout; `visual_tokens`:
         its image tokens per sample, when the caller knows them on the host: a method with a `visual_kept`
-        rule then prunes without reading the device)."""
+        rule then prunes without reading the device; `width_multiple`: the launch-free path's prompt bucket,
+        to which the stages planned that way pad their sequences, so that the prompts of one bucket share the
+        prefill and decode graphs)."""
         if real_tokens is None:
             real_tokens = layout.attention_mask.sum(1).tolist()
         if visual_tokens is not None and layout.text_rows is None:
             text = max((n - v for n, v in zip(real_tokens, visual_tokens, strict=True)), default=0)
+            text = min(_round_up(text, width_multiple), layout.attention_mask.shape[1])
             layout = dataclasses.replace(layout, text_rows=text)
         self.state = PrunerState(
             layout=layout,
             prefill_layout=layout,
             phase="armed",
             real_tokens=list(real_tokens),
+            width_multiple=width_multiple,
             host_visual=None if visual_tokens is None else list(visual_tokens),
         )
 
@@ -299,7 +309,7 @@ class DecoderPruner:
         if planned is None:
             width = int(counts.max())  # a host read: the new sequence length
         else:  # the method's count rule gave it on the host; `_check_planned` compares at the prefill's end
-            width = max(planned)
+            width = min(_round_up(max(planned), st.width_multiple), s)
             st.planned.append((layer_idx, counts, planned))
         # (the clamp only matters if a method's rule and its mask disagree: no out-of-range slot before the check)
         slot = (width - counts.unsqueeze(1) + keep.long().cumsum(1) - 1).clamp(0, width)
@@ -323,7 +333,8 @@ class DecoderPruner:
         present.scatter_(1, torch.where(valid, base_index, width0), True)
         st.visual_kept.append((layer_idx, present[:, :width0] & first.visual & first.attention_mask))
 
-        all_valid = bool(valid.all()) if planned is None else min(planned) == width
+        # (in a bucketed prefill a stage always masks, so that a row that happens to fill it needs no other graph)
+        all_valid = bool(valid.all()) if planned is None else min(planned) == width and st.width_multiple == 1
         plain = all_valid and self.attn_impl != "eager"
         mask = None if plain else self._step_mask(valid, 0, width, width, hidden.dtype)
 
@@ -397,8 +408,11 @@ class DecoderPruner:
         st = self.state
         if piece == "decode":
             return tuple((g.start_layer, g.all_valid) for g in st.groups)
-        plan = self._host_plan()
-        return st.layout.text_rows, tuple((max(p), min(p) == max(p)) for p in plan or ())
+        widths, s = [], st.layout.attention_mask.shape[1]
+        for p in self._host_plan() or ():
+            s = min(_round_up(max(p), st.width_multiple), s)  # as `_prune` sizes the stage
+            widths.append((s, min(p) == s and st.width_multiple == 1))
+        return st.layout.text_rows, tuple(widths)
 
     def graph_inputs(self, piece: str) -> list[Tensor]:
         """The tensors of this pruner's state a `piece` reads: the prefill's token layout, the decode steps'
@@ -420,6 +434,7 @@ class DecoderPruner:
             prefill_layout=layout,
             phase="armed",
             real_tokens=st.real_tokens,
+            width_multiple=st.width_multiple,
             host_visual=st.host_visual,
             plan=st.plan,
         )
@@ -457,6 +472,10 @@ class DecoderPruner:
             return None
         g = self.state.groups[-1]
         return g.index, g.valid
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _own_options(spec: MethodSpec) -> set[str]:

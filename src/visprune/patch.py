@@ -489,7 +489,7 @@ def _prepare(
     n_layers = len(adapter.decoder_layers)
     stats.tokens_per_layer = [[r] * n_layers for r in batch.real_tokens]
     if handle.pruner is not None:
-        handle.pruner.begin(batch.layout, batch.real_tokens, batch.visual_tokens)
+        handle.pruner.begin(batch.layout, batch.real_tokens, batch.visual_tokens, width_multiple=pad_to)
     return batch
 
 

@@ -453,3 +453,36 @@ def test_llava_next_on_the_launch_free_path_generates_the_plain_paths_tokens(mon
         visprune.remove(model)
     assert pieces == ["decode", "prefill", "vision tower"]
     assert all(torch.equal(out, plain) for out in outs)
+
+
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm"])
+def test_prompts_of_one_bucket_share_the_graphs_of_an_llm_stage(model, method, simulated_graphs):
+    """A stage's shorter sequence is padded to the prompt bucket too (masked slots), so prompts whose lengths
+    fall in one bucket replay one prefill graph and one decode graph; each generates the plain path's tokens."""
+    batches = [tiny.make_inputs(model, [n], seed=n) for n in (2, 3, 4)]
+    for batch in batches:
+        batch["pixel_values"] = tiny.varied_pixels(model, 1)
+    plain = [_greedy(model, method, batch, False)[0].sequences for batch in batches]
+    handle = tiny.apply_method(model, method, launch_free=True)
+    try:
+        for _ in range(2):
+            for batch, expected in zip(batches, plain, strict=True):
+                assert torch.equal(tiny.greedy(model, batch, max_new_tokens=N_NEW).sequences, expected)
+        pieces = [c["piece"] for c in handle.launch_free.captures]
+    finally:
+        visprune.remove(model)
+    assert pieces.count("prefill") == 1 and pieces.count("decode") == 1
+
+
+def test_forward_with_a_launch_free_handle_is_the_plain_forward(model, inputs):
+    """The launch-free path changes generate only: a forward call with an LLM-side stage returns what the
+    plain path returns (its sequence is not padded to the bucket)."""
+    outs = []
+    for launch_free in (False, True):
+        tiny.apply_method(model, "fastv", launch_free=launch_free)
+        try:
+            with torch.no_grad():
+                outs.append(model(**inputs).logits)
+        finally:
+            visprune.remove(model)
+    assert torch.equal(outs[0], outs[1])

@@ -61,7 +61,9 @@ def test_generate_with_beams_plans_the_expanded_rows(model, inputs):
     for host in (True, False):
         handle = tiny.apply_method(model, "pdrop")
         if not host:
-            handle.pruner.begin = lambda layout, real=None, visual=None, begin=handle.pruner.begin: begin(layout, real)
+            handle.pruner.begin = lambda layout, real=None, visual=None, begin=handle.pruner.begin, **_: begin(
+                layout, real
+            )
         try:
             with torch.no_grad():
                 outs.append(model.generate(**one, max_new_tokens=3, num_beams=2, do_sample=False))
