@@ -18,16 +18,16 @@ waits for the host, and a pruned prefill saves little time. On this path:
   prefill; every decode step. An adaptive method (prumerge, prumerge+, knee) runs in the image graph with
   padded outputs (`methods.padded`): every image's tokens at the width of all its patches, the counts on
   the device, read once after the replay to cut the padding off; one graph serves every count.
+  transformers' own compilation of decoding is switched off (the steps are already graphs).
+  The method's finite-value checks (`methods.checks.FiniteChecks`) are outputs of the image path's graph:
+  each replay computes them and the call reads them before the LLM runs, as on the plain path.
 - An LLM-side method with a count rule (fastv, pdrop, dart, sparsevlm; `MethodSpec.visual_kept`) runs in
   the prefill graph: the host plans each stage's length, which joins the graph's key, the pruner's layout
   is an input of the graph and what the stages leave for decoding (the kept tokens' masks) its outputs
   (`DecoderPruner.graph_inputs` and friends). A stage's shorter sequence is padded to the prompt bucket
   too, so the prompts of one bucket share the prefill and decode graphs. The static cache's layers after a
   stage hold fewer tokens, each layer counting its own on the device; decode steps build their masks from
-  those counts.
-  transformers' own compilation of decoding is switched off (the steps are already graphs).
-  The method's finite-value checks (`methods.checks.FiniteChecks`) are outputs of the image path's graph:
-  each replay computes them and the call reads them before the LLM runs, as on the plain path.
+  those counts. Its stages' finite-value checks are outputs of the prefill graph, read after it.
 - Off the GPU, or with gradients on, the same static shapes run as plain PyTorch: the tokens are those
   of the plain path (the CPU tests check that); only the launches are not removed.
 
@@ -106,7 +106,6 @@ class LaunchFree:
         self.adapter = adapter
         self.capture_images = capture_images  # the whole image path as one graph (else the tower alone)
         self.pruner = pruner  # an LLM-side method's stages, whose host state the prefill / decode graphs carry
-
         self.captures: list[dict[str, Any]] = []
         self.prefill_pending = False
         self._slots: OrderedDict[tuple[int, int], _CacheSlot] = OrderedDict()
