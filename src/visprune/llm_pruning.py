@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from visprune.compat import attended_keys, filled_length
 from visprune.errors import InputError, VisPruneError
+from visprune.launch_free import round_up
 from visprune.methods.base import MethodSpec, TokenLayout
 from visprune.methods.checks import FiniteChecks, deferred_finite_checks
 from visprune.methods.llm_attention import query_or_last, rows_from_mask
@@ -135,7 +136,7 @@ class DecoderPruner:
             real_tokens = layout.attention_mask.sum(1).tolist()
         if visual_tokens is not None and layout.text_rows is None:
             text = max((n - v for n, v in zip(real_tokens, visual_tokens, strict=True)), default=0)
-            text = min(_round_up(text, width_multiple), layout.attention_mask.shape[1])
+            text = min(round_up(text, width_multiple), layout.attention_mask.shape[1])
             layout = dataclasses.replace(layout, text_rows=text)
         self.state = PrunerState(
             layout=layout,
@@ -309,7 +310,7 @@ class DecoderPruner:
         if planned is None:
             width = int(counts.max())  # a host read: the new sequence length
         else:  # the method's count rule gave it on the host; `_check_planned` compares at the prefill's end
-            width = min(_round_up(max(planned), st.width_multiple), s)
+            width = min(round_up(max(planned), st.width_multiple), s)
             st.planned.append((layer_idx, counts, planned))
         # (the clamp only matters if a method's rule and its mask disagree: no out-of-range slot before the check)
         slot = (width - counts.unsqueeze(1) + keep.long().cumsum(1) - 1).clamp(0, width)
@@ -410,7 +411,7 @@ class DecoderPruner:
             return tuple((g.start_layer, g.all_valid) for g in st.groups)
         widths, s = [], st.layout.attention_mask.shape[1]
         for p in self._host_plan() or ():
-            s = min(_round_up(max(p), st.width_multiple), s)  # as `_prune` sizes the stage
+            s = min(round_up(max(p), st.width_multiple), s)  # as `_prune` sizes the stage
             widths.append((s, min(p) == s and st.width_multiple == 1))
         return st.layout.text_rows, tuple(widths)
 
@@ -429,15 +430,8 @@ class DecoderPruner:
             st.groups = [dataclasses.replace(g, valid=t) for g, t in zip(st.groups, tensors, strict=True)]
             return
         layout = TokenLayout(*tensors, text_rows=st.prefill_layout.text_rows)
-        self.state = PrunerState(
-            layout=layout,
-            prefill_layout=layout,
-            phase="armed",
-            real_tokens=st.real_tokens,
-            width_multiple=st.width_multiple,
-            host_visual=st.host_visual,
-            plan=st.plan,
-        )
+        self.begin(layout, st.real_tokens, st.host_visual, st.width_multiple)
+        self.state.plan = st.plan  # the same counts: the host's plan holds
 
     def graph_outputs(self, piece: str) -> Any:
         """What a captured `piece` leaves in this pruner's state, for `adopt_graph_outputs` after each replay."""
@@ -453,11 +447,9 @@ class DecoderPruner:
             return
         groups, visual_kept, counts, checks = outputs
         st = self.state
-        for name, finite in checks:
-            st.checks.add(name, finite)
-        plan = self._host_plan()
+        st.checks.extend(checks)
         st.groups, st.visual_kept, st.phase = groups, visual_kept, "prefill"
-        st.planned = [(g.start_layer, c, plan[i]) for i, (g, c) in enumerate(zip(groups, counts, strict=True))]
+        st.planned = [(g.start_layer, c, p) for g, c, p in zip(groups, counts, self._host_plan(), strict=True)]
 
     def sequence_at(self, layer: int) -> tuple[Tensor, Tensor] | None:
         """(index, valid) of the sequence decoder layer `layer` runs on at prefill into the prefill sequence,
@@ -472,10 +464,6 @@ class DecoderPruner:
             return None
         g = self.state.groups[-1]
         return g.index, g.valid
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _own_options(spec: MethodSpec) -> set[str]:

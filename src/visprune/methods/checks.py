@@ -28,6 +28,10 @@ class FiniteChecks:
     def add(self, name: str, finite: Tensor) -> None:
         self._pending.append((name, finite))
 
+    def extend(self, checks: list[tuple[str, Tensor]]) -> None:
+        """Record checks another call recorded (`take_since`), e.g. as a replayed graph recomputed them."""
+        self._pending.extend(checks)
+
     def __len__(self) -> int:
         return len(self._pending)
 
