@@ -331,12 +331,12 @@ def test_parts_a_family_cannot_measure_are_named():
 
 def test_launch_free_mode_runs_the_three_modes(tmp_path):
     """`--launch-free`: dense, encoder-side and LLM-side cases in plain / launch-free / ideal modes, the ideal
-    fed the launch-free path's token counts (per decoder layer too); knee+text, whose text stage has no count
-    rule, is left out with the reason."""
+    fed the launch-free path's token counts (per decoder layer too), a two-stage method (knee+text) too;
+    flowcut, which the path cannot capture, is left out with the reason."""
     tiny_llava_config("sdpa").save_pretrained(tmp_path / "cfg")
     args = ["bench", "--config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32", "--launch-free"]
     args += ["--new-tokens", "3", "--batch", "1", "--budgets", "8", "--methods", "fastervlm", "prumerge", "fastv"]
-    args += ["knee+text"]
+    args += ["knee+text", "flowcut"]
     assert main([*args, "--out", str(tmp_path / "out"), "--name", "lf", "--quiet"]) == 0
     res = json.loads((tmp_path / "out" / "lf.json").read_text())
     cases = res["runs"][0]["launch_free_cases"]
@@ -345,6 +345,7 @@ def test_launch_free_mode_runs_the_three_modes(tmp_path):
         ("fastervlm", 8),
         ("prumerge", None),
         ("fastv", 8),
+        ("knee+text", None),
     ]
     assert all("error" not in c for c in cases)
     for c in cases[1:]:
@@ -355,7 +356,9 @@ def test_launch_free_mode_runs_the_three_modes(tmp_path):
     assert cases[1]["launch_free"]["visual_tokens"] == 8
     fastv_layers = cases[3]["launch_free"]["tokens_per_layer"][0]
     assert fastv_layers[-1] < fastv_layers[0]  # the LLM-side stage pruned, in the ideal too
-    assert "knee+text" in res["not_measured"]["launch_free"]
+    knee_layers = cases[4]["launch_free"]["tokens_per_layer"][0]
+    assert knee_layers[-1] < knee_layers[0]
+    assert "flowcut" in res["not_measured"]["launch_free"] and "knee+text" not in res["not_measured"]["launch_free"]
     markdown = (tmp_path / "out" / "lf.md").read_text()
     assert "## Launch-free generate, batch 1" in markdown and "| fastervlm | 8 | 8" in markdown
     assert (tmp_path / "out" / "lf.png").stat().st_size > 0

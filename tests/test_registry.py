@@ -172,7 +172,7 @@ def test_a_new_method_needs_only_its_registration_for_budgets():
             check=check,
             budget_rule=TOKENS,
         )(first_k)
-    with pytest.raises(RuntimeError, match="visual_kept is for LLM-side methods"):
+    with pytest.raises(RuntimeError, match="visual_kept is for methods with LLM-side stages"):
         register(
             "test-encoder-count",
             description="x",

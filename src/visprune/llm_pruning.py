@@ -372,12 +372,15 @@ class DecoderPruner:
         st = self.state
         rule = self.spec.visual_kept
         if st.plan is None and rule is not None and st.host_visual is not None:
-            tokens, visual, st.plan = list(st.real_tokens), list(st.host_visual), []
+            tokens, visual, plan = list(st.real_tokens), list(st.host_visual), []
             for stage in range(len(self.stage_layers)):
-                kept = rule(torch.tensor(visual, dtype=torch.long), self.options, stage).tolist()
-                tokens = [n - v + k for n, v, k in zip(tokens, visual, kept, strict=True)]
-                visual = kept
-                st.plan.append(tokens)
+                kept = rule(torch.tensor(visual, dtype=torch.long), self.options, stage)
+                if kept is None:  # these options decide the counts from the data
+                    return None
+                tokens = [n - v + k for n, v, k in zip(tokens, visual, kept.tolist(), strict=True)]
+                visual = kept.tolist()
+                plan.append(tokens)
+            st.plan = plan
         return st.plan
 
     def _check_planned(self) -> None:

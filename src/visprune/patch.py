@@ -244,7 +244,7 @@ def apply(
     if not isinstance(launch_free, bool):
         raise InputError(f"launch_free must be True or False, got {launch_free!r}")
     if launch_free:
-        _check_launch_free(adapter, model, encoder, llm, sync_timings)
+        _check_launch_free(adapter, model, encoder, llm, llm_opts if llm is not None else {}, sync_timings)
     if tower_layer is not None:
         if not adapter.supports_tower_layer:
             raise UnsupportedModelError(
@@ -325,7 +325,12 @@ def apply(
 
 
 def _check_launch_free(
-    adapter: Adapter, model: nn.Module, encoder: MethodSpec | None, llm: MethodSpec | None, sync_timings: bool
+    adapter: Adapter,
+    model: nn.Module,
+    encoder: MethodSpec | None,
+    llm: MethodSpec | None,
+    llm_opts: dict[str, Any],
+    sync_timings: bool,
 ) -> None:
     """Refuse what the launch-free path cannot run with static shapes."""
     if not adapter.supports_launch_free:
@@ -339,11 +344,12 @@ def _check_launch_free(
             "blocks, which the launch-free path cannot replay from a graph; use another encoder-side method with "
             "launch_free=True, or apply without it"
         )
-    if llm is not None and llm.visual_kept is None:
+    if llm is not None and not llm.counts_planned(llm_opts):
         raise InputError(
-            f"{llm.name} prunes inside the LLM with token counts decided during the prefill, which the launch-free "
-            "path cannot replay from a graph; use an LLM-side method with fixed counts (fastv, pdrop, dart, "
-            "sparsevlm) or an encoder-side method with launch_free=True, or apply without it"
+            f"{llm.name} prunes inside the LLM with token counts decided during the prefill (with these options), "
+            "which the launch-free path cannot replay from a graph; use an LLM-side method with fixed counts "
+            "(fastv, pdrop, dart, sparsevlm, knee+text with a text_keep_ratio and prune_text=False) or an "
+            "encoder-side method with launch_free=True, or apply without it"
         )
     check_static_cache(model.config)
     if sync_timings:

@@ -11,7 +11,7 @@ from tests.methods.llm_fixtures import alone, make_layout, qk, ref_row, sample_l
 from visprune.errors import InputError
 from visprune.methods import Placement, get_method
 from visprune.methods.knee_point import knee_count
-from visprune.methods.text_stage import text_relevance, text_stage
+from visprune.methods.text_stage import kept_images, text_relevance, text_stage
 
 
 def kneedle(values):
@@ -27,18 +27,22 @@ def kneedle(values):
     return arg + 1
 
 
-def ref_keep_group(rel, group, ratio, detector):
-    if not group:
-        return set()
-    ranked = sorted(group, key=lambda j: (-float(rel[j]), j))
-    values = [float(rel[j]) for j in ranked]
+def ref_keep_group(rel, group, rows, ratio, detector):
+    """The kept members of `group`: the query `rows` among them always; under a ratio they take its first
+    places, under a knee it is found on the others' curve."""
+    protected = [j for j in group if j in rows]
+    others = sorted((j for j in group if j not in rows), key=lambda j: (-float(rel[j]), j))
     if ratio is not None:
-        count = max(1, math.floor(len(group) * ratio + 1e-9))
-    elif detector == "kneedle":
+        count = max(1, math.floor(len(group) * ratio + 1e-9)) if group else 0
+        return set((protected + others)[:count])
+    if not others:
+        return set(protected)
+    values = [float(rel[j]) for j in others]
+    if detector == "kneedle":
         count = kneedle(values)
     else:  # the other detectors: the shared knee_count on the unpadded single curve
         count = int(knee_count(torch.tensor([values]), detector))
-    return set(ranked[: min(count, len(group))])
+    return set(others[: min(count, len(others))]) | set(protected)
 
 
 def ref_text_stage(q, k, lay, ratio=None, detector="kneedle", prune_text=False):
@@ -48,10 +52,10 @@ def ref_text_stage(q, k, lay, ratio=None, detector="kneedle", prune_text=False):
         real = [j for j in range(s) if lay.attention_mask[i, j]]
         rows = [j for j in real if lay.query[i, j]] or [real[-1]]
         rel = sum(ref_row(q, k, lay.attention_mask, i, r).mean(0) for r in rows) / len(rows)
-        vis = [j for j in real if lay.visual[i, j] and j not in rows]
-        kept_vis = ref_keep_group(rel, vis, ratio, detector)
-        system = [j for j in real[1:] if lay.system[i, j] and j not in rows] if prune_text else []
-        kept_sys = ref_keep_group(rel, system, ratio, detector)
+        vis = [j for j in real if lay.visual[i, j]]
+        kept_vis = ref_keep_group(rel, vis, rows, ratio, detector)
+        system = [j for j in real[1:] if lay.system[i, j] and not lay.visual[i, j]] if prune_text else []
+        kept_sys = ref_keep_group(rel, system, rows, ratio, detector)
         for j in real:
             keep[i, j] = (j in kept_vis) if j in vis else (j in kept_sys) if j in system else True
     return keep
@@ -79,6 +83,11 @@ def test_matches_reference(specs, side, ratio, detector, prune_text, rep, seed):
     if not prune_text:
         assert torch.equal(got & ~lay.visual, lay.attention_mask & ~lay.visual)
     assert torch.equal(got, text_stage(q=q, k=k, layout=lay, **opts))
+    rule = kept_images((lay.visual & lay.attention_mask).sum(1), opts)
+    if ratio is None or prune_text:
+        assert rule is None  # counts from the data: the launch-free path refuses these options
+    else:  # the count rule the decoder pruner plans with, also where the last real token is an image token
+        assert torch.equal((got & lay.visual).sum(1), rule)
 
 
 @given(specs=specs_st, prune_text=st.booleans(), seed=st.integers(0, 2**16))

@@ -19,8 +19,11 @@ from visprune.launch_free import CACHE_BUCKET, SEQUENCE_BUCKET
 from visprune.methods import Placement, get_method
 from visprune.patch import _prepare
 
-LLM_METHODS = [
-    name for name in tiny.METHOD_OPTIONS if get_method(name).placement is Placement.LLM and get_method(name).visual_kept
+LLM_METHODS = [  # the methods with LLM-side stages whose counts the host plans (knee+text's too, with its defaults)
+    name
+    for name in tiny.METHOD_OPTIONS
+    if get_method(name).placement is not Placement.ENCODER
+    and get_method(name).counts_planned(get_method(name).options(**tiny.METHOD_OPTIONS[name]))
 ]
 ENCODER_METHODS = [
     name
@@ -188,9 +191,12 @@ def test_a_cache_passed_in_is_refused(model, inputs):
         visprune.remove(model)
 
 
-def test_an_llm_stage_without_fixed_counts_is_refused_at_apply(model):
+@pytest.mark.parametrize("options", [{"text_keep_ratio": None}, {"prune_text": True}])
+def test_an_llm_stage_without_fixed_counts_is_refused_at_apply(model, options):
+    """knee+text's text stage cut at its knee, or cutting system tokens too, decides its counts in the prefill."""
+    assert "knee+text" in LLM_METHODS  # with a text_keep_ratio it runs (the tests above)
     with pytest.raises(visprune.InputError, match="text prunes inside the LLM with token counts decided"):
-        tiny.apply_method(model, "knee+text", launch_free=True)
+        tiny.apply_method(model, "knee+text", launch_free=True, **options)
     assert not hasattr(model, "_visprune_handle")
 
 

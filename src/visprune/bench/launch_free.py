@@ -58,7 +58,7 @@ def supported(method: str) -> bool:
     if method == "dense":
         return True
     spec = get_method(method)
-    if spec.placement is not Placement.ENCODER and spec.visual_kept is None:
+    if spec.placement is not Placement.ENCODER and not spec.counts_planned(spec.defaults):
         return False
     return spec.graph_capturable
 

@@ -76,7 +76,7 @@ def register(
     budget_rule: BudgetRule | None = None,
     published_attention: str | None = None,
     graph_capturable: bool = True,
-    visual_kept: Callable[[Tensor, dict[str, Any], int], Tensor] | None = None,
+    visual_kept: Callable[[Tensor, dict[str, Any], int], Tensor | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers a method function under `name`.
 
@@ -92,14 +92,15 @@ def register(
     "llm"), for the benchmark's comparison; None when it does not.
     graph_capturable: False for a method whose vision-tower pass needs the host between blocks (the
     launch-free path, which replays the tower as a CUDA graph, refuses it).
-    visual_kept: for an LLM-side method that keeps a number of image tokens decided by the counts alone,
-    that rule ((present [B] long, options, stage) -> kept [B] long; the function must use the same), so that
-    the decoder pruner plans the shorter sequence on the host (`MethodSpec.visual_kept`).
+    visual_kept: for a method with LLM-side stages that keeps a number of image tokens decided by the counts
+    alone, that rule ((present [B] long, options, stage) -> kept [B] long, or None for options under which the
+    function decides them from the data; the function must use the same), so that the decoder pruner plans the
+    shorter sequence on the host (`MethodSpec.visual_kept`).
     """
     if published_attention not in (None, "vision", "llm"):
         raise RuntimeError(f"method {name!r}: published_attention must be None, 'vision' or 'llm'")
-    if visual_kept is not None and placement is not Placement.LLM:
-        raise RuntimeError(f"method {name!r}: visual_kept is for LLM-side methods")
+    if visual_kept is not None and placement is Placement.ENCODER:
+        raise RuntimeError(f"method {name!r}: visual_kept is for methods with LLM-side stages")
     if adaptive == (budget_rule is not None):
         need = "takes no budget_rule (it is adaptive)" if adaptive else "needs a budget_rule (it keeps a fixed count)"
         raise RuntimeError(f"method {name!r} {need}")

@@ -24,6 +24,7 @@ from visprune.methods.llm_attention import (
     mean_received_attention,
     query_or_last,
     ratio_count,
+    rows_from_mask,
     top_count_mask,
 )
 from visprune.methods.registry import register
@@ -58,23 +59,46 @@ def text_relevance(q: Tensor, k: Tensor, layout: TokenLayout) -> Tensor:
     return mean_received_attention(q, k, query_or_last(layout), layout.attention_mask)
 
 
-def _group_keep(relevance: Tensor, group: Tensor, keep_ratio: float | None, detector: str, smooth: int) -> Tensor:
-    """Keep the top of `group` [B, S]: above the knee of its sorted relevance, or a fixed ratio."""
-    n = group.sum(dim=1)
+def kept_images(present: Tensor, options: dict[str, Any], stage: int = 0) -> Tensor | None:
+    """[B] long: the image tokens the text stage keeps of the `present` ones per sample with a
+    `text_keep_ratio`, floor(n * ratio) and at least 1 (the rule its function applies; the decoder pruner
+    plans the shorter sequence with it). None where the counts come from the data: the knee
+    (text_keep_ratio=None) or prune_text (the system tokens' cut)."""
+    if options["text_keep_ratio"] is None or options["prune_text"]:
+        return None
+    return ratio_count(present, options["text_keep_ratio"])
+
+
+def _group_keep(
+    relevance: Tensor,
+    group: Tensor,
+    protected: Tensor,
+    keep_ratio: float | None,
+    detector: str,
+    smooth: int,
+) -> Tensor:
+    """Keep the top of `group` [B, S]: a fixed ratio of it, or the part above the knee of its sorted relevance.
+
+    `protected` members (the fallback query row) are always kept: under a ratio they take the first of its
+    places, so the count is the ratio's whatever the rows are (the count rule `kept_images`); the knee is
+    found on the curve of the other members.
+    """
     if keep_ratio is not None:
-        counts = ratio_count(n, keep_ratio)
-    else:
-        ordered = torch.where(group, relevance, float("-inf")).sort(dim=1, descending=True).values
-        # Fill past each row's valid length with its smallest valid value (flat tail: no effect on the
-        # knee, safe under smoothing); rows without members are all zeros and keep nothing below.
-        last = ordered.gather(1, (n - 1).clamp(min=0).unsqueeze(1))
-        inside = torch.arange(ordered.shape[1], device=n.device).unsqueeze(0) < n.unsqueeze(1)
-        ordered = torch.where(inside, ordered, torch.where(n.unsqueeze(1) > 0, last, 0.0))
-        counts = torch.minimum(knee_count(ordered, detector, smooth, valid=n.clamp(min=1)), n)
-        # A curve of 1 or 2 points has no interior knee: keep its top point, as every detector does on
-        # an unpadded curve (knee_count's max-curvature would keep 2 of a padded 2-point row).
-        counts = torch.where(n <= 2, n.clamp(max=1), counts)
-    return top_count_mask(relevance, group, counts)
+        counts = ratio_count(group.sum(dim=1), keep_ratio)
+        return top_count_mask(torch.where(protected, float("inf"), relevance), group, counts)
+    group = group & ~protected
+    n = group.sum(dim=1)
+    ordered = torch.where(group, relevance, float("-inf")).sort(dim=1, descending=True).values
+    # Fill past each row's valid length with its smallest valid value (flat tail: no effect on the
+    # knee, safe under smoothing); rows without members are all zeros and keep nothing below.
+    last = ordered.gather(1, (n - 1).clamp(min=0).unsqueeze(1))
+    inside = torch.arange(ordered.shape[1], device=n.device).unsqueeze(0) < n.unsqueeze(1)
+    ordered = torch.where(inside, ordered, torch.where(n.unsqueeze(1) > 0, last, 0.0))
+    counts = torch.minimum(knee_count(ordered, detector, smooth, valid=n.clamp(min=1)), n)
+    # A curve of 1 or 2 points has no interior knee: keep its top point, as every detector does on
+    # an unpadded curve (knee_count's max-curvature would keep 2 of a padded 2-point row).
+    counts = torch.where(n <= 2, n.clamp(max=1), counts)
+    return top_count_mask(relevance, group, counts) | protected
 
 
 @register(
@@ -87,6 +111,7 @@ def _group_keep(relevance: Tensor, group: Tensor, keep_ratio: float | None, dete
     layers=lambda o: (published(o["text_layer"]),),
     encoder_stage="knee",
     check=check_options,
+    visual_kept=kept_images,
 )
 def text_stage(
     *,
@@ -111,7 +136,8 @@ def text_stage(
     are used. hidden is not used. The spec's `signals` list only these LLM signals; the encoder
     stage's come from get_method(spec.encoder_stage).signals(options).
     Relevance of token j = mean over heads and over the query tokens (the question; a sample with
-    none uses its last real token instead, which is then protected like a query token) of
+    none uses its last real token instead, which is then kept like a query token; when it is an image
+    token it takes the first of the ratio's places, so the count follows `kept_images`) of
     softmax(q_i k^T / sqrt(d))[j] under the causal mask. Among
     the image tokens of each sample, the most relevant `text_keep_ratio` share (default half of those
     that reach layer K, which already vary per image) are kept, or with text_keep_ratio=None those
@@ -149,13 +175,14 @@ def text_stage(
     check_qk(q, k, layout)
     mask = layout.attention_mask
     rows = query_or_last(layout)  # the query rows; never dropped (also when it is the fallback)
-    relevance = mean_received_attention(q, k, rows, mask)
-    visual = layout.visual & mask & ~rows
-    keep = mask & ~(visual & ~_group_keep(relevance, visual, text_keep_ratio, text_detector, text_smooth))
+    relevance = mean_received_attention(q, k, rows, mask, rows=rows_from_mask(rows, layout.text_rows))
+    visual = layout.visual & mask
+    kept_visual = _group_keep(relevance, visual, rows & visual, text_keep_ratio, text_detector, text_smooth)
+    keep = mask & ~(visual & ~kept_visual)
     if prune_text:
         s = mask.shape[1]
         first = torch.arange(s, device=mask.device).unsqueeze(0) == mask.long().argmax(dim=1, keepdim=True)
-        system = layout.system & mask & ~layout.visual & ~rows & ~first
-        kept_system = _group_keep(relevance, system, text_keep_ratio, text_detector, text_smooth)
+        system = layout.system & mask & ~layout.visual & ~first
+        kept_system = _group_keep(relevance, system, rows & system, text_keep_ratio, text_detector, text_smooth)
         keep = keep & (~system | kept_system)
     return keep
