@@ -75,6 +75,7 @@ def test_outputs_are_written(results):
         ("fastv", 8),
         ("fastv", 16),
         ("knee+text", None),
+        ("sparsevlm", 8),
     ]
     assert all("error" not in c for c in run["cases"]), run["cases"]
 
@@ -335,17 +336,18 @@ def test_launch_free_mode_runs_the_three_modes(tmp_path):
     flowcut, which the path cannot capture, is left out with the reason."""
     tiny_llava_config("sdpa").save_pretrained(tmp_path / "cfg")
     args = ["bench", "--config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32", "--launch-free"]
-    args += ["--new-tokens", "3", "--batch", "1", "--budgets", "8", "--methods", "fastervlm", "prumerge", "fastv"]
-    args += ["knee+text", "flowcut"]
+    args += ["--new-tokens", "3", "--batch", "1", "--budgets", "24", "--methods", "fastervlm", "prumerge", "fastv"]
+    args += ["knee+text", "sparsevlm", "flowcut"]  # sparsevlm: options with tuples, as apply takes them
     assert main([*args, "--out", str(tmp_path / "out"), "--name", "lf", "--quiet"]) == 0
     res = json.loads((tmp_path / "out" / "lf.json").read_text())
     cases = res["runs"][0]["launch_free_cases"]
     assert [(c["method"], c["budget"]) for c in cases] == [
         ("dense", None),
-        ("fastervlm", 8),
+        ("fastervlm", 24),
         ("prumerge", None),
-        ("fastv", 8),
+        ("fastv", 24),
         ("knee+text", None),
+        ("sparsevlm", 24),
     ]
     assert all("error" not in c for c in cases)
     for c in cases[1:]:
@@ -353,14 +355,14 @@ def test_launch_free_mode_runs_the_three_modes(tmp_path):
         assert c["plain"]["visual_tokens_per_image"] == c["launch_free"]["visual_tokens_per_image"]
         assert c["launch_free"]["tokens_per_layer"] == c["ideal"]["tokens_per_layer"] == c["plain"]["tokens_per_layer"]
         assert c["efficiency"] == pytest.approx(c["ideal"]["ttft"]["median_ms"] / c["launch_free"]["ttft"]["median_ms"])
-    assert cases[1]["launch_free"]["visual_tokens"] == 8
+    assert cases[1]["launch_free"]["visual_tokens"] == 24
     fastv_layers = cases[3]["launch_free"]["tokens_per_layer"][0]
     assert fastv_layers[-1] < fastv_layers[0]  # the LLM-side stage pruned, in the ideal too
     knee_layers = cases[4]["launch_free"]["tokens_per_layer"][0]
     assert knee_layers[-1] < knee_layers[0]
     assert "flowcut" in res["not_measured"]["launch_free"] and "knee+text" not in res["not_measured"]["launch_free"]
     markdown = (tmp_path / "out" / "lf.md").read_text()
-    assert "## Launch-free generate, batch 1" in markdown and "| fastervlm | 8 | 8" in markdown
+    assert "## Launch-free generate, batch 1" in markdown and "| fastervlm | 24 | 24" in markdown
     assert (tmp_path / "out" / "lf.png").stat().st_size > 0
 
 

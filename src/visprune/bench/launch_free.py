@@ -107,7 +107,7 @@ class LaunchFreeBench:
             visprune.remove(self.model)
 
     def run_case(self, method: str, budget: int | None, options: dict[str, Any]) -> dict[str, Any]:
-        res: dict[str, Any] = {"method": method, "budget": budget, "options": options}
+        res: dict[str, Any] = {"method": method, "budget": budget}
         if method == "dense":
             res["plain"] = self._mode(warm_e2e=False)
             res["launch_free"] = self._patched("none", True)

@@ -508,7 +508,8 @@ def _launch_free_runs(
             results["runs"].append(run)
             for case in tqdm(todo, desc=f"launch-free batch {batch}", disable=not progress):
                 try:
-                    run["launch_free_cases"].append(bench.run_case(case.method, case.budget, _jsonable(case.options)))
+                    result = bench.run_case(case.method, case.budget, case.options)  # the options as apply takes them
+                    run["launch_free_cases"].append({**result, "options": _jsonable(case.options)})
                 except Exception as err:
                     error = f"{type(err).__name__}: {err}"
                     run["launch_free_cases"].append({"method": case.method, "budget": case.budget, "error": error})
