@@ -15,13 +15,14 @@ waits for the host, and a pruned prefill saves little time. On this path:
 - On a CUDA device, with gradients off, each piece runs as a CUDA graph captured on its first call per
   shape and replayed afterwards: the vision tower plus the reduction plus the projector (one graph; the
   tower alone where the adapter's image path does host work, `Adapter.launch_free_image_graph`); the LLM
-  prefill; every decode step. An adaptive method (prumerge, prumerge+, knee) runs in the image graph with
+  prefill; every decode step. An adaptive method (prumerge, prumerge+, knee, knee+text's first stage) runs in the image graph with
   padded outputs (`methods.padded`): every image's tokens at the width of all its patches, the counts on
   the device, read once after the replay to cut the padding off; one graph serves every count.
   transformers' own compilation of decoding is switched off (the steps are already graphs).
   The method's finite-value checks (`methods.checks.FiniteChecks`) are outputs of the image path's graph:
   each replay computes them and the call reads them before the LLM runs, as on the plain path.
-- An LLM-side method with a count rule (fastv, pdrop, dart, sparsevlm; `MethodSpec.visual_kept`) runs in
+- An LLM-side method with a count rule (fastv, pdrop, dart, sparsevlm, and knee+text's text stage with its
+  default text_keep_ratio; `MethodSpec.visual_kept`) runs in
   the prefill graph: the host plans each stage's length, which joins the graph's key, the pruner's layout
   is an input of the graph and what the stages leave for decoding (the kept tokens' masks) its outputs
   (`DecoderPruner.graph_inputs` and friends). A stage's shorter sequence is padded to the prompt bucket
@@ -36,7 +37,8 @@ for those shapes, with a warning naming it: the result is the same, only slower.
 
 What the path refuses, with an InputError at `generate`: beam search, several return sequences, a cache
 passed in, another `cache_implementation`, `use_cache=False`, assisted decoding. At `apply`: LLM-side
-stages without a count rule (knee+text's text stage, whose counts are decided during the prefill), methods
+stages whose counts are decided during the prefill (knee+text cut at its knee, text_keep_ratio=None, or with
+prune_text), methods
 registered with `graph_capturable=False` (flowcut), `sync_timings`, models with sliding-window attention,
 and models other than LlavaForConditionalGeneration and LlavaNextForConditionalGeneration (on LLaVA-NeXT
 only the tower of the image path is a graph: the crops' packing is host work, `Adapter.launch_free_image_graph`).

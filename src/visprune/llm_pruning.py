@@ -8,9 +8,10 @@ plus the generated ones. Per-sample kept counts may differ; shorter rows are lef
 slots. Nothing reads `cache_position` and no attention weights are materialised.
 
 The shorter sequence's length is read from the keep mask (a host read at each stage), except for a method
-with a count rule (`MethodSpec.visual_kept`: fastv, pdrop, dart, sparsevlm): its counts follow from the
-host's token counts, so the host plans the stage without waiting for the device, and the mask's counts are
-checked against the plan at the end of the prefill (`VisPruneError` if a rule and its method disagree).
+with a count rule (`MethodSpec.visual_kept`: fastv, pdrop, dart, sparsevlm, knee+text with a text_keep_ratio):
+its counts follow from the host's token counts, so the host plans the stage without waiting for the device,
+and the mask's counts are checked against the plan at the end of the prefill (`VisPruneError` if a rule and
+its method disagree).
 Such a method's prefill and decode steps read nothing from the device (on a static cache, a decode step's
 mask is built from the cache's length on the device), so the launch-free path can capture them as CUDA
 graphs: `graph_key`, `graph_inputs`, `bind_graph_inputs`, `graph_outputs` and `adopt_graph_outputs` give it
