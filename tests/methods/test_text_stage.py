@@ -38,10 +38,8 @@ def ref_keep_group(rel, group, rows, ratio, detector):
     if not others:
         return set(protected)
     values = [float(rel[j]) for j in others]
-    if detector == "kneedle":
-        count = kneedle(values)
-    else:  # the other detectors: the shared knee_count on the unpadded single curve
-        count = int(knee_count(torch.tensor([values]), detector))
+    # the other detectors: the shared knee_count on the unpadded single curve
+    count = kneedle(values) if detector == "kneedle" else int(knee_count(torch.tensor([values]), detector))
     return set(others[: min(count, len(others))]) | set(protected)
 
 
