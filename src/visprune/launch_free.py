@@ -16,8 +16,9 @@ waits for the host, and a pruned prefill saves little time. On this path:
   shape and replayed afterwards: the vision tower plus the reduction plus the projector (one graph; the
   tower alone where the adapter's image path does host work, `Adapter.launch_free_image_graph`); the LLM
   prefill; every decode step. An adaptive method (prumerge, prumerge+, knee, knee+text's first stage) runs in
-  the image graph with padded outputs (`methods.padded`): every image's tokens at the width of all its patches, the counts on
-  the device, read once after the replay to cut the padding off; one graph serves every count.
+  the image graph with padded outputs (`methods.padded`): every image's tokens at the width of all its
+  patches, the counts on the device, read once after the replay to cut the padding off; one graph serves
+  every count.
   transformers' own compilation of decoding is switched off (the steps are already graphs).
   The method's finite-value checks (`methods.checks.FiniteChecks`) are outputs of the image path's graph:
   each replay computes them and the call reads them before the LLM runs, as on the plain path.
