@@ -62,6 +62,7 @@ from transformers.utils import ModelOutput
 
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
+from visprune.methods.checks import FiniteChecks
 from visprune.methods.graphs import capture
 from visprune.methods.padded import padded_outputs
 
@@ -111,6 +112,7 @@ class LaunchFree:
         self.adapter = adapter
         self.capture_images = capture_images  # the whole image path as one graph (else the tower alone)
         self.pruner = pruner  # an LLM-side method's stages, whose host state the prefill / decode graphs carry
+        self.image_checks: FiniteChecks | None = None  # this generate's image-path checks, read after the prefill
         self.captures: list[dict[str, Any]] = []
         self.prefill_pending = False
         self._slots: OrderedDict[tuple[int, int], _CacheSlot] = OrderedDict()
@@ -204,21 +206,35 @@ class LaunchFree:
         piece = "prefill" if self.prefill_pending else "decode"
         self.prefill_pending = False
         if slot is None:
-            return original(**kwargs)
+            out = original(**kwargs)
+            if piece == "prefill":
+                self._verify_image_checks()
+            return out
         mask = kwargs.get("attention_mask")
         if piece == "decode" and isinstance(mask, Tensor) and mask.dim() == 2:
             width = slot.cache.layers[0].max_cache_len
             kwargs["attention_mask"] = nn.functional.pad(mask, (0, width - mask.shape[1]))
         pruner = self.pruner
-        if pruner is None or piece == "decode":
+        if piece == "decode":
             return self._model_step(original, kwargs, slot, piece)
-        pruner.defer_finish = True  # its counts are read after the graph, not inside it
+        if pruner is not None:
+            pruner.defer_finish = True  # its counts are read after the graph, not inside it
         try:
             out = self._model_step(original, kwargs, slot, piece)
         finally:
-            pruner.defer_finish = False
-        pruner.finish_prefill()
+            if pruner is not None:
+                pruner.defer_finish = False
+        self._verify_image_checks()
+        if pruner is not None:
+            pruner.finish_prefill()
         return out
+
+    def _verify_image_checks(self) -> None:
+        """Raise if the image path's inputs held NaN or inf (read once the prefill is launched, before anything
+        is sampled from it)."""
+        checks, self.image_checks = self.image_checks, None
+        if checks is not None:
+            checks.verify()
 
     def _model_step(self, original: Callable[..., Any], kwargs: dict[str, Any], slot: _CacheSlot, piece: str) -> Any:
         """One model call on `slot`'s cache: replayed from the graph of its shapes (captured on first use), or

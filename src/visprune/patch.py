@@ -431,9 +431,12 @@ def _prepare(
     image_kwargs: dict[str, Any],
     labels: Tensor | None,
     pad_to: int = 1,
+    checks_after_prefill: bool = False,
 ) -> Spliced:
     """Encode + reduce + splice (the sequence padded to a multiple of `pad_to`), record stats, arm the
-    LLM-side pruner."""
+    LLM-side pruner. The method's finite-value checks are read here, or with `checks_after_prefill` (the
+    launch-free generate) staged and handed to the launch-free path, which reads them once the prefill is
+    launched, so that the host's work up to it overlaps the image path on the device."""
     adapter = handle.adapter
     _check_call(input_ids, attention_mask)
     if pixel_values is not None:
@@ -488,7 +491,10 @@ def _prepare(
         input_ids, host_mask, embedded.embeds, adapter.image_token_id, features, runs, labels, offsets, pad_to
     )
     batch.position_ids = adapter.position_ids(dense_positions.result(), batch)
-    if reducer is not None:
+    if reducer is not None and checks_after_prefill:
+        reducer.finite_checks.stage()
+        handle.launch_free.image_checks = reducer.finite_checks
+    elif reducer is not None:
         reducer.verify_inputs()  # the method's finite-value checks, read now that the host work is launched
     handle._additions.arm(*adapter.layer_additions(extras, embedded.extras, batch))
     stats.position_map = batch.position_map
@@ -566,7 +572,9 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
     image_kwargs = _pop_image_kwargs(handle.adapter, kwargs)
     pad_to = SEQUENCE_BUCKET if launch_free is not None else 1
     with torch.no_grad():  # generate never needs gradients (unpatched, it runs all of this under no_grad)
-        batch = _prepare(handle, input_ids, attention_mask, pixel_values, image_kwargs, None, pad_to)
+        batch = _prepare(
+            handle, input_ids, attention_mask, pixel_values, image_kwargs, None, pad_to, launch_free is not None
+        )
     handle._session = handle._generate_cache = None
     if launch_free is not None:
         launch_free.prepare_generate(handle.model, *batch.input_ids.shape, kwargs)
@@ -581,7 +589,7 @@ def _generate(handle: Handle, original: Any, *args: Any, **kwargs: Any) -> Any:
         handle._in_generate = False
         handle._additions.clear()
         if launch_free is not None:
-            launch_free.prefill_pending = False
+            launch_free.prefill_pending, launch_free.image_checks = False, None
             handle._generate_cache = None  # the path reuses its cache: no later call continues from it
     if launch_free is not None:
         launch_free.hand_over(out)

@@ -231,3 +231,25 @@ def test_deferred_finite_checks_raise_at_verify_and_only_then():
     with pytest.raises(InputError, match="cls_attn contains NaN or inf"):
         checks.verify()
     checks.verify()  # read once: nothing left to raise
+
+
+def test_staged_finite_checks_raise_at_verify_and_only_then():
+    """`stage` starts the checks' copy to the host and leaves them for `verify`, which raises for them (and for
+    checks recorded after the stage) once; what is staged is not lost to later records."""
+    from visprune.errors import InputError
+    from visprune.methods.checks import FiniteChecks
+
+    checks = FiniteChecks()
+    checks.add("features", torch.tensor(True))
+    checks.add("cls_attn", torch.tensor(False))
+    checks.stage()  # nothing raised yet
+    assert len(checks) == 0  # staged checks are no longer recorded ones (a graph's take_since cannot take them)
+    checks.add("keys", torch.tensor(True))
+    with pytest.raises(InputError, match="cls_attn contains NaN or inf"):
+        checks.verify()
+    checks.verify()  # read once: nothing left to raise
+    checks.add("keys", torch.tensor(False))
+    checks.stage()
+    checks.stage()  # nothing more to stage
+    with pytest.raises(InputError, match="keys contains NaN or inf"):
+        checks.verify()

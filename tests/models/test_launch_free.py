@@ -340,8 +340,9 @@ def test_a_replayed_image_path_still_checks_the_methods_inputs(model, inputs, si
         assert any(c["piece"] == "vision tower + reduction" for c in handle.launch_free.captures)
         with torch.no_grad():
             weight.fill_(float("nan"))  # in place: the graph reads the same memory
-        with pytest.raises(InputError, match="NaN or inf"):
+        with pytest.raises(InputError, match="NaN or inf"):  # read after the prefill is launched, before sampling
             tiny.greedy(model, one, max_new_tokens=N_NEW)
+        assert handle.launch_free.image_checks is None  # nothing left for a later call to raise
         with torch.no_grad():
             weight.copy_(kept)
         again = tiny.greedy(model, one, max_new_tokens=N_NEW)  # the graph still serves good weights

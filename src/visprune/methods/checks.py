@@ -24,6 +24,7 @@ class FiniteChecks:
 
     def __init__(self) -> None:
         self._pending: list[tuple[str, Tensor]] = []
+        self._staged: list[tuple[list[str], Tensor, torch.cuda.Event | None]] = []
 
     def add(self, name: str, finite: Tensor) -> None:
         self._pending.append((name, finite))
@@ -42,15 +43,36 @@ class FiniteChecks:
         taken, self._pending = self._pending[start:], self._pending[:start]
         return taken
 
-    def verify(self) -> None:
-        """Read every recorded check (one device read) and raise for the first tensor that held NaN or inf."""
+    def stage(self) -> None:
+        """Start copying the recorded checks to the host without waiting for the device (into pinned memory,
+        behind the work that computes them), so that a later `verify` reads them without waiting for what was
+        launched in between (the launch-free path stages its image checks and verifies them after the prefill
+        is launched)."""
         pending, self._pending = self._pending, []
         if not pending:
             return
-        ok = torch.stack([flag for _, flag in pending]).tolist()
-        for (name, _), good in zip(pending, ok, strict=True):
-            if not good:
-                raise _not_finite(name)
+        flags = torch.stack([flag for _, flag in pending])
+        event = None
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flags
+        self._staged.append(([name for name, _ in pending], host, event))
+
+    def verify(self) -> None:
+        """Read every recorded check (one device read; staged ones from their host copies) and raise for the
+        first tensor that held NaN or inf."""
+        self.stage()
+        staged, self._staged = self._staged, []
+        for names, host, event in staged:
+            if event is not None:
+                event.synchronize()
+            for name, good in zip(names, host.tolist(), strict=True):
+                if not good:
+                    raise _not_finite(name)
 
 
 _DEFERRED: ContextVar[FiniteChecks | None] = ContextVar("visprune_deferred_finite_checks", default=None)
