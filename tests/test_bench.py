@@ -13,7 +13,7 @@ from visprune import configs
 from visprune.bench import BenchConfig
 from visprune.bench.model import build_model, family_for
 from visprune.bench.runner import _not_measured
-from visprune.bench.static import stages_from_tokens
+from visprune.bench.static import ideal_methods, stages_from_tokens
 from visprune.budgets import budget_for_share, options_for_budget, options_for_share
 from visprune.cli import main
 from visprune.errors import InputError
@@ -108,6 +108,15 @@ def test_random_weights_come_from_the_seed_not_the_global_rng(tmp_path):
 def test_stages_from_tokens():
     assert stages_from_tokens([[100, 100, 60, 60, 40]], [20]) == [(2, [40]), (4, [20])]
     assert stages_from_tokens([[50, 50]], [10]) == []
+
+
+def test_the_ideal_of_a_batch_has_a_count_rule_the_launch_free_path_accepts():
+    """The first-K stand-in of an LLM-side case at batch 3 plans its counts on the host (apply's launch-free
+    check asks the rule with one sample's counts), and its rule gives each sample its measured count."""
+    stages = stages_from_tokens([[100, 100, 60], [90, 90, 70], [80, 80, 80]], [20, 20, 20])
+    ideal = ideal_methods([80, 70, 60], [[100, 100, 60], [90, 90, 70], [80, 80, 80]])[-1]
+    assert stages == [(2, [40, 50, 60])] and ideal.counts_planned({})
+    assert ideal.visual_kept(torch.tensor([80, 70, 60]), {}, 0).tolist() == [40, 50, 60]
 
 
 def test_budget_mapping():

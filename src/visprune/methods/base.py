@@ -253,16 +253,16 @@ class MethodSpec:
     # An LLM-side method (or a two-stage method's LLM stage) whose image-token count at each stage follows from
     # the counts alone: (the image tokens present per sample [B] long, its options, the stage) -> the image
     # tokens it keeps per sample, the rule its function applies; None for options under which the counts are
-    # decided during the prefill. The decoder pruner then knows each stage's sequence length on the host (no
-    # read of the keep mask); it checks the rule against the mask at the end of the prefill.
+    # decided during the prefill (whether it is None depends on the options alone). The decoder pruner then
+    # knows each stage's sequence length on the host (no read of the keep mask); it checks the rule against the
+    # mask at the end of the prefill.
     visual_kept: Callable[[Tensor, dict[str, Any], int], Tensor | None] | None = field(default=None, repr=False)
 
     def counts_planned(self, options: dict[str, Any]) -> bool:
         """Whether, with `options`, the counts of this method's LLM-side stages follow from the image tokens alone
         (its `visual_kept` rule applies), so the host can plan them (what the launch-free path needs)."""
-        return (
-            self.visual_kept is not None and self.visual_kept(torch.zeros(0, dtype=torch.long), options, 0) is not None
-        )
+        one = torch.ones(1, dtype=torch.long)  # any counts: the answer depends on the options alone
+        return self.visual_kept is not None and self.visual_kept(one, options, 0) is not None
 
     def options(self, **overrides: Any) -> dict[str, Any]:
         """Defaults merged with `overrides`, validated (names, types, ranges, choices): InputError
