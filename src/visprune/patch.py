@@ -215,6 +215,7 @@ def apply(
     stats = Stats()
     encoder = llm = None
     enc_opts: dict[str, Any] = {}
+    llm_opts: dict[str, Any] = {}
     for spec, opts in resolved:
         if spec.placement is Placement.ENCODER:
             encoder, enc_opts = spec, opts
@@ -244,7 +245,7 @@ def apply(
     if not isinstance(launch_free, bool):
         raise InputError(f"launch_free must be True or False, got {launch_free!r}")
     if launch_free:
-        _check_launch_free(adapter, model, encoder, llm, llm_opts if llm is not None else {}, sync_timings)
+        _check_launch_free(adapter, model, encoder, llm, llm_opts, sync_timings)
     if tower_layer is not None:
         if not adapter.supports_tower_layer:
             raise UnsupportedModelError(
