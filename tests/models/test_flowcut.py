@@ -103,6 +103,28 @@ def test_runner_equals_the_per_image_reference_and_batch_equals_alone(model, mon
     assert all(TARGET < c < 64 for c in firsts)
 
 
+def test_a_cut_is_read_on_the_host_only_after_the_next_layer_is_launched(model, monkeypatch):
+    """The host never waits on an idle device: a cut's counts are staged behind it and read once the layer
+    after it is launched (then the rows are compacted); the last cut keeps the budget, which needs no read."""
+    events = []
+    real_layer, real_read = vision._layer_forward, vision.StagedRead
+
+    class Logged(real_read):
+        def __init__(self, tensor):
+            events.append("stage")
+            super().__init__(tensor)
+
+        def value(self):
+            events.append("read")
+            return super().value()
+
+    monkeypatch.setattr(vision, "_layer_forward", lambda *a: events.append("layer") or real_layer(*a))
+    monkeypatch.setattr(vision, "StagedRead", Logged)
+    out = encode(model, tiny.varied_pixels(model, 3))
+    assert events == ["layer", "layer", "stage", "layer", "read", "layer", "layer"]  # cuts after layers 1 and 3
+    assert out.features.shape == (3, TARGET, 32)
+
+
 def test_apply_generates_batch_equal_alone_and_removes_exactly(model):
     inputs = tiny.make_inputs(model, [3, 8, 5], seed=4)
     inputs["pixel_values"] = tiny.varied_pixels(model, 3)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from visprune.errors import InputError
+from visprune.host_reads import StagedRead
 
 if TYPE_CHECKING:
     from visprune.methods.base import TokenLayout
@@ -24,7 +25,7 @@ class FiniteChecks:
 
     def __init__(self) -> None:
         self._pending: list[tuple[str, Tensor]] = []
-        self._staged: list[tuple[list[str], Tensor, torch.cuda.Event | None]] = []
+        self._staged: list[tuple[list[str], StagedRead]] = []
 
     def add(self, name: str, finite: Tensor) -> None:
         self._pending.append((name, finite))
@@ -51,26 +52,16 @@ class FiniteChecks:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        flags = torch.stack([flag for _, flag in pending])
-        event = None
-        if flags.is_cuda:
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = flags
-        self._staged.append(([name for name, _ in pending], host, event))
+        flags = StagedRead(torch.stack([flag for _, flag in pending]))
+        self._staged.append(([name for name, _ in pending], flags))
 
     def verify(self) -> None:
         """Read every recorded check (one device read; staged ones from their host copies) and raise for the
         first tensor that held NaN or inf."""
         self.stage()
         staged, self._staged = self._staged, []
-        for names, host, event in staged:
-            if event is not None:
-                event.synchronize()
-            for name, good in zip(names, host.tolist(), strict=True):
+        for names, flags in staged:
+            for name, good in zip(names, flags.value().tolist(), strict=True):
                 if not good:
                     raise _not_finite(name)
 

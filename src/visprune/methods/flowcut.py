@@ -188,6 +188,16 @@ def keep_top(flow: Tensor, valid: Tensor, counts: Tensor, width: int | None = No
     return torch.where(valid_out, ordered, last), valid_out
 
 
+def top_mask(flow: Tensor, valid: Tensor, counts: Tensor) -> Tensor:
+    """[B, N] bool: the `counts` [B] valid tokens of highest flow per image, the tokens `keep_top` keeps (ties
+    to the lower position), marked where they are instead of gathered: the layout keeps its width, which
+    the host knows without reading the counts."""
+    order = flow.float().masked_fill(~valid, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+    places = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, places)
+    return rank < counts.unsqueeze(1)
+
+
 @register(
     "flowcut",
     description="FlowCut: progressive pruning inside the vision tower by the information flow (CLIP: from the CLS "
@@ -260,7 +270,7 @@ def flowcut(
     if grid is not None and (len(grid) != 2 or not all(isinstance(g, int) and g >= 1 for g in grid)):
         raise InputError(f"grid must be a pair of positive ints (height, width), got {grid!r}")
     n = k if grid is None else grid[0] * grid[1]
-    if kept.dtype != torch.long or bool(((kept < 0) | (kept >= n)).any()) or bool((kept.diff(dim=1) <= 0).any()):
+    if kept.dtype != torch.long or bool(((kept < 0) | (kept >= n)).any() | (kept.diff(dim=1) <= 0).any()):
         raise InputError(
             f"kept must hold ascending patch indices in [0, {n}) per image (N = the grid's patches; pass grid "
             "when the tower pruned)"

@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visprune.errors import InputError, UnsupportedModelError
+from visprune.host_reads import StagedRead
 from visprune.methods.base import SignalRequest
-from visprune.methods.flowcut import accumulate, flow_terms, keep_top, prune_counts, prune_layers
+from visprune.methods.flowcut import accumulate, flow_terms, prune_counts, prune_layers, top_mask
 from visprune.methods.signals import cls_attention, cls_cosine, mean_received_attention, patch_keys
 
 CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers", "cls_cosine", "cls_feature", "flowcut"})
@@ -167,9 +169,13 @@ def _encode_flowcut(
     """The tower pruning itself progressively by FlowCut's flow (`visprune.methods.flowcut`): the feature
     layer's rows of the `keep` surviving patches per image, and their original indices under `name`.
 
-    Images keep their own counts between pruning layers; a batch whose images kept different counts is
-    padded, the padding masked out of every attention (an additive mask, so the tower runs with SDPA or
-    eager attention; FlashAttention towers take no such mask and are refused)."""
+    The layers run here (`_layer_forward`), so FlowCut's scores reuse each layer's own q, k and v. A cut
+    marks the kept patches in place (`flowcut.top_mask`) and masks the dropped ones out of the next
+    layer's attention; its counts travel to the host behind it (`StagedRead`) and are read once that next
+    layer is launched, to compact the rows before the layer after. So the host waits for the cut's work
+    only, never for an empty device. The last cut keeps exactly `keep` per image, which the host knows.
+    Images keep their own counts; a batch whose images kept different counts is padded, the padding
+    masked out of every attention."""
     embeddings, pre_norm, layers = _parts(tower)
     if not isinstance(feature_layers, int) or select_strategy != "default":
         raise UnsupportedModelError(
@@ -188,57 +194,77 @@ def _encode_flowcut(
     b, dense = hidden.shape[0], hidden.shape[1] - 1
     if keep > dense:
         raise InputError(f"flowcut: budget={keep} exceeds the N={dense} patches per image; pass at most {dense}")
-    valid = torch.ones(b, dense, dtype=torch.bool, device=hidden.device)
-    origin = torch.arange(dense, device=hidden.device).expand(b, dense)
-    flow: Tensor | None = None
-    mask: Tensor | None = None  # while the images keep different counts: the padding, masked out
+    rows = _PatchRows(hidden, torch.ones(b, dense, dtype=torch.bool, device=hidden.device))
+    pending: StagedRead | None = None  # the (fewest, most) patches kept by the cut before the last layer
     last_prune = max(plan)
     for i in range(feature):
-        layer = layers[i]
+        rows.hidden, q, k, v = _layer_forward(layers[i], rows.hidden, rows.mask)
         if i <= last_prune:
-            score, attention = _flow_scores(layer, hidden, valid)
-            flow = accumulate(flow, score)
-        out = layer(hidden, mask)
-        hidden = out[0] if isinstance(out, tuple) else out
+            score, attention = flow_terms(q[:, :, :1], k, v, rows.valid, layers[i].self_attn.scale)
+            rows.flow = accumulate(rows.flow, score)
+        if pending is not None:
+            fewest, most = pending.value().tolist()
+            rows.compact(most, padded=fewest != most)
+            pending = None
         if i in plan:
-            counts = prune_counts(attention, valid, keep, plan[i])
-            fewest, most = (int(c) for c in torch.stack(counts.aminmax()).tolist())  # one host sync per cut
-            positions, valid = keep_top(flow, valid, counts, width=most)
-            rows = hidden[:, 1:].gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-            hidden = torch.cat([hidden[:, :1], rows], dim=1)
-            origin, flow = origin.gather(1, positions), flow.gather(1, positions)
-            mask = None if fewest == most else _padding_mask(tower, valid, hidden.dtype)
-    return VisionOutput(features=hidden[:, 1:], signals={name: origin}, patches=dense)
+            counts = prune_counts(attention, rows.valid, keep, plan[i])
+            rows.mark(top_mask(rows.flow, rows.valid, counts))
+            if plan[i] == 0:
+                rows.compact(keep, padded=False)
+            else:
+                pending = StagedRead(torch.stack(counts.aminmax()))
+    return VisionOutput(features=rows.hidden[:, 1:], signals={name: rows.origin}, patches=dense)
 
 
-def _padding_mask(tower: nn.Module, valid: Tensor, dtype: torch.dtype) -> Tensor:
-    """The additive attention mask [B, 1, 1, 1 + K] that hides each image's padded patches (CLS first)."""
-    impl = getattr(tower.config, "_attn_implementation", "eager")
-    if impl not in ("sdpa", "eager"):
-        raise UnsupportedModelError(
-            f"flowcut pads images that kept different counts and masks the padding, which the {impl!r} "
-            "vision attention does not take; load the model with attn_implementation='sdpa'"
-        )
+class _PatchRows:
+    """The rows a FlowCut tower still runs: the hidden states (CLS first) [B, 1 + W, C], which of the W patch
+    rows are kept [B, W], their original indices and flow, and the attention mask that hides the rest."""
+
+    def __init__(self, hidden: Tensor, valid: Tensor) -> None:
+        self.hidden, self.valid = hidden, valid
+        self.origin = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+        self.flow: Tensor | None = None
+        self.mask: Tensor | None = None
+
+    def mark(self, kept: Tensor) -> None:
+        """Keep only the `kept` [B, W] rows from now on (masked out of the attention until `compact`)."""
+        self.valid = kept
+        self.mask = _padding_mask(kept, self.hidden.dtype)
+
+    def compact(self, width: int, padded: bool) -> None:
+        """Gather each image's kept rows (at most `width`) in their order; `padded`: some images kept fewer,
+        and their padding stays masked."""
+        if width < self.valid.shape[1]:
+            positions = (~self.valid).to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # kept first
+            patches = self.hidden[:, 1:].gather(1, positions.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
+            self.hidden = torch.cat([self.hidden[:, :1], patches], dim=1)
+            self.valid, self.origin = self.valid.gather(1, positions), self.origin.gather(1, positions)
+            self.flow = None if self.flow is None else self.flow.gather(1, positions)
+        self.mask = _padding_mask(self.valid, self.hidden.dtype) if padded else None
+
+
+def _layer_forward(layer: nn.Module, hidden: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One CLIP encoder layer as transformers computes it, its attention through SDPA with the additive
+    `mask` (or none): (the layer's output, and its q, k, v [B, H, T, d], for FlowCut's scores)."""
+    attn = layer.self_attn
+    b, t, c = hidden.shape
+    x = layer.layer_norm1(hidden)
+    q, k, v = (p(x).view(b, t, attn.num_heads, -1).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scale)
+    hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(b, t, c))
+    return hidden + layer.mlp(layer.layer_norm2(hidden)), q, k, v
+
+
+def _padding_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """The additive attention mask [B, 1, 1, 1 + K] that hides each image's rows that are not `valid` (CLS
+    first)."""
     keys = torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)
     b, t = keys.shape
     # rows allocated to a multiple of 8 entries: SDPA's memory-efficient kernel takes a mask whose row
     # stride is 16-byte aligned, and falls back to a slower kernel otherwise
     mask = torch.zeros(b, 1, 1, -(-t // 8) * 8, dtype=dtype, device=valid.device)[..., :t]
     return mask.masked_fill_(~keys[:, None, None, :], torch.finfo(dtype).min)
-
-
-def _flow_scores(layer: nn.Module, hidden: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """(FlowCut's layer score S [B, N], the CLS attention over the patches [B, N]) from the input of one
-    CLIP layer (`visprune.methods.flowcut.flow_terms` on its CLS query, keys and values)."""
-    attn = layer.self_attn
-    x = layer.layer_norm1(hidden)
-    b, _, c = x.shape
-    heads = attn.num_heads
-
-    def split(proj: nn.Module, rows: Tensor) -> Tensor:
-        return proj(rows).view(b, rows.shape[1], heads, c // heads).transpose(1, 2)  # [B, H, T, d]
-
-    return flow_terms(split(attn.q_proj, x[:, :1]), split(attn.k_proj, x), split(attn.v_proj, x), valid, attn.scale)
 
 
 def resolve_requests(tower: nn.Module, requests: dict[str, SignalRequest]) -> dict[str, SignalRequest]:
