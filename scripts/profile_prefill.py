@@ -5,6 +5,8 @@ the vision tower, the reduction and the LLM goes. Needs CUDA; prints torch profi
     python scripts/profile_prefill.py ... --no-fuse     # the selection loops' steps unfused (graphs.FUSE off)
     python scripts/profile_prefill.py ... --trace-dir traces   # also a Chrome trace per method (gzipped),
     python scripts/trace_gaps.py traces/flowcut.json.gz        # ... and where the GPU waits in it
+    python scripts/profile_prefill.py --batch 1 --launch-free --methods prumerge fastervlm --trace-dir traces
+                                    # generate(max_new_tokens=1) on the launch-free path instead of one forward
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     p.add_argument("--compile-tower", action="store_true")
     p.add_argument("--no-fuse", action="store_true", help="run the selection loops' steps unfused")
     p.add_argument("--rows", type=int, default=25, help="rows per table")
+    p.add_argument("--launch-free", action="store_true", help="profile generate's first token on the launch-free path")
     p.add_argument("--trace-dir", type=Path, default=None, help="write <method>.json.gz Chrome traces here")
     args = p.parse_args()
     graphs.FUSE = not args.no_fuse
@@ -41,26 +44,34 @@ def main() -> None:
     inputs = family.make_inputs(model, args.batch, size)
     for method in args.methods:
         extra = {"compile_tower": True} if args.compile_tower else {}
-        budget = None if get_method(method).adaptive else args.budget  # adaptive methods choose their counts
-        visprune.apply(model, method, **extra, **({} if budget is None else {"budget": budget}))
+        adaptive = method == "none" or get_method(method).adaptive  # no budget: dense, or counts of its own
+        budget = None if adaptive else args.budget
+        visprune.apply(
+            model, method, **extra, launch_free=args.launch_free, **({} if budget is None else {"budget": budget})
+        )
+        if args.launch_free:
+            call = lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False)  # noqa: E731
+        else:
+            call = lambda: model(**inputs)  # noqa: E731
         with torch.inference_mode():
             for _ in range(3):
-                model(**inputs)
+                call()
             torch.cuda.synchronize()
             times = []
             for _ in range(5):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                model(**inputs)
+                call()
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                model(**inputs)
+                call()
                 torch.cuda.synchronize()
         visprune.remove(model)
-        print(f"===== {method}, budget {budget}, batch {args.batch}, {size} px, fuse={graphs.FUSE}")
-        print(f"prefill without the profiler: median {statistics.median(times):.1f} ms of {len(times)}")
+        mode = "launch-free generate, 1 token" if args.launch_free else "prefill"
+        print(f"===== {method}, budget {budget}, batch {args.batch}, {size} px, fuse={graphs.FUSE}, {mode}")
+        print(f"{mode} without the profiler: median {statistics.median(times):.1f} ms of {len(times)}")
         if args.trace_dir is not None:
             args.trace_dir.mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(args.trace_dir / f"{method.replace('+', '-')}.json.gz"))

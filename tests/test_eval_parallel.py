@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
-from visprune.eval import EvalConfig, evaluate
+import pytest
+import torch
+
+from visprune.errors import InputError
+from visprune.eval import EvalConfig, evaluate, parallel
 from visprune.eval.parallel import Processes
 
 ARGS = ["--task", "synth", "--limit", "10", "--batch-size", "3", "--budgets", "8", "--quiet"]
@@ -20,6 +24,15 @@ def test_batches_are_dealt_out_whole_and_in_turn():
     single = Processes()
     assert single.is_main and all(single.owns(b) for b in range(5))
     assert single.gather([3, 1]) == [3, 1]
+
+
+def test_more_processes_than_gpus_is_refused_with_what_to_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(InputError, match=r"2 evaluation processes .* 1 GPU\(s\) .* --num_processes 1"):
+        parallel.current()
 
 
 def test_two_processes_equal_one_item_by_item_and_resume(tmp_path):

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from visprune.errors import InputError
+
 
 @dataclass(frozen=True)
 class Processes:
@@ -53,7 +55,20 @@ def current() -> Processes:
     from accelerate import PartialState
 
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    if not cpu:
+        _check_a_gpu_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
     state = PartialState(cpu=cpu)
     if state.num_processes == 1:
         return Processes()
     return Processes(index=state.process_index, count=state.num_processes, device=str(state.device))
+
+
+def _check_a_gpu_per_process(processes: int, gpus: int) -> None:
+    """Each process of a GPU evaluation runs on its own GPU: refuse more processes on one machine than it has
+    GPUs (the extra ones would ask for a device that does not exist)."""
+    if processes > gpus:
+        raise InputError(
+            f"{processes} evaluation processes were launched on this machine, but it has {gpus} GPU(s) and each "
+            f"process needs its own: launch at most {gpus} (accelerate launch --num_processes {gpus}), or run the "
+            "processes on the CPU (ACCELERATE_USE_CPU=1, or --cpu for accelerate launch)"
+        )
