@@ -81,10 +81,12 @@ def layer_scores(attention: Tensor, semantic: Tensor, value_norm: Tensor, valid:
     return (a / total(a) + s / total(s)) * value_norm.float() * valid
 
 
+@fused
 def flow_terms(q_cls: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(the layer score S [B, N], the CLS attention a [B, N]) in float32 from one layer's CLS query
     [B, H, 1, d], keys and values [B, H, 1 + N, d] (CLS first); padded patches (not `valid` [B, N]) take no
-    part and score 0."""
+    part and score 0. On a GPU it runs compiled into a few kernels (`graphs.fused`): unfused, its ~40 small
+    operations per layer kept the host, not the device, busy, and the tower ran at the host's pace."""
     q, k, v = q_cls.float(), keys.float(), values.float()
     padded = ~torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)[:, None, None, :]
     attention = ((q @ k.transpose(-1, -2)) * scale).masked_fill(padded, float("-inf")).softmax(-1)
@@ -93,17 +95,6 @@ def flow_terms(q_cls: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale
     s = semantic[:, :, 0, 1:].mean(dim=1)
     value_norm = v.mean(dim=1)[:, 1:].abs().sum(dim=-1)
     return layer_scores(a, s, value_norm, valid), a
-
-
-@fused
-def flow_step(
-    q_cls: Tensor, keys: Tensor, values: Tensor, valid: Tensor, flow: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor]:
-    """(the flow after one CLIP layer, that layer's CLS attention a [B, N]): `flow_terms` and `accumulate` as
-    one step, which on a GPU runs compiled into a few kernels (`graphs.fused`). Unfused, its ~40 small
-    operations per layer kept the host, not the device, busy: the tower ran at the host's pace."""
-    score, attention = flow_terms(q_cls, keys, values, valid, scale)
-    return accumulate(flow, score), attention
 
 
 def prune_counts(attention: Tensor, valid: Tensor, target: int | Tensor, remaining: int) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.host_reads import StagedRead
 from visprune.methods.base import SignalRequest
-from visprune.methods.flowcut import flow_step, prune_counts, prune_layers, top_mask
+from visprune.methods.flowcut import accumulate, flow_terms, prune_counts, prune_layers, top_mask
 from visprune.methods.signals import cls_attention, cls_cosine, mean_received_attention, patch_keys
 
 CLS_KINDS = frozenset({"cls_attn", "cls_attn_layers", "cls_cosine", "cls_feature", "flowcut"})
@@ -200,7 +200,8 @@ def _encode_flowcut(
     for i in range(feature):
         rows.hidden, q, k, v = _layer_forward(layers[i], rows.hidden, rows.mask)
         if i <= last_prune:
-            rows.flow, attention = flow_step(q[:, :, :1], k, v, rows.valid, rows.flow, layers[i].self_attn.scale)
+            score, attention = flow_terms(q[:, :, :1], k, v, rows.valid, layers[i].self_attn.scale)
+            rows.flow = accumulate(rows.flow, score)
         if pending is not None:
             fewest, most = pending.value().tolist()
             rows.compact(most, padded=fewest != most)
