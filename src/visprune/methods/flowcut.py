@@ -44,7 +44,6 @@ from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_count, check_features, check_tensor
-from visprune.methods.graphs import fused
 from visprune.methods.registry import register
 
 
@@ -81,12 +80,11 @@ def layer_scores(attention: Tensor, semantic: Tensor, value_norm: Tensor, valid:
     return (a / total(a) + s / total(s)) * value_norm.float() * valid
 
 
-@fused
 def flow_terms(q_cls: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(the layer score S [B, N], the CLS attention a [B, N]) in float32 from one layer's CLS query
     [B, H, 1, d], keys and values [B, H, 1 + N, d] (CLS first); padded patches (not `valid` [B, N]) take no
-    part and score 0. On a GPU it runs compiled into a few kernels (`graphs.fused`): unfused, its ~40 small
-    operations per layer kept the host, not the device, busy, and the tower ran at the host's pace."""
+    part and score 0. Left unfused on purpose: compiled (`graphs.fused`) it made no difference the bench
+    could resolve on an H200, at batch 16 or 1, specialised or with dynamic shapes (docs/bench)."""
     q, k, v = q_cls.float(), keys.float(), values.float()
     padded = ~torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)[:, None, None, :]
     attention = ((q @ k.transpose(-1, -2)) * scale).masked_fill(padded, float("-inf")).softmax(-1)
