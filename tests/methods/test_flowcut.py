@@ -20,6 +20,7 @@ from visprune.methods.flowcut import (
     prune_layers,
     prune_schedule,
     relation_terms,
+    top_mask,
     unit_sums,
 )
 
@@ -152,6 +153,21 @@ def test_keep_top_keeps_the_highest_flow_in_position_order_with_padding():
     positions, kept = keep_top(flow, valid, torch.tensor([3, 2]))
     assert positions.tolist() == [[1, 2, 3], [0, 3, 3]]  # ties to the lower position; padding repeats the last
     assert kept.tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_top_mask_marks_the_tokens_keep_top_keeps():
+    flow = torch.tensor([[0.1, 0.9, 0.5, 0.5, 0.0], [0.3, 0.2, 0.1, 0.7, 0.6], [0.4, 0.4, 0.4, 0.4, 0.4]])
+    valid = torch.tensor([[True] * 5, [True, True, True, True, False], [False, True, True, True, True]])
+    counts = torch.tensor([3, 2, 2])
+    marked = top_mask(flow, valid, counts)
+    assert marked.tolist() == [
+        [False, True, True, True, False],  # 0.5 and 0.5 tie: both fit
+        [True, False, False, True, False],  # the invalid 0.6 never counts
+        [False, True, True, False, False],  # equal flows: the lower positions
+    ]
+    positions, kept = keep_top(flow, valid, counts)
+    for row, pos, k in zip(marked, positions, kept, strict=True):
+        assert row.nonzero().squeeze(1).tolist() == pos[k].tolist()
 
 
 def test_registered_spec_and_method_output():
