@@ -14,7 +14,7 @@ import visprune
 from tests.models import tiny
 
 N_NEW = 4
-METHODS = ["prumerge+", "visionzip", "fastv", "pdrop", "sparsevlm", "dart", "knee+text"]
+METHODS = ["prumerge+", "visionzip", "fastv", "pdrop", "sparsevlm", "dart", "knee+text", "flowcut"]
 
 
 @pytest.fixture(scope="module")
