@@ -12,6 +12,7 @@ the vision tower, the reduction and the LLM goes. Needs CUDA; prints torch profi
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from pathlib import Path
 
@@ -50,9 +51,9 @@ def main() -> None:
             model, method, **extra, launch_free=args.launch_free, **({} if budget is None else {"budget": budget})
         )
         if args.launch_free:
-            call = lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False)  # noqa: E731
+            call = functools.partial(model.generate, **inputs, max_new_tokens=1, do_sample=False)
         else:
-            call = lambda: model(**inputs)  # noqa: E731
+            call = functools.partial(model, **inputs)
         with torch.inference_mode():
             for _ in range(3):
                 call()

@@ -180,19 +180,24 @@ def keep_top(flow: Tensor, valid: Tensor, counts: Tensor, width: int | None = No
     padded with the image's last kept position; their validity [B, K]), K = `width`, which must be
     max(counts) (read from the device when not given). Ties go to the lower position."""
     k = int(counts.max()) if width is None else width
-    ranked = flow.float().masked_fill(~valid, float("-inf")).sort(dim=1, descending=True, stable=True).indices
-    top = ranked[:, :k]
+    top = _ranked(flow, valid)[:, :k]
     valid_out = torch.arange(k, device=flow.device) < counts.unsqueeze(1)
     ordered = top.masked_fill(~valid_out, flow.shape[1]).sort(dim=1).values  # padding sorts last
     last = ordered.gather(1, (counts - 1).unsqueeze(1))
     return torch.where(valid_out, ordered, last), valid_out
 
 
+def _ranked(flow: Tensor, valid: Tensor) -> Tensor:
+    """[B, N]: each image's token positions by descending flow, the valid ones first (ties to the lower
+    position)."""
+    return flow.float().masked_fill(~valid, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+
+
 def top_mask(flow: Tensor, valid: Tensor, counts: Tensor) -> Tensor:
     """[B, N] bool: the `counts` [B] valid tokens of highest flow per image, the tokens `keep_top` keeps (ties
     to the lower position), marked where they are instead of gathered: the layout keeps its width, which
     the host knows without reading the counts."""
-    order = flow.float().masked_fill(~valid, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+    order = _ranked(flow, valid)
     places = torch.arange(order.shape[1], device=order.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, places)
     return rank < counts.unsqueeze(1)

@@ -208,28 +208,25 @@ def _encode_flowcut(
             pending = None
         if i in plan:
             counts = prune_counts(attention, rows.valid, keep, plan[i])
-            rows.mark(top_mask(rows.flow, rows.valid, counts))
-            if plan[i] == 0:
+            rows.valid = top_mask(rows.flow, rows.valid, counts)
+            if plan[i] == 0:  # every image keeps exactly `keep`, which the host knows
                 rows.compact(keep, padded=False)
-            else:
+            else:  # the dropped rows are masked out of the next layer, compacted after it
+                rows.mask = _padding_mask(rows.valid, rows.hidden.dtype)
                 pending = StagedRead(torch.stack(counts.aminmax()))
     return VisionOutput(features=rows.hidden[:, 1:], signals={name: rows.origin}, patches=dense)
 
 
 class _PatchRows:
     """The rows a FlowCut tower still runs: the hidden states (CLS first) [B, 1 + W, C], which of the W patch
-    rows are kept [B, W], their original indices and flow, and the attention mask that hides the rest."""
+    rows are kept [B, W] (a cut marks them here), their original indices and flow, and the attention mask
+    that hides the rest."""
 
     def __init__(self, hidden: Tensor, valid: Tensor) -> None:
         self.hidden, self.valid = hidden, valid
         self.origin = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
         self.flow: Tensor | None = None
         self.mask: Tensor | None = None
-
-    def mark(self, kept: Tensor) -> None:
-        """Keep only the `kept` [B, W] rows from now on (masked out of the attention until `compact`)."""
-        self.valid = kept
-        self.mask = _padding_mask(kept, self.hidden.dtype)
 
     def compact(self, width: int, padded: bool) -> None:
         """Gather each image's kept rows (at most `width`) in their order; `padded`: some images kept fewer,
