@@ -15,7 +15,8 @@ from transformers import LlavaForConditionalGeneration
 import visprune
 from tests.methods.test_flowcut import reference_count
 from tests.models import tiny, tiny_qwen
-from visprune.methods import SignalRequest
+from tests.models.graph_standin import ReplayOnCPU
+from visprune.methods import SignalRequest, graphs
 from visprune.models import vision
 from visprune.reducer import Reducer
 
@@ -103,26 +104,52 @@ def test_runner_equals_the_per_image_reference_and_batch_equals_alone(model, mon
     assert all(TARGET < c < 64 for c in firsts)
 
 
-def test_a_cut_is_read_on_the_host_only_after_the_next_layer_is_launched(model, monkeypatch):
-    """The host never waits on an idle device: a cut's counts are staged behind it and read once the layer
-    after it is launched (then the rows are compacted); the last cut keeps the budget, which needs no read."""
-    events = []
-    real_layer, real_read = vision._layer_forward, vision.StagedRead
+@pytest.fixture
+def cpu_graphs(monkeypatch, model):
+    """`graphs.replayed` capturing and replaying on the CPU stand-in of a CUDA graph, which fails a host read
+    and a replay that reads a tensor other than its inputs, what it made itself and the tower's weights;
+    yields the list of captures."""
+    captures = []
+    tower = model.model.vision_tower
 
-    class Logged(real_read):
-        def __init__(self, tensor):
-            events.append("stage")
-            super().__init__(tensor)
+    def capture(loop, inputs, static):
+        buffers = [t.clone() for t in inputs]
+        weights = {t.untyped_storage().data_ptr() for t in [*tower.parameters(), *tower.buffers()]}
+        graph = ReplayOnCPU(lambda: loop(*buffers, **static), lambda: weights)
+        graph.inputs = buffers
+        captures.append(loop.__name__)
+        return graph, buffers, graph.output
 
-        def value(self):
-            events.append("read")
-            return super().value()
+    graphs.clear()
+    monkeypatch.setattr(graphs, "_replayable", lambda inputs: not ReplayOnCPU.running)
+    monkeypatch.setattr(graphs, "_capture", capture)
+    yield captures
+    graphs.clear()
 
-    monkeypatch.setattr(vision, "_layer_forward", lambda *a: events.append("layer") or real_layer(*a))
-    monkeypatch.setattr(vision, "StagedRead", Logged)
-    out = encode(model, tiny.varied_pixels(model, 3))
-    assert events == ["layer", "layer", "stage", "layer", "read", "layer", "layer"]  # cuts after layers 1 and 3
-    assert out.features.shape == (3, TARGET, 32)
+
+def test_the_tower_pass_is_replayed_from_a_graph_captured_once_per_shape_and_weights(model, cpu_graphs):
+    """The pass reads nothing on the host (a capture would fail), so it is captured once per batch shape and
+    replayed for new images, giving what the pass computes; the tower's weights moved (a new dtype) make a
+    new capture; where autograd would record the pass, it runs as written."""
+    pixels, other = tiny.varied_pixels(model, 3), tiny.varied_pixels(model, 4)[1:]
+    plain = [vision._flowcut_tower(p, tower=model.model.vision_tower, feature=5, keep=TARGET) for p in (pixels, other)]
+    for p, want in zip((pixels, other, pixels), (*plain, plain[0]), strict=True):
+        got = encode(model, p)
+        assert torch.equal(got.signals["kept"], want[1]) and torch.equal(got.features, want[0])
+    assert cpu_graphs == ["_flowcut_tower"]
+    encode(model, pixels[:2])
+    assert len(cpu_graphs) == 2
+    tower = model.model.vision_tower
+    try:
+        tower.double()
+        doubled = encode(model, pixels.double())
+        assert len(cpu_graphs) == 3 and doubled.features.dtype == torch.float64
+        assert torch.equal(doubled.signals["kept"], plain[0][1])
+    finally:
+        tower.float()
+    with torch.enable_grad():
+        traced = vision.encode(tower, pixels, -2, "default", {"kept": SignalRequest("flowcut", keep=TARGET)})
+    assert traced.features.requires_grad and len(cpu_graphs) == 3
 
 
 def test_apply_generates_batch_equal_alone_and_removes_exactly(model):
@@ -359,3 +386,21 @@ def test_qwen_errors():
     with pytest.raises(visprune.UnsupportedModelError, match="apply it without tower_layer"):
         visprune.apply(model, "flowcut", budget=4, tower_layer=2)
     assert getattr(model, "_visprune_handle", None) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_replayed_tower_equals_the_plain_pass(model):
+    graphs.clear()
+    tower = model.model.vision_tower.cuda()
+    try:
+        for p in (tiny.varied_pixels(model, 3), tiny.varied_pixels(model, 4)[1:]):
+            p = p.cuda()
+            with torch.no_grad():
+                plain = vision._flowcut_tower(p, tower=tower, feature=5, keep=TARGET)
+                for _ in range(2):  # capture, then replay
+                    got = vision.encode(tower, p, -2, "default", {"kept": SignalRequest("flowcut", keep=TARGET)})
+                    assert torch.equal(got.signals["kept"], plain[1]) and torch.equal(got.features, plain[0])
+        assert len(graphs._cache) == 1
+    finally:
+        tower.cpu()
+        graphs.clear()

@@ -72,27 +72,32 @@ def accumulate(flow: Tensor | None, score: Tensor) -> Tensor:
     return score if flow is None else (flow + score) / 2
 
 
-def layer_scores(attention: Tensor, semantic: Tensor, value_norm: Tensor, valid: Tensor) -> Tensor:
-    """[B, N] float32 S = (a / sum a + s / sum s) * |v| over the valid patches (0 elsewhere)."""
-    a = attention.float() * valid
-    s = semantic.float() * valid
-    total = lambda x: x.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)  # noqa: E731
-    return (a / total(a) + s / total(s)) * value_norm.float() * valid
-
-
 def flow_terms(q_cls: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(the layer score S [B, N], the CLS attention a [B, N]) in float32 from one layer's CLS query
-    [B, H, 1, d], keys and values [B, H, 1 + N, d] (CLS first); padded patches (not `valid` [B, N]) take no
-    part and score 0. Left unfused on purpose: compiled (`graphs.fused`) it made no difference the bench
-    could resolve on an H200, at batch 16 or 1, specialised or with dynamic shapes (docs/bench)."""
-    q, k, v = q_cls.float(), keys.float(), values.float()
-    padded = ~torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1)[:, None, None, :]
-    attention = ((q @ k.transpose(-1, -2)) * scale).masked_fill(padded, float("-inf")).softmax(-1)
-    semantic = (v[:, :, :1] @ v.transpose(-1, -2)).masked_fill(padded, float("-inf")).softmax(-1)
-    a = attention[:, :, 0, 1:].mean(dim=1)
-    s = semantic[:, :, 0, 1:].mean(dim=1)
-    value_norm = v.mean(dim=1)[:, 1:].abs().sum(dim=-1)
-    return layer_scores(a, s, value_norm, valid), a
+    [B, H, 1, d], keys and values [B, H, 1 + N, d] (CLS first); the patches that are not `valid` [B, N]
+    take no part in either softmax (wherever they are) and score 0.
+
+    The two softmaxes run as one over the stacked logits. Half-precision CUDA inputs are multiplied as
+    they are, on the tensor cores with float32 results (a product of two half values is exact in float32);
+    the value norm is the head mean taken in float32 straight from them. No float32 copy of k or v is made:
+    those copies were most of FlowCut's extra GPU time in the tower (docs/bench)."""
+    b = keys.shape[0]
+    logits = torch.stack([_dots(keys, q_cls), _dots(values, values[:, :, :1])], dim=1)  # [B, 2, H, 1 + N]
+    logits[:, 0] *= scale
+    padded = ~torch.cat([valid.new_ones(b, 1), valid], dim=1)
+    shares = logits.masked_fill_(padded[:, None, None], float("-inf")).softmax(-1)[..., 1:].mean(dim=2)  # [B, 2, N]
+    both = shares / shares.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    value_norm = values[:, :, 1:].mean(dim=1, dtype=torch.float32).abs().sum(dim=-1)
+    return both.sum(dim=1) * value_norm, shares[:, 0]
+
+
+def _dots(x: Tensor, row: Tensor) -> Tensor:
+    """[B, H, T] float32: each row of x [B, H, T, d] dotted with its head's `row` [B, H, 1, d]."""
+    b, heads, t, width = x.shape
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        columns = row.reshape(b * heads, 1, width).transpose(1, 2)
+        return torch.bmm(x.reshape(b * heads, t, width), columns, out_dtype=torch.float32).view(b, heads, t)
+    return (x.float() @ row.float().transpose(-1, -2)).squeeze(-1)
 
 
 def prune_counts(attention: Tensor, valid: Tensor, target: int | Tensor, remaining: int) -> Tensor:
@@ -104,7 +109,8 @@ def prune_counts(attention: Tensor, valid: Tensor, target: int | Tensor, remaini
     H the entropy of the attention normalised over the valid tokens (0 ln 0 = 0); never fewer than T.
     """
     n = valid.sum(dim=1)
-    target = torch.as_tensor(target, device=n.device).to(n.dtype).expand_as(n)
+    # an int target is filled in on the device (no copy from the host, so a CUDA graph can capture it)
+    target = torch.full_like(n, target) if isinstance(target, int) else target.to(n.dtype).expand_as(n)
     if remaining == 0:
         return target.clone()
     p = attention.float() * valid

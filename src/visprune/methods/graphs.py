@@ -1,4 +1,5 @@
-"""CUDA-graph replay and fused steps for the sequential selection loops (DivPrune, CDPruner, SCOPE, VisPruner).
+"""CUDA-graph replay and fused steps for the sequential selection loops (DivPrune, CDPruner, SCOPE, VisPruner)
+and FlowCut's self-pruning CLIP tower.
 
 Their greedy steps depend on one another, so they cannot be batched over the kept tokens: each of the
 64-192 steps launches a handful of small kernels, and on a GPU the loop costs the launches, not the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -42,25 +44,34 @@ FUSE_BACKEND = "inductor"  # torch.compile's backend for them (the CPU tests tra
 # limit of 8 with a few more shapes, where torch.compile would run the step uncompiled without a word.
 RECOMPILE_LIMIT = 64
 
-_Entry = tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]
+Output = Tensor | tuple[Tensor, ...]
+_Entry = tuple[torch.cuda.CUDAGraph, list[Tensor], Output]
 UNCAPTURABLE = None  # the cache entry of a loop whose capture failed for those shapes
 _cache: OrderedDict[Hashable, _Entry | None] = OrderedDict()
 
 
-def replayed(loop: Callable[..., Tensor], *inputs: Tensor, **static: Hashable) -> Tensor:
+def replayed(
+    loop: Callable[..., Output], *inputs: Tensor, reads: tuple[Tensor, ...] = (), **static: Hashable
+) -> Output:
     """`loop(*inputs, **static)`, replayed from a CUDA graph when the inputs are on a GPU.
 
-    `loop` must be pure tensor code without host synchronisation whose output depends only on the
-    input tensors and the hashable `static` arguments (e.g. the number of steps). The first call per
-    (loop, shapes, dtypes, device, static, inference mode) warms up and captures; later calls copy the
-    inputs into the graph's buffers, replay it and return a copy of its output.
+    `loop` must be pure tensor code without host synchronisation whose output (a tensor or a tuple of
+    tensors) depends only on the input tensors, the hashable `static` arguments (e.g. the number of steps)
+    and `reads`: the persistent tensors it reads besides its inputs (a module's weights). A graph reads
+    those at the addresses it was captured with, so their addresses, shapes and dtypes are part of the
+    cache key (a module moved to another dtype or device is captured anew). Where autograd would record
+    the loop (grad enabled and an input or read requires grad) it runs as written: a replay's output
+    has no history. The first call per (loop, shapes, dtypes, device, static, reads, inference mode)
+    warms up and captures; later calls copy the inputs into the graph's buffers, replay it and return a
+    copy of its output.
     """
-    if not _replayable(inputs):
+    if not _replayable(inputs) or _records_grad(inputs + reads):
         return loop(*inputs, **static)
     key = (
         loop,
         tuple((t.shape, t.dtype, t.device) for t in inputs),
-        tuple(sorted(static.items())),
+        tuple(sorted((name, _held_weakly(value)) for name, value in static.items())),
+        tuple((t.data_ptr(), t.shape, t.dtype) for t in reads),
         torch.is_inference_mode_enabled(),
     )
     if key in _cache:
@@ -85,12 +96,23 @@ def replayed(loop: Callable[..., Tensor], *inputs: Tensor, **static: Hashable) -
     for buffer, value in zip(buffers, inputs, strict=True):
         buffer.copy_(value)
     graph.replay()
-    return output.clone()
+    return output.clone() if isinstance(output, Tensor) else tuple(t.clone() for t in output)
 
 
 def _replayable(inputs: tuple[Tensor, ...]) -> bool:
     """Graphs are on, the inputs are on a GPU, and no other capture is running."""
     return ENABLED and inputs[0].is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _held_weakly(value: Hashable) -> Hashable:
+    """A module in a cache key is held by a weak reference: the cache does not keep a model alive, and a
+    new module that reuses a freed one's id does not match its entry."""
+    return weakref.ref(value) if isinstance(value, torch.nn.Module) else value
+
+
+def _records_grad(tensors: tuple[Tensor, ...]) -> bool:
+    """Autograd would record a computation on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _capture(loop: Callable[..., Tensor], inputs: tuple[Tensor, ...], static: dict[str, Any]) -> _Entry:

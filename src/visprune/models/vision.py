@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visprune.errors import InputError, UnsupportedModelError
-from visprune.host_reads import StagedRead
+from visprune.methods import graphs
 from visprune.methods.base import SignalRequest
 from visprune.methods.flowcut import accumulate, flow_terms, prune_counts, prune_layers, top_mask
 from visprune.methods.signals import cls_attention, cls_cosine, mean_received_attention, patch_keys
@@ -167,77 +167,65 @@ def _encode_flowcut(
     tower: nn.Module, pixel_values: Tensor, feature_layers: int | list[int], select_strategy: str, name: str, keep: int
 ) -> VisionOutput:
     """The tower pruning itself progressively by FlowCut's flow (`visprune.methods.flowcut`): the feature
-    layer's rows of the `keep` surviving patches per image, and their original indices under `name`.
-
-    The layers run here (`_layer_forward`), so FlowCut's scores reuse each layer's own q, k and v. A cut
-    marks the kept patches in place (`flowcut.top_mask`) and masks the dropped ones out of the next
-    layer's attention; its counts travel to the host behind it (`StagedRead`) and are read once that next
-    layer is launched, to compact the rows before the layer after. So the host waits for the cut's work
-    only, never for an empty device. The last cut keeps exactly `keep` per image, which the host knows.
-    Images keep their own counts; a batch whose images kept different counts is padded, the padding
-    masked out of every attention."""
-    embeddings, pre_norm, layers = _parts(tower)
+    layer's rows of the `keep` surviving patches per image, and their original indices under `name`
+    (`_flowcut_tower`). The pass needs nothing from the host, so on a GPU it is replayed from a CUDA graph
+    captured once per batch shape (`graphs.replayed`, keyed by the tower's weights): its ~60 small
+    operations per layer would otherwise leave the GPU waiting for the host (docs/bench)."""
+    embeddings, _, layers = _parts(tower)
     if not isinstance(feature_layers, int) or select_strategy != "default":
         raise UnsupportedModelError(
             "flowcut needs one vision feature layer with the CLS token dropped (vision_feature_select_strategy="
             f"'default'); this model uses layer(s) {feature_layers!r} with {select_strategy!r}"
         )
     feature = feature_layers % (len(layers) + 1)
-    plan = prune_layers(feature)
-    if not plan:
+    if not prune_layers(feature):
         raise UnsupportedModelError(
             f"flowcut prunes after vision layers before the feature layer; layer {feature} leaves none"
         )
-    hidden = embeddings(pixel_values.to(dtype=next(tower.parameters()).dtype))
-    if pre_norm is not None:
-        hidden = pre_norm(hidden)
-    b, dense = hidden.shape[0], hidden.shape[1] - 1
+    dense = embeddings.num_patches
     if keep > dense:
         raise InputError(f"flowcut: budget={keep} exceeds the N={dense} patches per image; pass at most {dense}")
-    rows = _PatchRows(hidden, torch.ones(b, dense, dtype=torch.bool, device=hidden.device))
-    pending: StagedRead | None = None  # the (fewest, most) patches kept by the cut before the last layer
-    last_prune = max(plan)
-    for i in range(feature):
-        rows.hidden, q, k, v = _layer_forward(layers[i], rows.hidden, rows.mask)
-        if i <= last_prune:
-            score, attention = flow_terms(q[:, :, :1], k, v, rows.valid, layers[i].self_attn.scale)
-            rows.flow = accumulate(rows.flow, score)
-        if pending is not None:
-            fewest, most = pending.value().tolist()
-            rows.compact(most, padded=fewest != most)
-            pending = None
+    pixels = pixel_values.to(dtype=next(tower.parameters()).dtype)
+    if tower.training:  # dropout draws anew every pass, which a replay would not
+        features, kept = _flowcut_tower(pixels, tower=tower, feature=feature, keep=keep)
+    else:
+        weights = (*tower.parameters(), *tower.buffers())
+        features, kept = graphs.replayed(_flowcut_tower, pixels, reads=weights, tower=tower, feature=feature, keep=keep)
+    return VisionOutput(features=features, signals={name: kept}, patches=dense)
+
+
+def _flowcut_tower(pixels: Tensor, *, tower: nn.Module, feature: int, keep: int) -> tuple[Tensor, Tensor]:
+    """(the feature layer's rows [B, keep, C] of the patches FlowCut keeps, their original indices [B, keep]
+    ascending): the tower's layers up to the feature layer run here (`_layer_forward`), so FlowCut's scores
+    reuse each layer's own q, k and v.
+
+    A cut marks the kept patches (`flowcut.top_mask`) and masks the others out of every later attention;
+    their rows stay in place, so the layers keep their width and no count is read back on the host (the
+    rows, not their attention, are the dropped patches' only cost: each image still attends over exactly
+    its kept patches, as if the others were gone). The last cut keeps exactly `keep` per image, which the
+    host knows: the rows are gathered there, and the layer after it runs on them alone."""
+    embeddings, pre_norm, layers = _parts(tower)
+    hidden = embeddings(pixels)
+    if pre_norm is not None:
+        hidden = pre_norm(hidden)
+    plan = prune_layers(feature)
+    last = max(plan)  # the cut to exactly `keep` (r = 0)
+    valid = torch.ones(hidden.shape[0], hidden.shape[1] - 1, dtype=torch.bool, device=hidden.device)
+    flow: Tensor | None = None
+    mask: Tensor | None = None
+    for i in range(last + 1):
+        hidden, q, k, v = _layer_forward(layers[i], hidden, mask)
+        score, attention = flow_terms(q[:, :, :1], k, v, valid, layers[i].self_attn.scale)
+        flow = accumulate(flow, score)
         if i in plan:
-            counts = prune_counts(attention, rows.valid, keep, plan[i])
-            rows.valid = top_mask(rows.flow, rows.valid, counts)
-            if plan[i] == 0:  # every image keeps exactly `keep`, which the host knows
-                rows.compact(keep, padded=False)
-            else:  # the dropped rows are masked out of the next layer, compacted after it
-                rows.mask = _padding_mask(rows.valid, rows.hidden.dtype)
-                pending = StagedRead(torch.stack(counts.aminmax()))
-    return VisionOutput(features=rows.hidden[:, 1:], signals={name: rows.origin}, patches=dense)
-
-
-class _PatchRows:
-    """The rows a FlowCut tower still runs: the hidden states (CLS first) [B, 1 + W, C], which of the W patch
-    rows are kept [B, W] (a cut marks them here), their original indices and flow, and the attention mask
-    that hides the rest."""
-
-    def __init__(self, hidden: Tensor, valid: Tensor) -> None:
-        self.hidden, self.valid = hidden, valid
-        self.origin = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
-        self.flow: Tensor | None = None
-        self.mask: Tensor | None = None
-
-    def compact(self, width: int, padded: bool) -> None:
-        """Gather each image's kept rows (at most `width`) in their order; `padded`: some images kept fewer,
-        and their padding stays masked."""
-        if width < self.valid.shape[1]:
-            positions = (~self.valid).to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # kept first
-            patches = self.hidden[:, 1:].gather(1, positions.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
-            self.hidden = torch.cat([self.hidden[:, :1], patches], dim=1)
-            self.valid, self.origin = self.valid.gather(1, positions), self.origin.gather(1, positions)
-            self.flow = None if self.flow is None else self.flow.gather(1, positions)
-        self.mask = _padding_mask(self.valid, self.hidden.dtype) if padded else None
+            valid = top_mask(flow, valid, prune_counts(attention, valid, keep, plan[i]))
+            mask = _padding_mask(valid, hidden.dtype) if plan[i] else None
+    kept = (~valid).to(torch.int8).sort(dim=1, stable=True).indices[:, :keep]  # ascending: sorted stably
+    patches = hidden[:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    hidden = torch.cat([hidden[:, :1], patches], dim=1)
+    for i in range(last + 1, feature):
+        hidden = _layer_forward(layers[i], hidden, None)[0]
+    return hidden[:, 1:], kept
 
 
 def _layer_forward(layer: nn.Module, hidden: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
