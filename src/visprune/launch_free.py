@@ -20,7 +20,7 @@ waits for the host, and a pruned prefill saves little time. On this path:
   patches, the counts on the device, read once after the replay to cut the padding off; one graph serves
   every count.
   transformers' own compilation of decoding is switched off (the steps are already graphs).
-  The method's finite-value checks (`methods.checks.FiniteChecks`) are outputs of the image path's graph:
+  The method's finite-value checks (`methods.checks.DeviceChecks`) are outputs of the image path's graph:
   each replay computes them and the call reads them before the LLM runs, as on the plain path.
 - An LLM-side method with a count rule (fastv, pdrop, dart, sparsevlm, and knee+text's text stage with its
   default text_keep_ratio; `MethodSpec.visual_kept`) runs in
@@ -62,7 +62,7 @@ from transformers.utils import ModelOutput
 
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
-from visprune.methods.checks import FiniteChecks
+from visprune.methods.checks import DeviceChecks
 from visprune.methods.graphs import capture
 from visprune.methods.padded import padded_outputs
 
@@ -112,7 +112,7 @@ class LaunchFree:
         self.adapter = adapter
         self.capture_images = capture_images  # the whole image path as one graph (else the tower alone)
         self.pruner = pruner  # an LLM-side method's stages, whose host state the prefill / decode graphs carry
-        self.image_checks: FiniteChecks | None = None  # this generate's image-path checks, read after the prefill
+        self.image_checks: DeviceChecks | None = None  # this generate's image-path checks, read after the prefill
         self.captures: list[dict[str, Any]] = []
         self.prefill_pending = False
         self._slots: OrderedDict[tuple[int, int], _CacheSlot] = OrderedDict()
@@ -289,7 +289,7 @@ class LaunchFree:
         others = {k: v for k, v in image_kwargs.items() if k not in tensors}
         key = ("images", reducer is None, tuple((t.shape, t.dtype) for t in inputs), repr(sorted(others.items())))
         names = list(tensors)
-        checks = reducer.finite_checks if reducer is not None else None
+        checks = reducer.device_checks if reducer is not None else None
 
         def call(pixels: Tensor, *rest: Tensor) -> Any:
             if isinstance(prompts, Tensor):

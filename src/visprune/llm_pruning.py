@@ -34,7 +34,7 @@ from visprune.compat import attended_keys, filled_length
 from visprune.errors import InputError, VisPruneError
 from visprune.launch_free import round_up
 from visprune.methods.base import MethodSpec, TokenLayout
-from visprune.methods.checks import FiniteChecks, deferred_finite_checks
+from visprune.methods.checks import DeviceChecks, deferred_device_checks
 from visprune.methods.llm_attention import query_or_last, rows_from_mask
 from visprune.models.decoder import layer_qk
 
@@ -77,7 +77,7 @@ class PrunerState:
     # layer on (what `Stats.llm_visual_kept` reports).
     visual_kept: list[tuple[int, Tensor]] = field(default_factory=list)
     # The stages' finite-value checks of their inputs, recorded on the device and read by `finish_prefill`.
-    checks: FiniteChecks = field(default_factory=FiniteChecks)
+    checks: DeviceChecks = field(default_factory=DeviceChecks)
 
 
 def format_mask(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
@@ -302,7 +302,7 @@ class DecoderPruner:
         b, s, _ = hidden.shape
         signals, st.signals = st.signals, {}
         stage = self.stage_layers.index(layer_idx)
-        with deferred_finite_checks(st.checks):  # read at the end of the prefill (`finish_prefill`)
+        with deferred_device_checks(st.checks):  # read at the end of the prefill (`finish_prefill`)
             keep = self.spec.fn(layout=layout, stage=stage, **signals, **self.options)
         keep = keep & layout.attention_mask
 

@@ -493,8 +493,8 @@ def _prepare(
     )
     batch.position_ids = adapter.position_ids(dense_positions.result(), batch)
     if reducer is not None and checks_after_prefill:
-        reducer.finite_checks.stage()
-        handle.launch_free.image_checks = reducer.finite_checks
+        reducer.device_checks.stage()
+        handle.launch_free.image_checks = reducer.device_checks
     elif reducer is not None:
         reducer.verify_inputs()  # the method's finite-value checks, read now that the host work is launched
     handle._additions.arm(*adapter.layer_additions(extras, embedded.extras, batch))

@@ -14,7 +14,7 @@ from torch import Tensor
 from visprune.errors import UnsupportedModelError
 from visprune.methods import MethodSpec, Reduction, SignalRequest
 from visprune.methods.base import available_requests
-from visprune.methods.checks import FiniteChecks, deferred_finite_checks
+from visprune.methods.checks import DeviceChecks, deferred_device_checks
 from visprune.methods.padded import padding
 from visprune.prompts import prompts_for
 from visprune.stats import Stats
@@ -33,7 +33,7 @@ class Reducer:
     work that needs nothing from the device (`HostWork`); the reducer runs it before the method, and an
     adapter that reads the device before it calls the reducer runs it first (`before_host_read`), so that
     it overlaps the device's encoding instead of waiting for it. A fixed-count method's finite-value checks
-    are recorded, not read (`methods.checks.deferred_finite_checks`): the caller reads them with
+    are recorded, not read (`methods.checks.deferred_device_checks`): the caller reads them with
     `verify_inputs` once its own host work is done and before it uses the reductions. An adaptive method
     reads its counts on the host anyway, so its checks run at once.
     """
@@ -52,7 +52,7 @@ class Reducer:
     ):
         self.spec = spec
         self.host_work = host_work
-        self.finite_checks = FiniteChecks()
+        self.device_checks = DeviceChecks()
         self.tower_layer = tower_layer
         self.options = options
         self.requests, self._own = split_reducer_signals(spec.signals(options))
@@ -111,8 +111,9 @@ class Reducer:
             self.host_work.run()
 
     def verify_inputs(self) -> None:
-        """Raise the InputError of a method input that held NaN or inf (the deferred finite-value checks)."""
-        self.finite_checks.verify()
+        """Raise the InputError of a method input that failed a deferred check (NaN or inf, or a condition the
+        method states on its data: `methods.checks.check_on_device`)."""
+        self.device_checks.verify()
 
     def _options_for(self, budget: int | None) -> dict[str, Any]:
         """The options for a per-crop `budget` override, by the method's own budget rule."""
@@ -134,7 +135,7 @@ class Reducer:
         if self._own:
             signals = {**signals, **self._reducer_signals(features, images)}
         # an adaptive method reads its counts on the host, and its checks with them, unless it pads (methods.padded)
-        deferred = deferred_finite_checks(self.finite_checks) if not self.spec.adaptive or padding() else nullcontext()
+        deferred = deferred_device_checks(self.device_checks) if not self.spec.adaptive or padding() else nullcontext()
         with deferred:
             out = self.spec.fn(features, grid=grid, **signals, **self._options_for(budget))
         sync_device(features, self.sync)

@@ -212,11 +212,11 @@ def test_knee_of_a_straight_line_is_its_first_point(detector):
     assert knee_count(three, detector, smooth=3).tolist() == [expect] * 300
 
 
-def test_deferred_finite_checks_raise_at_verify_and_only_then():
-    """Inside `deferred_finite_checks` a method's NaN input is recorded, not read (the patched model reads it
+def test_deferred_device_checks_raise_at_verify_and_only_then():
+    """Inside `deferred_device_checks` a method's NaN input is recorded, not read (the patched model reads it
     after its host work); `verify` raises the same error the immediate check does, naming the input."""
     from visprune.errors import InputError
-    from visprune.methods.checks import FiniteChecks, deferred_finite_checks
+    from visprune.methods.checks import DeviceChecks, deferred_device_checks
 
     features = torch.randn(2, 16, 8)
     scores = torch.rand(2, 16)
@@ -224,8 +224,8 @@ def test_deferred_finite_checks_raise_at_verify_and_only_then():
     fn = get_method("fastervlm").fn
     with pytest.raises(InputError, match="cls_attn contains NaN or inf"):
         fn(features, grid=(4, 4), cls_attn=scores, budget=5)
-    checks = FiniteChecks()
-    with deferred_finite_checks(checks):
+    checks = DeviceChecks()
+    with deferred_device_checks(checks):
         fn(features, grid=(4, 4), cls_attn=scores, budget=5)  # recorded, not raised
     fn(features, grid=(4, 4), cls_attn=torch.rand(2, 16), budget=5)  # outside the block: checked at once
     with pytest.raises(InputError, match="cls_attn contains NaN or inf"):
@@ -233,22 +233,22 @@ def test_deferred_finite_checks_raise_at_verify_and_only_then():
     checks.verify()  # read once: nothing left to raise
 
 
-def test_staged_finite_checks_raise_at_verify_and_only_then():
+def test_staged_device_checks_raise_at_verify_and_only_then():
     """`stage` starts the checks' copy to the host and leaves them for `verify`, which raises for them (and for
     checks recorded after the stage) once; what is staged is not lost to later records."""
     from visprune.errors import InputError
-    from visprune.methods.checks import FiniteChecks
+    from visprune.methods.checks import DeviceChecks
 
-    checks = FiniteChecks()
-    checks.add("features", torch.tensor(True))
-    checks.add("cls_attn", torch.tensor(False))
+    checks = DeviceChecks()
+    checks.add("features contains NaN or inf", torch.tensor(True))
+    checks.add("cls_attn contains NaN or inf", torch.tensor(False))
     checks.stage()  # nothing raised yet
     assert len(checks) == 0  # staged checks are no longer recorded ones (a graph's take_since cannot take them)
-    checks.add("keys", torch.tensor(True))
+    checks.add("keys contains NaN or inf", torch.tensor(True))
     with pytest.raises(InputError, match="cls_attn contains NaN or inf"):
         checks.verify()
     checks.verify()  # read once: nothing left to raise
-    checks.add("keys", torch.tensor(False))
+    checks.add("keys contains NaN or inf", torch.tensor(False))
     checks.stage()
     checks.stage()  # nothing more to stage
     with pytest.raises(InputError, match="keys contains NaN or inf"):

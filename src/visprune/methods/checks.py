@@ -19,16 +19,18 @@ if TYPE_CHECKING:
     from visprune.methods.base import TokenLayout
 
 
-class FiniteChecks:
-    """Finite-value checks recorded on the device instead of read at once (`deferred_finite_checks`):
-    reading one waits for the device, which stalls a caller that still has host work to overlap."""
+class DeviceChecks:
+    """Input checks recorded on the device instead of read at once (`deferred_device_checks`): finite values,
+    and the conditions a method states on its tensor inputs (`check_on_device`). Reading one waits for the
+    device, which stalls a caller that still has host work to overlap."""
 
     def __init__(self) -> None:
         self._pending: list[tuple[str, Tensor]] = []
         self._staged: list[tuple[list[str], StagedRead]] = []
 
-    def add(self, name: str, finite: Tensor) -> None:
-        self._pending.append((name, finite))
+    def add(self, message: str, ok: Tensor) -> None:
+        """Record the 0-dim bool `ok`; `verify` raises InputError(`message`) where it is False."""
+        self._pending.append((message, ok))
 
     def extend(self, checks: list[tuple[str, Tensor]]) -> None:
         """Record checks another call recorded (`take_since`), e.g. as a replayed graph recomputed them."""
@@ -53,26 +55,26 @@ class FiniteChecks:
         if not pending:
             return
         flags = StagedRead(torch.stack([flag for _, flag in pending]))
-        self._staged.append(([name for name, _ in pending], flags))
+        self._staged.append(([message for message, _ in pending], flags))
 
     def verify(self) -> None:
-        """Read every recorded check (one device read; staged ones from their host copies) and raise for the
-        first tensor that held NaN or inf."""
+        """Read every recorded check (one device read; staged ones from their host copies) and raise
+        InputError with the message of the first that failed."""
         self.stage()
         staged, self._staged = self._staged, []
-        for names, flags in staged:
-            for name, good in zip(names, flags.value().tolist(), strict=True):
+        for messages, flags in staged:
+            for message, good in zip(messages, flags.value().tolist(), strict=True):
                 if not good:
-                    raise _not_finite(name)
+                    raise InputError(message)
 
 
-_DEFERRED: ContextVar[FiniteChecks | None] = ContextVar("visprune_deferred_finite_checks", default=None)
+_DEFERRED: ContextVar[DeviceChecks | None] = ContextVar("visprune_deferred_device_checks", default=None)
 
 
 @contextmanager
-def deferred_finite_checks(checks: FiniteChecks) -> Iterator[FiniteChecks]:
-    """Within the block, `check_tensor` records its finite-value checks in `checks` instead of reading the
-    device; the caller must `checks.verify()` before it uses what the checked inputs produced."""
+def deferred_device_checks(checks: DeviceChecks) -> Iterator[DeviceChecks]:
+    """Within the block, `check_tensor` and `check_on_device` record their checks in `checks` instead of
+    reading the device; the caller must `checks.verify()` before it uses what the checked inputs produced."""
     token = _DEFERRED.set(checks)
     try:
         yield checks
@@ -80,8 +82,19 @@ def deferred_finite_checks(checks: FiniteChecks) -> Iterator[FiniteChecks]:
         _DEFERRED.reset(token)
 
 
-def _not_finite(name: str) -> InputError:
-    return InputError(f"{name} contains NaN or inf values; check the model's dtype/overflow upstream")
+def check_on_device(ok: Tensor, message: str) -> None:
+    """Raise InputError(`message`) unless the 0-dim bool `ok` holds: read at once, or recorded for a later
+    `verify` inside `deferred_device_checks` (also while a CUDA graph is captured, where an immediate read
+    is impossible and the check is skipped outside that block)."""
+    deferred = _DEFERRED.get()
+    if deferred is not None:
+        deferred.add(message, ok)
+    elif not _capturing(ok) and not bool(ok):
+        raise InputError(message)
+
+
+def _not_finite(name: str) -> str:
+    return f"{name} contains NaN or inf values; check the model's dtype/overflow upstream"
 
 
 def check_features(features: Any) -> tuple[int, int, int]:
@@ -171,7 +184,7 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
 def check_tensor(t: Any, name: str, shape: tuple[int | None, ...], *, finite: bool = True) -> Tensor:
     """`t` must be a tensor of the given shape (None matches any size) and, for floats, finite.
 
-    The finite-value check reads the tensor on the host. Inside `deferred_finite_checks` it is recorded on the
+    The finite-value check reads the tensor on the host. Inside `deferred_device_checks` it is recorded on the
     device for a later `verify` instead, also while a CUDA graph is captured (the launch-free path returns the
     recorded flags from its graphs); an immediate check is skipped while one is captured."""
     if not isinstance(t, Tensor):
@@ -180,11 +193,7 @@ def check_tensor(t: Any, name: str, shape: tuple[int | None, ...], *, finite: bo
     if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape, strict=True)):
         raise InputError(f"{name} must have shape {expect}, got {tuple(t.shape)}")
     if finite and t.is_floating_point():
-        deferred = _DEFERRED.get()
-        if deferred is not None:
-            deferred.add(name, torch.isfinite(t).all())
-        elif not _capturing(t) and not bool(torch.isfinite(t).all()):
-            raise _not_finite(name)
+        check_on_device(torch.isfinite(t).all(), _not_finite(name))
     return t
 
 

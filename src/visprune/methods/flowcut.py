@@ -43,7 +43,7 @@ from torch import Tensor
 from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest
 from visprune.methods.budget_rules import TOKENS
-from visprune.methods.checks import check_count, check_features, check_tensor
+from visprune.methods.checks import check_count, check_features, check_on_device, check_tensor
 from visprune.methods.registry import register
 
 
@@ -281,13 +281,17 @@ def flowcut(
     if grid is not None and (len(grid) != 2 or not all(isinstance(g, int) and g >= 1 for g in grid)):
         raise InputError(f"grid must be a pair of positive ints (height, width), got {grid!r}")
     n = k if grid is None else grid[0] * grid[1]
-    if kept.dtype != torch.long or bool(((kept < 0) | (kept >= n)).any() | (kept.diff(dim=1) <= 0).any()):
-        raise InputError(
-            f"kept must hold ascending patch indices in [0, {n}) per image (N = the grid's patches; pass grid "
-            "when the tower pruned)"
-        )
+    wrong = (
+        f"kept must hold ascending patch indices in [0, {n}) per image (N = the grid's patches; pass grid when the "
+        "tower pruned)"
+    )
+    if kept.dtype != torch.long:
+        raise InputError(f"{wrong}, as torch.long; got {kept.dtype}")
+    check_on_device(~(((kept < 0) | (kept >= n)).any() | (kept.diff(dim=1) <= 0).any()), wrong)
     slots = torch.arange(k, device=features.device).expand(b, k)
-    assignment = torch.full((b, n), -1, dtype=torch.long, device=features.device).scatter_(1, kept, slots)
+    # clamped: a check deferred to the caller's verify must not fail as an index error on the way there
+    places = kept.clamp(0, n - 1)
+    assignment = torch.full((b, n), -1, dtype=torch.long, device=features.device).scatter_(1, places, slots)
     return [
         Reduction(features=f, sources=s, assignment=a)
         for f, s, a in zip(features.unbind(0), kept.unbind(0), assignment.unbind(0), strict=True)
