@@ -184,7 +184,7 @@ def test_method_errors():
         flowcut(features, kept=kept, budget=3)
     with pytest.raises(InputError, match="kept must have shape"):
         flowcut(features, kept=kept[:1], grid=(3, 3), budget=3)
-    with pytest.raises(InputError, match="as torch.long; got torch.int32"):
+    with pytest.raises(InputError, match=r"as torch\.long; got torch\.int32"):
         flowcut(features, kept=kept.int(), grid=(3, 3), budget=3)
 
 
