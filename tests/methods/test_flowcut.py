@@ -5,6 +5,7 @@ out here; the registered method's output and errors."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -225,13 +226,36 @@ def test_flow_terms_are_the_formula():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_flow_terms_of_half_inputs_on_the_gpu_equal_float32(dtype):
+@pytest.mark.parametrize("split", [False, True])
+def test_flow_terms_of_half_inputs_on_the_gpu_equal_float32(dtype, split):
     """On a GPU, half inputs are multiplied without a float32 copy: the scores equal the float32 ones on the
-    same values (CLIP ViT-L's shapes at batch 4)."""
+    same values (CLIP ViT-L's shapes at batch 4), for k and v laid out [B, H, T, d] or split from one
+    [B, T, H * d] projection as a layer's are."""
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(4, 16, t, 64, generator=g).to(dtype) for t in (1, 577, 577))
+    shape = (lambda t: (4, t, 16, 64)) if split else (lambda t: (4, 16, t, 64))
+    q, k, v = (torch.randn(*shape(t), generator=g).to(dtype) for t in (1, 577, 577))
+    if split:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     valid = torch.rand(4, 576, generator=g) > 0.3
     score, a = flow_terms(q.cuda(), k.cuda(), v.cuda(), valid.cuda(), 0.125)
     want_score, want_a = flow_terms(q.float(), k.float(), v.float(), valid, 0.125)
     torch.testing.assert_close(a.cpu(), want_a, rtol=1e-4, atol=1e-9)  # summation order: the products are exact
     torch.testing.assert_close(score.cpu(), want_score, rtol=1e-4, atol=1e-9)
+
+
+def test_flow_terms_trace_as_one_graph_and_compute_the_same(monkeypatch):
+    """The tower compiles flow_terms whole on a GPU (`graphs.fused`); traced here with aot_eager."""
+    from visprune.methods import graphs
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, t, 4, generator=g) for t in (1, 8, 8))
+    valid = torch.rand(2, 7, generator=g) > 0.4
+    monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
+    monkeypatch.setattr(graphs, "_fusable", lambda args: True)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a graph break would warn and run unfused
+        fused = graphs.fused(flow_terms)(q, k, v, valid, 0.5)
+    for a, b in zip(fused, flow_terms(q, k, v, valid, 0.5), strict=True):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()

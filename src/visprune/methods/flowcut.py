@@ -92,12 +92,21 @@ def flow_terms(q_cls: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale
 
 
 def _dots(x: Tensor, row: Tensor) -> Tensor:
-    """[B, H, T] float32: each row of x [B, H, T, d] dotted with its head's `row` [B, H, 1, d]."""
+    """[B, H, T] float32: each row of x [B, H, T, d] dotted with its head's `row` [B, H, 1, d].
+
+    Half-precision CUDA inputs go to the tensor cores with float32 results. Where x is the head split of
+    one [B, T, H * d] projection (as a layer's q, k, v are), that projection is multiplied as it lies with
+    the block-diagonal matrix of the rows [B, H * d, H]: one product per image, without a copy of x."""
     b, heads, t, width = x.shape
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        columns = row.reshape(b * heads, 1, width).transpose(1, 2)
-        return torch.bmm(x.reshape(b * heads, t, width), columns, out_dtype=torch.float32).view(b, heads, t)
-    return (x.float() @ row.float().transpose(-1, -2)).squeeze(-1)
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        return (x.float() @ row.float().transpose(-1, -2)).squeeze(-1)
+    if x.transpose(1, 2).is_contiguous():
+        eye = torch.eye(heads, dtype=x.dtype, device=x.device)
+        blocks = (row.reshape(b, heads, width, 1) * eye.unsqueeze(1)).view(b, heads * width, heads)
+        projection = x.transpose(1, 2).reshape(b, t, heads * width)
+        return torch.bmm(projection, blocks, out_dtype=torch.float32).transpose(1, 2)
+    columns = row.reshape(b * heads, 1, width).transpose(1, 2)
+    return torch.bmm(x.reshape(b * heads, t, width), columns, out_dtype=torch.float32).view(b, heads, t)
 
 
 def prune_counts(attention: Tensor, valid: Tensor, target: int | Tensor, remaining: int) -> Tensor:
