@@ -340,8 +340,8 @@ def test_parts_a_family_cannot_measure_are_named():
 
 def test_launch_free_mode_runs_the_three_modes(tmp_path):
     """`--launch-free`: dense, encoder-side and LLM-side cases in plain / launch-free / ideal modes, the ideal
-    fed the launch-free path's token counts (per decoder layer too), a two-stage method (knee+text) too;
-    flowcut, which the path cannot capture, is left out with the reason."""
+    fed the launch-free path's token counts (per decoder layer too), a two-stage method (knee+text) and flowcut,
+    which prunes inside the tower, too."""
     tiny_llava_config("sdpa").save_pretrained(tmp_path / "cfg")
     args = ["bench", "--config", str(tmp_path / "cfg"), "--device", "cpu", "--dtype", "float32", "--launch-free"]
     args += ["--new-tokens", "3", "--batch", "1", "--budgets", "24", "--methods", "fastervlm", "prumerge", "fastv"]
@@ -356,6 +356,7 @@ def test_launch_free_mode_runs_the_three_modes(tmp_path):
         ("fastv", 24),
         ("knee+text", None),
         ("sparsevlm", 24),
+        ("flowcut", 24),
     ]
     assert all("error" not in c for c in cases)
     for c in cases[1:]:
@@ -368,7 +369,7 @@ def test_launch_free_mode_runs_the_three_modes(tmp_path):
     assert fastv_layers[-1] < fastv_layers[0]  # the LLM-side stage pruned, in the ideal too
     knee_layers = cases[4]["launch_free"]["tokens_per_layer"][0]
     assert knee_layers[-1] < knee_layers[0]
-    assert "flowcut" in res["not_measured"]["launch_free"] and "knee+text" not in res["not_measured"]["launch_free"]
+    assert res["not_measured"] == {}
     markdown = (tmp_path / "out" / "lf.md").read_text()
     assert "## Launch-free generate, batch 1" in markdown and "| fastervlm | 24 | 24" in markdown
     assert (tmp_path / "out" / "lf.png").stat().st_size > 0

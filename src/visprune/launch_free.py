@@ -39,8 +39,7 @@ for those shapes, with a warning naming it: the result is the same, only slower.
 What the path refuses, with an InputError at `generate`: beam search, several return sequences, a cache
 passed in, another `cache_implementation`, `use_cache=False`, assisted decoding. At `apply`: LLM-side
 stages whose counts are decided during the prefill (knee+text cut at its knee, text_keep_ratio=None, or with
-prune_text), methods
-registered with `graph_capturable=False` (flowcut), `sync_timings`, models with sliding-window attention,
+prune_text), `sync_timings`, models with sliding-window attention,
 and models other than LlavaForConditionalGeneration and LlavaNextForConditionalGeneration (on LLaVA-NeXT
 only the tower of the image path is a graph: the crops' packing is host work, `Adapter.launch_free_image_graph`).
 """

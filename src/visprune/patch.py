@@ -339,12 +339,6 @@ def _check_launch_free(
             f"launch_free is not supported for {type(model).__name__} yet; it is for LlavaForConditionalGeneration "
             "and LlavaNextForConditionalGeneration (apply without launch_free=True)"
         )
-    if encoder is not None and not encoder.graph_capturable:
-        raise InputError(
-            f"{encoder.name} prunes inside the vision tower with token counts it reads back on the host between "
-            "blocks, which the launch-free path cannot replay from a graph; use another encoder-side method with "
-            "launch_free=True, or apply without it"
-        )
     if llm is not None and not llm.counts_planned(llm_opts):
         raise InputError(
             f"{llm.name} prunes inside the LLM with token counts decided during the prefill (with these options), "

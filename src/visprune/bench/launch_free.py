@@ -53,14 +53,12 @@ def wall_samples(fn: Callable[[], Any], repeats: int, device: torch.device) -> l
 
 
 def supported(method: str) -> bool:
-    """Methods the launch-free path runs: dense, the encoder-side methods it can capture, and the LLM-side
-    methods with a count rule."""
+    """Methods the launch-free path runs: dense, every encoder-side method, and the LLM-side methods with a
+    count rule."""
     if method == "dense":
         return True
     spec = get_method(method)
-    if spec.placement is not Placement.ENCODER and not spec.counts_planned(spec.defaults):
-        return False
-    return spec.graph_capturable
+    return spec.placement is Placement.ENCODER or spec.counts_planned(spec.defaults)
 
 
 class LaunchFreeBench:

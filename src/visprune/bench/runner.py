@@ -490,8 +490,7 @@ def _launch_free_runs(
 ) -> None:
     """The launch-free mode: every supported case in three modes (plain, launch-free, ideal), per batch."""
     refused = sorted({c.method for cases, _ in plans.values() for c in cases if not supported(c.method)})
-    why = "the launch-free path refuses them (LLM-side stages whose counts are decided during the prefill, or a "
-    why += "vision-tower pass that needs the host: graph_capturable=False)"
+    why = "the launch-free path refuses them (LLM-side stages whose counts are decided during the prefill)"
     results["not_measured"] = {"launch_free": f"{', '.join(refused)}: {why}"} if refused else {}
     for size in sizes:
         todo = [c for c in plans[size][0] if supported(c.method)]

@@ -247,9 +247,6 @@ class MethodSpec:
     # Where the method's published code materialises attention maps ("vision" or "llm"; None: it does not).
     # `visprune bench` times that variant beside visprune's SDPA-compatible path.
     published_attention: str | None = field(default=None, repr=False)
-    # False: the method's vision-tower pass needs the host between blocks (it prunes inside the tower with
-    # counts read back on the host), so it cannot run as a CUDA graph; apply(launch_free=True) refuses it.
-    graph_capturable: bool = field(default=True, repr=False)
     # An LLM-side method (or a two-stage method's LLM stage) whose image-token count at each stage follows from
     # the counts alone: (the image tokens present per sample [B] long, its options, the stage) -> the image
     # tokens it keeps per sample, the rule its function applies; None for options under which the counts are

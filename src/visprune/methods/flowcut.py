@@ -229,7 +229,6 @@ def top_mask(flow: Tensor, valid: Tensor, counts: Tensor) -> Tensor:
     check=check_options,
     budget_rule=TOKENS,
     published_attention="vision",
-    graph_capturable=False,
 )
 def flowcut(
     features: Tensor,

@@ -75,7 +75,6 @@ def register(
     check: Callable[..., None],
     budget_rule: BudgetRule | None = None,
     published_attention: str | None = None,
-    graph_capturable: bool = True,
     visual_kept: Callable[[Tensor, dict[str, Any], int], Tensor | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers a method function under `name`.
@@ -90,8 +89,6 @@ def register(
     required for a fixed-budget method, None for an adaptive one.
     published_attention: where the method's published code materialises attention maps ("vision" or
     "llm"), for the benchmark's comparison; None when it does not.
-    graph_capturable: False for a method whose vision-tower pass needs the host between blocks (the
-    launch-free path, which replays the tower as a CUDA graph, refuses it).
     visual_kept: for a method with LLM-side stages that keeps a number of image tokens decided by the counts
     alone, that rule ((present [B] long, options, stage) -> kept [B] long, or None for options under which the
     function decides them from the data; the function must use the same), so that the decoder pruner plans the
@@ -141,7 +138,6 @@ def register(
             check=check,
             budget_rule=budget_rule,
             published_attention=published_attention,
-            graph_capturable=graph_capturable,
             visual_kept=visual_kept,
         )
         return fn
