@@ -15,9 +15,12 @@ CLIP tower (CLS token; LLaVA-1.5). Per layer l, from that layer's normalised inp
 After layer l, when the layers left before the feature layer (r = f - l - 2 for LLaVA's feature
 layer hidden_states[f]) are an even number, the patches with the highest flow are kept: N - p of them,
 p = round((N - T) / sqrt(r) * (1 - rho^2)), rho = the entropy of a / sum a divided by ln N, and
-exactly T at r = 0 (never fewer than T). So the tower's later layers, the feature layer included,
-run on fewer tokens; nothing is merged, the CLS token is always kept, and the kept patches stay in
-spatial order.
+exactly T at r = 0 (never fewer than T). So every later layer attends over the kept patches only, and
+the feature layer runs on the T kept ones; nothing is merged, the CLS token is always kept, and the kept
+patches stay in spatial order. (visprune's CLIP runner, `visprune.models.vision`, masks the dropped
+patches out of the attention until the last cut instead of removing their rows, so that the tower pass
+needs no count on the host and replays from one CUDA graph: the same result, at about the dense tower's
+GPU cost until that cut.)
 
 Qwen-VL towers (no CLS token; the official FlowCut_Qwen code). Per block, from that block's q and k
 (after the vision RoPE) and v of the image's tokens still running (`relation_terms`):
@@ -247,7 +250,8 @@ def flowcut(
     its own (the official code prunes every image of a batch by the largest count, so an image's result
     depends on the rest of the batch); the scores are computed in float32 from q, k and v (no attention
     map is materialised, so the tower keeps SDPA); the entropy treats 0 ln 0 as 0 (the official code
-    gives NaN there). LLaVA-NeXT (FlowCut's per-crop variant with its own LLM stage) and CLIP-less LLaVA
+    gives NaN there); the dropped patches are masked out of the later layers' attention rather than
+    removed until the last cut (the same result; module docstring). LLaVA-NeXT (FlowCut's per-crop variant with its own LLM stage) and CLIP-less LLaVA
     towers (SigLIP) are refused.
 
     On a tower without CLS (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) it computes, at every vision block, the
