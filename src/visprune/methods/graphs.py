@@ -115,7 +115,7 @@ def _records_grad(tensors: tuple[Tensor, ...]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _capture(loop: Callable[..., Tensor], inputs: tuple[Tensor, ...], static: dict[str, Any]) -> _Entry:
+def _capture(loop: Callable[..., Output], inputs: tuple[Tensor, ...], static: dict[str, Any]) -> _Entry:
     buffers = [t.clone() for t in inputs]
     graph, output = capture(lambda: loop(*buffers, **static), inputs[0].device)
     return graph, buffers, output
