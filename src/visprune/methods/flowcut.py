@@ -251,8 +251,8 @@ def flowcut(
     depends on the rest of the batch); the scores are computed in float32 from q, k and v (no attention
     map is materialised, so the tower keeps SDPA); the entropy treats 0 ln 0 as 0 (the official code
     gives NaN there); the dropped patches are masked out of the later layers' attention rather than
-    removed until the last cut (the same result; module docstring). LLaVA-NeXT (FlowCut's per-crop variant with its own LLM stage) and CLIP-less LLaVA
-    towers (SigLIP) are refused.
+    removed until the last cut (the same result; module docstring). LLaVA-NeXT (FlowCut's per-crop
+    variant with its own LLM stage) and CLIP-less LLaVA towers (SigLIP) are refused.
 
     On a tower without CLS (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) it computes, at every vision block, the
     relation attention a of the image's mean query over its tokens and the score a * |v|_1 (q, k after
