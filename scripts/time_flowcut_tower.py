@@ -20,6 +20,8 @@ from visprune.models import vision
 
 
 def timed(fn: Callable[[], object], runs: int = 30) -> float:
+    """Median ms of `runs` passes, each timed alone from an idle device (unlike `bench.timing.time_samples`,
+    whose samples run back to back): a pass's own latency, its host launches included."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
