@@ -192,3 +192,35 @@ def test_steps_keep_compiling_across_many_shapes(monkeypatch):
                 monkeypatch.setattr(graphs, "_fusable", lambda args: False)
                 assert torch.equal(fused, important_and_diverse(x, s, k=k, important=k // 2)), (b, n, k)
     torch._dynamo.reset()
+
+
+def test_an_entry_keyed_by_a_module_is_dropped_when_the_module_is_freed(monkeypatch):
+    """A module among the static arguments is held weakly: the cache keeps no model alive, and a freed
+    module's graphs are dropped with it."""
+    import gc
+    import weakref
+
+    class Graph:
+        def replay(self):
+            pass
+
+    def capture(loop, inputs, static):
+        return Graph(), [t.clone() for t in inputs], loop(*inputs, **static)
+
+    def scaled(x, *, module):
+        return module(x)
+
+    graphs.clear()
+    monkeypatch.setattr(graphs, "_replayable", lambda inputs: True)
+    monkeypatch.setattr(graphs, "_capture", capture)
+    kept, dropped = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    x = torch.ones(1, 2)
+    with torch.no_grad():
+        graphs.replayed(scaled, x, module=kept)
+        graphs.replayed(scaled, x, module=dropped)
+    assert len(graphs._cache) == 2
+    alive = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert alive() is None and len(graphs._cache) == 1
+    graphs.clear()

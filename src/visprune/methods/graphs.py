@@ -105,9 +105,16 @@ def _replayable(inputs: tuple[Tensor, ...]) -> bool:
 
 
 def _held_weakly(value: Hashable) -> Hashable:
-    """A module in a cache key is held by a weak reference: the cache does not keep a model alive, and a
-    new module that reuses a freed one's id does not match its entry."""
-    return weakref.ref(value) if isinstance(value, torch.nn.Module) else value
+    """A module in a cache key is held by a weak reference: the cache does not keep a model alive, a new
+    module that reuses a freed one's id does not match its entry, and the entries of a module that is
+    freed are dropped with it (their graphs' memory too)."""
+    return weakref.ref(value, _forget) if isinstance(value, torch.nn.Module) else value
+
+
+def _forget(dead: weakref.ref) -> None:
+    """Drop the cache entries whose key holds `dead` (a dead reference equals only itself)."""
+    for key in [k for k in _cache if any(value is dead for _, value in k[2])]:
+        del _cache[key]
 
 
 def _records_grad(tensors: tuple[Tensor, ...]) -> bool:
