@@ -15,25 +15,17 @@ import torch
 from transformers import CLIPVisionModel
 
 from visprune import configs
+from visprune.bench.timing import time_samples
 from visprune.methods import SignalRequest, graphs
 from visprune.models import vision
 
 
 def timed(fn: Callable[[], object], runs: int = 30) -> float:
-    """Median ms of `runs` passes, each timed alone from an idle device (unlike `bench.timing.time_samples`,
-    whose samples run back to back): a pass's own latency, its host launches included."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    """Median ms of `runs` passes, each timed alone from an idle device (one-sample `time_samples` calls, not
+    one call's back-to-back samples): a pass's own latency, its host launches included."""
+    device = torch.device("cuda")
+    time_samples(fn, 0, 3, device)
+    return statistics.median(time_samples(fn, 1, 0, device)[0] for _ in range(runs))
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ waits for the host, and a pruned prefill saves little time. On this path:
   patches, the counts on the device, read once after the replay to cut the padding off; one graph serves
   every count.
   transformers' own compilation of decoding is switched off (the steps are already graphs).
-  The method's finite-value checks (`methods.checks.DeviceChecks`) are outputs of the image path's graph:
+  The method's deferred input checks (`methods.checks.DeviceChecks`) are outputs of the image path's graph:
   each replay computes them and the call reads them before the LLM runs, as on the plain path.
 - An LLM-side method with a count rule (fastv, pdrop, dart, sparsevlm, and knee+text's text stage with its
   default text_keep_ratio; `MethodSpec.visual_kept`) runs in
@@ -307,7 +307,7 @@ class LaunchFree:
         if entry is None:
             return self._image_tokens(pixel_values, reducer, image_kwargs)
         tokens, recorded = entry.run(inputs)
-        if checks is not None:  # the method's deferred finite-value checks, as the replay computed them
+        if checks is not None:  # the method's deferred input checks, as the replay computed them
             checks.extend(recorded)
         return tokens.trimmed()  # the counts of an adaptive method: one host read
 

@@ -76,7 +76,7 @@ class PrunerState:
     # Per stage (decoder layer, [B, S] bool over the prefill sequence): the visual tokens present from that
     # layer on (what `Stats.llm_visual_kept` reports).
     visual_kept: list[tuple[int, Tensor]] = field(default_factory=list)
-    # The stages' finite-value checks of their inputs, recorded on the device and read by `finish_prefill`.
+    # The stages' checks of their inputs (finite values), recorded on the device and read by `finish_prefill`.
     checks: DeviceChecks = field(default_factory=DeviceChecks)
 
 

@@ -429,7 +429,7 @@ def _prepare(
     checks_after_prefill: bool = False,
 ) -> Spliced:
     """Encode + reduce + splice (the sequence padded to a multiple of `pad_to`), record stats, arm the
-    LLM-side pruner. The method's finite-value checks are read here, or with `checks_after_prefill` (the
+    LLM-side pruner. The method's deferred input checks are read here, or with `checks_after_prefill` (the
     launch-free generate) staged and handed to the launch-free path, which reads them once the prefill is
     launched, so that the host's work up to it overlaps the image path on the device."""
     adapter = handle.adapter
@@ -490,7 +490,7 @@ def _prepare(
         reducer.device_checks.stage()
         handle.launch_free.image_checks = reducer.device_checks
     elif reducer is not None:
-        reducer.verify_inputs()  # the method's finite-value checks, read now that the host work is launched
+        reducer.verify_inputs()  # the method's deferred input checks, read now that the host work is launched
     handle._additions.arm(*adapter.layer_additions(extras, embedded.extras, batch))
     stats.position_map = batch.position_map
     n_layers = len(adapter.decoder_layers)

@@ -32,7 +32,7 @@ class Reducer:
     optional requests outside them are left out (None keeps every request). `host_work`: the call's host
     work that needs nothing from the device (`HostWork`); the reducer runs it before the method, and an
     adapter that reads the device before it calls the reducer runs it first (`before_host_read`), so that
-    it overlaps the device's encoding instead of waiting for it. A fixed-count method's finite-value checks
+    it overlaps the device's encoding instead of waiting for it. A fixed-count method's input checks
     are recorded, not read (`methods.checks.deferred_device_checks`): the caller reads them with
     `verify_inputs` once its own host work is done and before it uses the reductions. An adaptive method
     reads its counts on the host anyway, so its checks run at once.

@@ -267,7 +267,7 @@ class Bench:
             "vision": self._time(lambda: adapter.image_tokens(pixels, probe, image_kwargs)),
             "reduce": self._time(lambda: [reducer(f, g, s, budget=b, images=i) for f, g, s, b, i in calls]),
         }
-        reducer.verify_inputs()  # the timed calls' deferred finite-value checks (as the patched call reads them)
+        reducer.verify_inputs()  # the timed calls' deferred input checks (as the patched call reads them)
         return parts
 
     def _ideal(self, visual_out: list[int], tokens: list[list[int]], options: dict[str, Any]) -> list[float]:
