@@ -89,6 +89,21 @@ def test_relation_terms_of_interleaved_images_and_an_image_without_tokens():
     assert torch.isfinite(score).all() and torch.isfinite(a).all()
 
 
+def test_relation_terms_count_only_the_tokens_taking_part():
+    """Pruned tokens still in the sequence (`taking_part` False) score 0 and change nothing for the others,
+    however large their keys: the terms equal those of the sequence without them."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(12, 2, 4, generator=g) for _ in range(3))
+    image = torch.tensor([0] * 7 + [1] * 5)
+    taking_part = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    k[~taking_part] *= 1e4  # their logits would dominate every softmax (and overflow exp) if counted
+    score, a = relation_terms(q, k, v, image, 2, 0.7, taking_part)
+    alone_score, alone_a = relation_terms(q[taking_part], k[taking_part], v[taking_part], image[taking_part], 2, 0.7)
+    torch.testing.assert_close(a[taking_part], alone_a)
+    torch.testing.assert_close(score[taking_part], alone_score)
+    assert a[~taking_part].eq(0).all() and score[~taking_part].eq(0).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_relation_terms_of_half_precision_cuda_inputs_match_their_float32_values(dtype):

@@ -201,10 +201,17 @@ QWEN_GRIDS = [(1, 8, 8), (1, 6, 10), (1, 10, 6)]
 QWEN_TARGET = 4
 
 
-def sharp_qwen(family: str):
+# 8-block towers: pruning points after blocks 1, 3, 5 (and 7), so the units masked at one are removed at the
+# next (the 3- and 4-block towers of tiny_qwen have one pruning point before the last block)
+DEEP = {"depth": 8}
+DEEP_WINDOWS = {"depth": 8, "fullatt_block_indexes": [3, 7]}
+
+
+def sharp_qwen(family: str, deep: bool = False):
     """A tiny Qwen-VL model whose mean query attends sharply (a large query bias, scaled keys), so that the
-    entropy-driven counts prune mid-tower and differently per image (random weights attend nearly uniformly)."""
-    model = tiny_qwen.tiny_qwen(family)
+    entropy-driven counts prune mid-tower and differently per image (random weights attend nearly uniformly).
+    deep: an 8-block tower."""
+    model = tiny_qwen.tiny_qwen(family, **((DEEP_WINDOWS if family == "qwen2.5-vl" else DEEP) if deep else {}))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for block in model.model.visual.blocks:
@@ -310,11 +317,13 @@ def qwen_tokens(model, pixels, grid, **options):
         visprune.remove(model)
 
 
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
 @pytest.mark.parametrize("family", tiny_qwen.FAMILIES)
-def test_qwen_tower_equals_the_per_image_reference_on_the_kept_patches(family):
+def test_qwen_tower_equals_the_per_image_reference_on_the_kept_patches(family, deep):
     """Batched over images of three sizes that keep different counts mid-tower: each image's kept units,
-    merged rows and DeepStack rows equal the per-image reference (stock blocks on the kept patches)."""
-    model = sharp_qwen(family)
+    merged rows and DeepStack rows equal the per-image reference (stock blocks on the kept patches only,
+    from the block after each pruning point; visprune masks them first and removes them later)."""
+    model = sharp_qwen(family, deep)
     pixels, grid = qwen_pixels(model, QWEN_GRIDS)
     tokens = qwen_tokens(model, pixels, grid, budget=QWEN_TARGET)
     assert [r[0].count for r in tokens.reductions] == [QWEN_TARGET] * 3
@@ -322,15 +331,78 @@ def test_qwen_tower_equals_the_per_image_reference_on_the_kept_patches(family):
     for i, (t, h, w) in enumerate(QWEN_GRIDS):
         image = pixels[start : start + t * h * w]
         start += t * h * w
-        kept, merged, deep, first = qwen_reference(model, image, grid[i : i + 1], QWEN_TARGET)
+        kept, merged, levels, first = qwen_reference(model, image, grid[i : i + 1], QWEN_TARGET)
         firsts.append(first)
         assert tokens.reductions[i][0].sources.tolist() == kept.tolist(), i
         torch.testing.assert_close(tokens.features[i], merged, rtol=1e-4, atol=1e-5)
-        if deep is not None:
-            torch.testing.assert_close(tokens.extras["deepstack"][i], deep, rtol=1e-4, atol=1e-5)
+        if levels is not None:
+            torch.testing.assert_close(tokens.extras["deepstack"][i], levels, rtol=1e-4, atol=1e-5)
     assert all(QWEN_TARGET < f < n for f, n in zip(firsts, [16, 15, 15], strict=True))  # pruned mid-tower
-    if family != "qwen3-vl":
+    if family != "qwen3-vl" and not deep:
         assert len(set(firsts)) > 1  # images kept different counts on the way (ragged)
+
+
+def test_qwen_pruned_units_are_masked_at_once_and_removed_after_a_read_two_blocks_later(monkeypatch):
+    """The host never waits for the block it just launched: a pruning point masks the units it drops (the next
+    blocks run on every row, the dropped ones masked), and its result reaches the host two blocks later,
+    at the next pruning point, where the masked rows are removed. The selection is the reference's
+    (`test_qwen_tower_equals_the_per_image_reference_on_the_kept_patches`)."""
+    from visprune.models import qwen2_vl, qwen_tower
+
+    events = []
+    run_block = qwen_tower.run_block
+
+    def recorded_block(block, hidden, *args):
+        key_bias = args[-1]
+        masked = 0 if key_bias is None else int((key_bias != 0).sum()) // 4
+        events.append(("block", hidden.shape[0] // 4, masked))
+        return run_block(block, hidden, *args)
+
+    class RecordedRead(qwen2_vl.StagedRead):
+        def __init__(self, tensor):
+            events.append(("staged", int((~tensor).sum())))
+            super().__init__(tensor)
+
+        def value(self):
+            events.append(("read",))
+            return super().value()
+
+    monkeypatch.setattr(qwen_tower, "run_block", recorded_block)
+    monkeypatch.setattr(qwen2_vl, "StagedRead", RecordedRead)
+    model = sharp_qwen("qwen2.5-vl", deep=True)
+    pixels, grid = qwen_pixels(model, QWEN_GRIDS)
+    qwen_tokens(model, pixels, grid, budget=QWEN_TARGET)
+    blocks = [e for e in events if e[0] == "block"]
+    assert len(blocks) == 8
+    staged = [i for i, e in enumerate(events) if e[0] == "staged"]  # after blocks 1, 3 and 5
+    reads = [i for i, e in enumerate(events) if e[0] == "read"]  # after blocks 3 and 5
+    assert [sum(e[0] == "block" for e in events[:i]) for i in staged] == [2, 4, 6]
+    assert [sum(e[0] == "block" for e in events[:i]) for i in reads] == [4, 6]
+    units = [e[1] for e in blocks]
+    masked = [e[2] for e in blocks]
+    assert masked[:2] == [0, 0] and masked[2] == events[staged[0]][1] > 0  # masked from the next block on
+    assert units[:4] == [46] * 4  # every row runs until the read
+    for read in (3, 5):  # the read after block `read` removes the rows masked in that block
+        assert units[read + 1] == units[read] - masked[read]
+    assert units[-1] < 46
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qwen_on_a_gpu_equals_the_cpu():
+    """The masked blocks, the copies to the host that do not wait and the removal of masked rows on a GPU
+    (float32): the same kept units and features as on the CPU."""
+    model = sharp_qwen("qwen2.5-vl", deep=True)
+    pixels, grid = qwen_pixels(model, QWEN_GRIDS)
+    cpu = qwen_tokens(model, pixels, grid, budget=QWEN_TARGET)
+    model.cuda()
+    try:
+        gpu = qwen_tokens(model, pixels.cuda(), grid, budget=QWEN_TARGET)
+    finally:
+        model.cpu()
+    for a, b in zip(cpu.reductions, gpu.reductions, strict=True):
+        assert a[0].sources.tolist() == b[0].sources.tolist()
+    for a, b in zip(cpu.features, gpu.features, strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])  # windows; DeepStack (Qwen2-VL: test_qwen.py)

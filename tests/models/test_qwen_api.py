@@ -179,13 +179,16 @@ def test_videos_pass_through_unreduced(family, model, inputs):
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "knee", "flowcut"])
-def test_dense_positions_are_worked_out_before_the_image_path_reads_the_device(model, inputs, method, monkeypatch):
+def test_dense_positions_are_worked_out_before_the_image_path_reads_the_device(
+    family, model, inputs, method, monkeypatch
+):
     """The M-RoPE positions of the dense prompt (host work, ~20 ms at batch 8) must come before the first
-    host read of the reduction (a method's count or check, FlowCut's per-cut counts), which waits for the
-    tower: after it, the device would idle while the host works them out."""
-    from visprune.methods import flowcut
+    host read of the reduction (a method's count or check, FlowCut's reads of what its pruning points kept),
+    which waits for the tower: after it, the device would idle while the host works them out."""
     from visprune.models import qwen2_vl
 
+    if method == "flowcut":  # a tower of 8 blocks: its first read comes after block 3
+        model = tiny_qwen.tiny_qwen(family, depth=8)
     events = []
     handle = visprune.apply(model, method, **({"budget": 4} if method != "knee" else {}))
     try:
@@ -194,14 +197,21 @@ def test_dense_positions_are_worked_out_before_the_image_path_reads_the_device(m
         monkeypatch.setattr(adapter, "dense_positions", lambda *a: events.append("positions") or dense_positions(*a))
         wrapped = replace(spec, fn=lambda *a, **k: events.append("method") or spec.fn(*a, **k))
         monkeypatch.setattr(handle, "encoder", wrapped)
-        counts = flowcut.prune_counts
-        monkeypatch.setattr(qwen2_vl.flowcut, "prune_counts", lambda *a: events.append("counts") or counts(*a))
+
+        class RecordedRead(qwen2_vl.StagedRead):
+            def value(self):
+                events.append("read")
+                return super().value()
+
+        monkeypatch.setattr(qwen2_vl, "StagedRead", RecordedRead)
         with torch.no_grad():
             model(**inputs)
     finally:
         visprune.remove(model)
     assert events[0] == "positions" and events.count("positions") == 1
-    assert len(events) > 1  # the method (or FlowCut's cuts) ran after it
+    assert len(events) > 1  # the method (or FlowCut's reads) ran after it
+    if method == "flowcut":
+        assert "read" in events
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "divprune", "knee"])

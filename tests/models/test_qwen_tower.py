@@ -16,7 +16,7 @@ from tests.models import tiny_qwen
 from tests.models.test_qwen import QWEN_OPTIONS
 from tests.models.tiny import tiny_llava
 from visprune.methods import Placement, get_method
-from visprune.models import adapter_for
+from visprune.models import adapter_for, qwen_tower
 from visprune.models.segments import Segments, segment_attention, segment_attention_lse
 
 # Odd grids: windows of several sizes on Qwen2.5-VL, a two-frame entry (video-like t=2).
@@ -70,6 +70,36 @@ def test_segment_attention_has_no_log_normaliser_for_a_padded_layout():
     out, lse = segment_attention_lse(q, q, q, Segments(lengths), scale=0.3)
     assert lse is None
     torch.testing.assert_close(out, segment_attention(q, q, q, Segments(lengths), scale=0.3))
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [(8, 8, 8), (3, 5, 3, 7, 5), (1, 2, 3, 4, 5, 6, 7)],
+    ids=["uniform", "grouped", "padded"],
+)
+@pytest.mark.parametrize("eager", [False, True])
+def test_masked_keys_take_no_part_in_the_attention(lengths, eager):
+    """q and k widened by a key bias (`TowerState.mask`): every row attends over its segment's unmasked keys
+    only, as if the masked rows were gone; a segment of masked keys alone still gives finite rows (they are
+    pruned rows, whose outputs nobody reads); bias 0 everywhere is the plain attention."""
+    g = torch.Generator().manual_seed(1)
+    t = sum(lengths)
+    q, k, v = (torch.randn(t, 2, 8, generator=g) for _ in range(3))
+    attended = torch.rand(t, generator=g) > 0.4
+    attended[: lengths[0]] = False  # the first segment's keys all masked
+    bias = torch.where(attended, 0.0, qwen_tower.KEY_BIAS)
+    out = segment_attention(*qwen_tower.widen(q, k, bias), v, Segments(lengths), scale=0.3, eager=eager)
+    assert out.shape == v.shape and torch.isfinite(out).all()
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    for a, b in itertools.pairwise(bounds):
+        keys = attended[a:b]
+        if keys.any():
+            folded = [x.transpose(0, 1).unsqueeze(0) for x in (q[a:b], k[a:b][keys], v[a:b][keys])]
+            want = F.scaled_dot_product_attention(*folded, scale=0.3)[0].transpose(0, 1)
+            torch.testing.assert_close(out[a:b], want, rtol=1e-5, atol=1e-6)
+    plain = segment_attention(q, k, v, Segments(lengths), scale=0.3, eager=eager)
+    zero = segment_attention(*qwen_tower.widen(q, k, torch.zeros(t)), v, Segments(lengths), scale=0.3, eager=eager)
+    torch.testing.assert_close(zero, plain)
 
 
 def test_segments_refuse_a_sequence_they_do_not_cover():

@@ -20,24 +20,24 @@ VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "
 FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 
-def tiny_qwen(family: str, attn: str = "sdpa", seed: int = 0):
-    """A tiny model of `family` (see FAMILIES)."""
+def tiny_qwen(family: str, attn: str = "sdpa", seed: int = 0, **vision):
+    """A tiny model of `family` (see FAMILIES); `vision`: vision config entries to override (depth, ...)."""
     if family == "qwen2-vl":
-        return tiny_qwen2_vl(attn, seed)
+        return tiny_qwen2_vl(attn, seed, **vision)
     if family == "qwen2.5-vl":
-        return tiny_qwen2_5_vl(attn, seed)
+        return tiny_qwen2_5_vl(attn, seed, **vision)
     if family == "qwen3-vl":
-        return tiny_qwen3_vl(attn, seed)
+        return tiny_qwen3_vl(attn, seed, **vision)
     raise ValueError(f"unknown family {family!r}")
 
 
-def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGeneration:
+def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0, **overrides) -> Qwen2VLForConditionalGeneration:
     """A 3-block tower (width 32, 14-px patches, 2x2 merger) and a 4-layer M-RoPE LLM of width 64."""
-    vision = {**VISION, "depth": 3, "embed_dim": 32, "hidden_size": 64}
+    vision = {**VISION, "depth": 3, "embed_dim": 32, "hidden_size": 64, **overrides}
     return _build(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, attn, seed)
 
 
-def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0, **overrides) -> Qwen2_5_VLForConditionalGeneration:
     """A 4-block tower with 56-px attention windows (2 x 2 merged tokens) and full attention in blocks 1
     and 3, the same LLM as tiny_qwen2_vl."""
     vision = {
@@ -48,11 +48,12 @@ def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForCondition
         "out_hidden_size": 64,
         "window_size": 56,
         "fullatt_block_indexes": [1, 3],
+        **overrides,
     }
     return _build(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
-def tiny_qwen3_vl(attn: str = "sdpa", seed: int = 0) -> Qwen3VLForConditionalGeneration:
+def tiny_qwen3_vl(attn: str = "sdpa", seed: int = 0, **overrides) -> Qwen3VLForConditionalGeneration:
     """A 3-block tower (width 32, 14-px patches, a 4 x 4 learned position grid) with DeepStack mergers after
     blocks 0 and 1 (added after LLM layers 0 and 1), and a 4-layer Qwen3 LLM (q/k norms) of width 64."""
     vision = {
@@ -63,6 +64,7 @@ def tiny_qwen3_vl(attn: str = "sdpa", seed: int = 0) -> Qwen3VLForConditionalGen
         "out_hidden_size": 64,
         "num_position_embeddings": 16,
         "deepstack_visual_indexes": [0, 1],
+        **overrides,
     }
     return _build(Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, attn, seed, head_dim=16)
 

@@ -133,12 +133,16 @@ def prune_counts(attention: Tensor, valid: Tensor, target: int | Tensor, remaini
     return torch.maximum(n - pruned, target)
 
 
-def relation_terms(q: Tensor, k: Tensor, v: Tensor, image: Tensor, images: int, scale: float) -> tuple[Tensor, Tensor]:
+def relation_terms(
+    q: Tensor, k: Tensor, v: Tensor, image: Tensor, images: int, scale: float, taking_part: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(the block score S [T], the relation attention a [T]) in float32 per token of a packed sequence,
     FlowCut's terms on a tower without CLS: q, k (RoPE applied) and v [T, H, d] of the tokens of `images`
     images, `image` [T] long the image of each token. Per image and head the global query is the mean of
     the image's queries; a_j = softmax over the image's tokens of q_mean . k_j * scale, averaged over the
     heads; S_j = a_j * |mean over heads of v_j|_1. One query row per image and head: no attention map.
+    `taking_part` [T] bool: the tokens counted (default all); the others (pruned, still in the sequence)
+    are in no mean or softmax and score 0 (their values must be finite: they are multiplied by 0).
 
     The per-image sums are products with the [images, T] membership matrix (half-precision CUDA inputs on
     the tensor cores with float32 results, exact products), and every token's logit is taken against
@@ -146,12 +150,16 @@ def relation_terms(q: Tensor, k: Tensor, v: Tensor, image: Tensor, images: int, 
     whose atomic adds contend, and no host synchronisation."""
     t, heads, width = q.shape
     member = image.unsqueeze(0) == torch.arange(images, device=image.device).unsqueeze(1)  # [images, T]
+    if taking_part is not None:
+        member &= taking_part.unsqueeze(0)
     rows = member.sum(dim=1).clamp(min=1).float()
     mean_q = _member_sums(member, q.reshape(t, heads * width)).view(images, heads, width) / rows[:, None, None]
     logits = _against_every_image(k, mean_q).mul_(scale)  # [T, H, images]
     own = image.view(t, 1, 1).expand(t, heads, 1)
     peak = logits.masked_fill(~member.t().unsqueeze(1), float("-inf")).amax(dim=0)  # [H, images]
     weights = (logits.gather(2, own).squeeze(2) - peak.t()[image]).exp_()  # [T, H]
+    if taking_part is not None:
+        weights.masked_fill_(~taking_part.unsqueeze(1), 0)  # (a pruned key's logit may exceed the peak)
     total = _member_sums(member, weights)  # [images, H]
     attention = (weights / total[image]).mean(dim=1)
     return attention * v.mean(dim=1, dtype=torch.float32).abs().sum(dim=-1), attention

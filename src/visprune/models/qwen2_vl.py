@@ -27,7 +27,7 @@ go to their placeholders before splicing, and they keep their dense positions.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
+from visprune.host_reads import StagedRead
 from visprune.methods import flowcut
 from visprune.methods.base import Reduction, SignalRequest
 from visprune.methods.signals import mean_received_attention, patch_keys
@@ -208,71 +209,89 @@ class Qwen2VLAdapter(Adapter):
         """FlowCut inside the tower (`visprune.methods.flowcut`): at every block the relation attention and
         score of each image's units from the block's q, k and v, accumulated into the flow; after the
         blocks of `prune_schedule(depth - 1)` each image keeps its units of highest flow (the counts its
-        own: per image, `budget` at the last block, all of an image's units where it has no more) and the
-        next blocks run on those only (`qwen_tower.cut`, once per pruning point that removes any). Returns
-        the reducer's Reductions of the kept units' features (`_parts`: DeepStack levels from the blocks
-        that formed them, at the final kept units), their original indices under `name`."""
+        own: per image, `budget` after the last block, all of an image's units where it has no more).
+        Returns the reducer's Reductions of the kept units' features (`_parts`: DeepStack levels from the
+        blocks that formed them, at the final kept units), their original indices under `name`.
+
+        The host never waits for the device between blocks: a pruning point only MASKS the units it drops
+        (`TowerState.mask`: the later blocks give them no attention, so the kept ones attend as if they were
+        gone) and starts a copy of which they are to the host. At the next pruning point, two blocks later,
+        the host reads that copy (the device is busy with the blocks queued since) and removes the dropped
+        rows (`qwen_tower.keep_units`), so the blocks after it run on fewer rows. Once every image is at its
+        target, the flow is no longer computed."""
         tower = self.vision_tower
         depth = len(tower.blocks)
         device = state.hidden.device
         schedule = flowcut.prune_schedule(depth - 1)
         targets = [min(budget, n) for n in counts]
-        target = torch.tensor(targets, device=device)
-        starts = torch.tensor([0, *counts], device=device).cumsum(0)  # each image's first natural unit
+        target = host_to_device(torch.tensor(targets), device)
+        starts_host = torch.tensor([0, *counts]).cumsum(0)  # each image's first natural unit
+        starts = host_to_device(starts_host, device)
         parts = self._parts()
         saved: dict[str, tuple[Tensor, Tensor]] = {}  # part -> (its rows [U_b, 4C], their natural units)
-        kept = list(counts)  # the units each image still runs with (host)
-        view = _UnitView.of(state.unit_natural, starts, kept)
-        flow: Tensor | None = None
+        running = list(counts)  # the units each image still runs with (host)
+        scoring = running != targets
+        view = _UnitView.of(state.unit_natural, starts, running)
+        flow: Tensor | None = None  # per running unit, tower order
+        pending: StagedRead | None = None  # the units the last pruning point kept, on their way to the host
         for i in range(depth):
-            active = kept != targets
             inputs, outputs = qwen_tower.run_blocks(
-                tower, state, i + 1, inputs={i} if active else (), outputs={i}, normalisers=False
+                tower, state, i + 1, inputs={i} if scoring else (), outputs={i}, normalisers=False
             )
             for part, block in parts.items():
                 if block == i:
                     saved[part] = (self._part(part, outputs[i]), state.unit_natural)
-            if not active:
+            if not scoring:
                 continue
             score, attention = self._flow_terms(tower.blocks[i], inputs[i], view)
-            flow = flowcut.accumulate(flow, view.pad(score))
-            if i not in schedule:
+            flow = flowcut.accumulate(flow, score)
+            if schedule.get(i, 0) == 0:  # not a pruning point, or the last one (after the loop)
                 continue
-            if schedule[i] == 0:  # the last pruning point keeps each image's target: known on the host
-                new, now = target, targets
-            else:
-                reducer.before_host_read()  # the counts are read on the host next
-                new = flowcut.prune_counts(view.pad(attention), view.valid, target, schedule[i])
-                now = new.tolist()  # one host synchronisation per pruning point
-            if now == kept:
-                continue
-            positions, _ = flowcut.keep_top(flow, view.valid, new, width=max(now))
-            flow = flow.gather(1, positions)
-            # each image's kept units are the first `now` of its row: sliced with the host counts (a boolean
-            # index would synchronise again to learn its size)
-            rows = view.natural.gather(1, positions)
-            qwen_tower.cut(state, None, torch.cat([row[:n] for row, n in zip(rows, now, strict=True)]))
-            kept = now
-            view = _UnitView.of(state.unit_natural, starts, kept)
-        final = state.unit_natural.sort().values  # natural order: image by image, ascending
+            if pending is not None:  # no pruning point masked units since: the running units it kept attend
+                reducer.before_host_read()  # (the call's pending host work runs first, once)
+                kept = pending.value().nonzero().squeeze(1)
+                if kept.shape[0] < len(state.units_host):
+                    image = torch.bucketize(state.units_host[kept], starts_host[1:], right=True)
+                    running = torch.bincount(image, minlength=len(counts)).tolist()
+                    on_device = qwen_tower.keep_units(state, kept)
+                    flow, attention = flow[on_device], attention[on_device]
+                    view = _UnitView.of(state.unit_natural, starts, running)
+                else:
+                    view = view.attending_to(None)
+                if running == targets:  # every image at its target: all it runs is kept from here on
+                    scoring, state.key_bias = False, None
+                    continue
+            new = flowcut.prune_counts(view.pad(attention), view.valid, target, schedule[i])
+            attending = flowcut.top_mask(view.pad(flow), view.valid, new).flatten()[view.slot]
+            state.mask(attending)
+            view = view.attending_to(attending)
+            pending = StagedRead(attending)
+        if flow is None:  # every image had its target from the start: all kept
+            flow = torch.zeros(len(state.units_host), device=device)
+        positions, _ = flowcut.keep_top(view.pad(flow), view.valid, target, width=max(targets))
+        rows = view.natural.gather(1, positions)
+        final = torch.cat([row[:n] for row, n in zip(rows, targets, strict=True)])  # natural order
         feats = []
         for part, block in parts.items():
-            rows, units = saved[part] if block is not None else (self._part(part, state.hidden), state.unit_natural)
-            feats.append(rows[qwen_tower.unit_positions(units, final)])
+            found, units = saved[part] if block is not None else (self._part(part, state.hidden), state.unit_natural)
+            feats.append(found[qwen_tower.unit_positions(units, final)])
         image = torch.bucketize(final, starts[1:], right=True)
-        local = list((final - starts[image]).split(kept))
-        return self._reduce(torch.cat(feats, dim=-1), {name: local}, grids, counts, reducer, rows=kept)
+        local = list((final - starts[image]).split(targets))
+        return self._reduce(torch.cat(feats, dim=-1), {name: local}, grids, counts, reducer, rows=targets)
 
     def _flow_terms(self, block: nn.Module, seen: qwen_tower.BlockInput, view: _UnitView) -> tuple[Tensor, Tensor]:
         """FlowCut's (score, relation attention) per unit (tower order) of one block, from its q, k, v (the
-        runner's own where it kept them)."""
+        runner's own where it kept them), over the units `view` still attends to."""
         attn = block.attn
         q, k, v = seen.q, seen.k, seen.v
         if q is None or k is None or v is None:
             t = seen.hidden.shape[0]
             q, k, v = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)
             q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
-        score, attention = flowcut.relation_terms(q, k, v, view.patch_image, view.valid.shape[0], attn.scaling)
+        taking_part = None if view.attending is None else view.attending.repeat_interleave(MERGED)
+        score, attention = flowcut.relation_terms(
+            q, k, v, view.patch_image, view.valid.shape[0], attn.scaling, taking_part
+        )
         return flowcut.unit_sums(score, MERGED), flowcut.unit_sums(attention, MERGED)
 
     def _reduce(
@@ -461,8 +480,14 @@ class _UnitView:
 
     slot: Tensor  # [U] long: the padded slot (image * W + rank in its image) of each unit, tower order
     natural: Tensor  # [images, W] long: the natural unit at each slot (padding: 0)
-    valid: Tensor  # [images, W] bool
+    running: Tensor  # [images, W] bool: the slots that hold a unit
     patch_image: Tensor  # [4U] long: the image of each patch row, tower order
+    attending: Tensor | None = None  # [U] bool, tower order: the units still attended to (None: all)
+    valid: Tensor = field(init=False)  # [images, W] bool: the running units still attended to
+
+    def __post_init__(self) -> None:
+        valid = self.running if self.attending is None else self.running & self.pad(self.attending)
+        object.__setattr__(self, "valid", valid)
 
     @classmethod
     def of(cls, unit_natural: Tensor, starts: Tensor, kept: list[int]) -> _UnitView:
@@ -474,16 +499,21 @@ class _UnitView:
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.shape[0], device=device)
         image = torch.bucketize(unit_natural, starts[1:], right=True)
-        first = torch.tensor([0, *kept[:-1]], device=device).cumsum(0)  # rank of each image's first unit
+        # (host lists copied without waiting for the device's queue: a blocking copy would wait for it)
+        first = host_to_device(torch.tensor([0, *kept[:-1]]).cumsum(0), device)  # rank of each image's first unit
         slot = image * width + rank - first[image]
         natural = unit_natural.new_zeros(len(kept) * width).index_put_((slot,), unit_natural).view(len(kept), width)
-        valid = torch.arange(width, device=device) < torch.tensor(kept, device=device).unsqueeze(1)
-        return cls(slot, natural, valid, image.repeat_interleave(MERGED))
+        running = torch.arange(width, device=device) < host_to_device(torch.tensor(kept), device).unsqueeze(1)
+        return cls(slot, natural, running, image.repeat_interleave(MERGED))
+
+    def attending_to(self, attending: Tensor | None) -> _UnitView:
+        """The same units, of which only `attending` [U] bool (tower order; None: all) are still attended to."""
+        return replace(self, attending=attending)
 
     def pad(self, per_unit: Tensor) -> Tensor:
         """[images, W]: per-unit values [U] (tower order) in this layout (padding: 0)."""
-        flat = per_unit.new_zeros(self.valid.numel()).index_put_((self.slot,), per_unit)
-        return flat.view(self.valid.shape)
+        flat = per_unit.new_zeros(self.running.numel()).index_put_((self.slot,), per_unit)
+        return flat.view(self.running.shape)
 
 
 def _grids(grid_thw: Any, patches: int) -> list[tuple[int, int, int]]:

@@ -18,6 +18,11 @@ their rows continue through the remaining blocks with their own RoPE angles, and
 within its own frame or window, now over the kept units of that frame or window only. A state may be
 cut several times (FlowCut prunes after several blocks): each cut keeps a subset of the units still
 running.
+
+A state may also MASK units instead (`TowerState.mask`): they keep running, but every later block's
+attention gives them no weight as keys (`widen`), so the units still running attend as if the masked ones
+were gone. Masking needs no count on the host; FlowCut masks at each pruning point and removes the masked
+rows later (`keep_units`), when the host has read which they are without waiting for the device.
 """
 
 from __future__ import annotations
@@ -34,11 +39,15 @@ from torch import Tensor, nn
 from visprune import compat
 from visprune.errors import UnsupportedModelError
 from visprune.models.segments import Segments, segment_attention, segment_attention_lse
+from visprune.models.splice import host_to_device
 
 UNIT = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
 # Half-precision elements per 16 bytes: GPU matrix-product kernels for Hopper need leading dimensions
 # that are multiples of this; a 3420-wide MLP (Qwen2.5-VL) otherwise falls back to ~3x slower kernels.
 ALIGN = 8
+# The bias `widen` gives a masked key: scaled by any head scale >= 1/16 (head sizes up to 256) its logit is
+# below -2000, whose exp is 0 in float32; -2**15 is exact in float16, bfloat16 and float32.
+KEY_BIAS = -(2.0**15)
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,7 @@ class BlockSteps(NamedTuple):
     """The two halves of a block around its attention call (`attention_inputs`, `finish_block`), plain
     or compiled."""
 
-    attention_inputs: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]  # q, k, v, keys before RoPE
+    attention_inputs: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]  # q, k (widened with a key bias), v, keys
     finish_block: Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
@@ -113,12 +122,20 @@ class TowerState:
     sin: Tensor  # [T, d]
     layout: TowerLayout
     unit_natural: Tensor  # [U] long (device): the natural (row-major, all images) unit index of each unit
+    units_host: Tensor  # [U] long (CPU): unit_natural's host copy, kept without reading the device
     steps: BlockSteps  # how the blocks run (EAGER_STEPS or compiled_steps)
     next_block: int = 0
+    key_bias: Tensor | None = None  # [T]: 0 for a row attended to, KEY_BIAS for a masked one (`mask`)
 
     def natural_order(self) -> Tensor:
         """Index that puts this state's units in natural order (dense states: row-major grid order)."""
         return self.unit_natural.argsort()
+
+    def mask(self, attended: Tensor) -> None:
+        """From the next block on, the units that are not `attended` [U] bool (tower order) take no part in any
+        block's attention as keys. Their rows still run (their own outputs mean nothing); no host read."""
+        bias = torch.where(attended, 0.0, KEY_BIAS).to(self.hidden.dtype)
+        self.key_bias = bias.repeat_interleave(UNIT)
 
     def input_of(self, block: int) -> BlockInput:
         return BlockInput(self.hidden, self.cos, self.sin, self.layout.segments(block))
@@ -142,6 +159,7 @@ class TowerPlan:
 
     layout: TowerLayout
     unit_order: Tensor | None  # [U] long (device): the natural unit at each tower position; None: identity
+    unit_order_host: Tensor | None  # the same on the host
     cos: Tensor  # [T, d] float32 (device), tower order
     sin: Tensor
 
@@ -154,11 +172,12 @@ def plan(
     copied over once; the RoPE angles are computed in float32, as the tower does."""
     position_ids = compat.vision_position_ids(grid_thw, tower.spatial_merge_size).to(device)
     cos, sin = (x.float() for x in tower.rotary_pos_emb(position_ids, position_ids))  # (x gives the device)
+    on_device = None
     if unit_order is not None:
-        unit_order = unit_order.to(device)
-        rows = _patch_rows(unit_order)
+        on_device = unit_order.to(device)
+        rows = _patch_rows(on_device)
         cos, sin = cos[rows], sin[rows]
-    return TowerPlan(layout, unit_order, cos, sin)
+    return TowerPlan(layout, on_device, unit_order, cos, sin)
 
 
 def start(patches: Tensor, plan: TowerPlan, steps: BlockSteps | None = None) -> TowerState:
@@ -166,10 +185,11 @@ def start(patches: Tensor, plan: TowerPlan, steps: BlockSteps | None = None) -> 
     run (plain by default)."""
     if plan.unit_order is None:
         natural = torch.arange(patches.shape[0] // UNIT, device=patches.device)
+        host = torch.arange(natural.shape[0])
     else:
-        natural = plan.unit_order
+        natural, host = plan.unit_order, plan.unit_order_host
         patches = patches[_patch_rows(natural)]
-    return TowerState(patches, plan.cos, plan.sin, plan.layout, natural, steps or EAGER_STEPS)
+    return TowerState(patches, plan.cos, plan.sin, plan.layout, natural, host, steps or EAGER_STEPS)
 
 
 def run_blocks(
@@ -195,7 +215,7 @@ def run_blocks(
         segments = state.layout.segments(i)
         record = seen_in.get(i)
         state.hidden = run_block(
-            block, state.hidden, state.cos, state.sin, segments, rope, state.steps, record, normalisers
+            block, state.hidden, state.cos, state.sin, segments, rope, state.steps, record, normalisers, state.key_bias
         )
         if i in outputs:
             seen_out[i] = state.hidden
@@ -213,32 +233,54 @@ def run_block(
     steps: BlockSteps,
     record: BlockInput | None = None,
     normalisers: bool = True,
+    key_bias: Tensor | None = None,
 ) -> Tensor:
     """One Qwen-VL vision block with its attention batched over `segments`; its q, k, v and (with
-    `normalisers`) attention log-normalisers go into `record` where given."""
+    `normalisers`) attention log-normalisers go into `record` where given. `key_bias` [T] (`TowerState.mask`)
+    is added to every logit of each key (see `widen`); a masked block runs on torch's attention under any
+    attention implementation (FlashAttention's varlen path takes no bias)."""
     attn = block.attn
     impl = attn.config._attn_implementation or "eager"
-    if impl not in ("sdpa", "eager"):
+    if impl not in ("sdpa", "eager") and key_bias is None:
         # FlashAttention and others: the block's own varlen path is already a single call.
         cu = segments.cu_seqlens(hidden.device)
         return block(hidden, cu_seqlens=cu, max_seqlen=max(segments.lengths), position_embeddings=(cos, sin))
-    q, k, v, keys = steps.attention_inputs(block, hidden, cos, sin, rope)
+    q, k, v, keys = steps.attention_inputs(block, hidden, cos, sin, rope, key_bias)
     if record is not None and normalisers:
         out, record.lse = segment_attention_lse(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
     else:
         out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
     if record is not None:
-        record.q, record.k, record.keys, record.v = q, k, keys, v
+        width = keys.shape[-1]  # readers see the block's own q and k, without the bias column
+        record.q, record.k, record.keys, record.v = q[..., :width], k[..., :width], keys, v
     return steps.finish_block(block, hidden, out)
 
 
-def attention_inputs(block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, rope: Callable) -> tuple[Tensor, ...]:
+def attention_inputs(
+    block: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, rope: Callable, key_bias: Tensor | None = None
+) -> tuple[Tensor, ...]:
     """norm1 -> qkv -> the vision RoPE of q and k: the block's q, k, v [T, heads, d], and its keys before
-    RoPE (what the "keys" signal reads)."""
+    RoPE (what the "keys" signal reads); with `key_bias`, q and k `widen`ed by it."""
     attn = block.attn
     q, keys, v = attn.qkv(block.norm1(hidden)).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
     q, k = rope(q, keys, cos, sin)
+    if key_bias is not None:
+        q, k = widen(q, k, key_bias)
     return q, k, v, keys
+
+
+def widen(q: Tensor, k: Tensor, key_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k [T, H, d] with ALIGN more columns, so that every q_i . k_j gains key_bias[j] ([T]): q's first
+    new column is 1, k's the bias, the others 0 (the width stays a multiple of ALIGN, which the fused
+    attention kernels need). A key of bias 0 scores exactly as before; one of KEY_BIAS gets weight 0 in
+    every softmax. This is a key mask that costs the kernels ~5% (an explicit mask costs them 50% at
+    Qwen2.5-VL's shapes, docs/bench), and it leaves every row some finite weights, where a mask that hid
+    a whole segment would give NaN."""
+    t, heads, _ = q.shape
+    zeros = q.new_zeros(t, heads, ALIGN - 1)
+    q = torch.cat([q, q.new_ones(t, heads, 1), zeros], dim=-1)
+    k = torch.cat([k, key_bias.to(k.dtype).view(t, 1, 1).expand(t, heads, 1), zeros], dim=-1)
+    return q, k
 
 
 def finish_block(block: nn.Module, hidden: Tensor, attended: Tensor) -> Tensor:
@@ -311,6 +353,26 @@ def unit_positions(unit_natural: Tensor, natural: Tensor) -> Tensor:
     return perm[torch.searchsorted(ordered, natural)]
 
 
+def keep_units(state: TowerState, kept_host: Tensor) -> Tensor:
+    """Continue with the units at tower positions `kept_host` (ascending, on the host), rows and all; no
+    host read. Returns the positions on the device (for the caller's own per-unit tensors)."""
+    kept = host_to_device(kept_host, state.hidden.device)
+    state.hidden = state.hidden[_patch_rows(kept)]
+    state.unit_natural = state.unit_natural[kept]
+    _keep_rows(state, kept, kept_host)
+    return kept
+
+
+def _keep_rows(state: TowerState, kept: Tensor, kept_host: Tensor) -> None:
+    """The per-row state other than hidden and unit_natural, at the kept tower positions (device and host)."""
+    rows = _patch_rows(kept)
+    state.cos, state.sin = state.cos[rows], state.sin[rows]
+    if state.key_bias is not None:
+        state.key_bias = state.key_bias[rows]
+    state.layout = state.layout.keep(kept_host)
+    state.units_host = state.units_host[kept_host]
+
+
 def cut(state: TowerState, rows: Tensor | None, natural: Tensor) -> Tensor:
     """Continue with a subset of the units still running: `rows` [K, UNIT * C] (units' patches
     concatenated; None: the units' own rows) standing at the natural units `natural` [K] (device), each one
@@ -324,10 +386,8 @@ def cut(state: TowerState, rows: Tensor | None, natural: Tensor) -> Tensor:
     kept = tower_pos[order]
     # Gathered (not reshaped views): a compiled block sees the same kind of tensor in every block.
     state.hidden = rows.reshape(-1, rows.shape[1] // UNIT)[_patch_rows(order)]
-    kept_rows = _patch_rows(kept)
-    state.cos, state.sin = state.cos[kept_rows], state.sin[kept_rows]
-    state.layout = state.layout.keep(kept.cpu())
     state.unit_natural = natural[order]
+    _keep_rows(state, kept, kept.cpu())
     return order.argsort()
 
 

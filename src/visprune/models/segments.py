@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visprune.methods.signals import attention_with_lse
+from visprune.models.splice import host_to_device
 
 # Above this many distinct segment lengths, pad every segment to the longest (one masked call).
 MAX_GROUPS = 4
@@ -83,19 +84,25 @@ class _Plan:
             for length in sorted(set(lengths)):
                 first = starts[sizes == length]
                 rows = (first.unsqueeze(1) + torch.arange(length)).flatten()
-                groups.append((length, rows.to(device)))
+                groups.append((length, host_to_device(rows, device)))
             return cls(groups=groups)
         offsets = torch.arange(max(lengths))
         valid = offsets.unsqueeze(0) < sizes.unsqueeze(1)
         padded = torch.where(valid, starts.unsqueeze(1) + offsets, 0)
         slots = valid.flatten().nonzero().squeeze(1)  # in token order: segments are consecutive runs
-        return cls(padded=padded.to(device), valid=valid.to(device), slots=slots.to(device))
+        # copied without waiting for the device's queue (a tower planned anew mid-forward, say)
+        return cls(
+            padded=host_to_device(padded, device),
+            valid=host_to_device(valid, device),
+            slots=host_to_device(slots, device),
+        )
 
 
 def segment_attention(
     q: Tensor, k: Tensor, v: Tensor, segments: Segments, *, scale: float, eager: bool = False
 ) -> Tensor:
-    """Attention of every token over the tokens of its own segment: q, k, v [T, H, d] -> [T, H, d].
+    """Attention of every token over the tokens of its own segment: q, k [T, H, d], v [T, H, e] -> [T, H, e]
+    (q and k may be wider than v: `qwen_tower.widen` appends a key-bias column to them).
 
     eager=True computes softmax(q k^T * scale) v explicitly with the softmax in float32, as
     transformers' eager attention does; otherwise torch's scaled_dot_product_attention.
@@ -108,36 +115,38 @@ def segment_attention_lse(
 ) -> tuple[Tensor, Tensor | None]:
     """`segment_attention` and each query row's log-normaliser log sum_j exp(q_i k_j * scale) over its
     segment, [T, H] float32, which the fused kernels compute anyway (the CLS-free signal reads it instead
-    of a pass of its own). The log-normaliser is None where no kernel returns it (a padded layout, or a
-    shape torch's private fused operators do not take); the attention is computed either way."""
+    of a pass of its own). The log-normaliser is None where no kernel returns it (a padded layout, q and k
+    wider than v, or a shape torch's private fused operators do not take); the attention is computed either way."""
     return _segment_attention(q, k, v, segments, scale, eager, True)
 
 
 def _segment_attention(
     q: Tensor, k: Tensor, v: Tensor, segments: Segments, scale: float, eager: bool, want_lse: bool
 ) -> tuple[Tensor, Tensor | None]:
-    t, h, d = q.shape
+    t, h, _ = q.shape
+    e = v.shape[-1]
     if segments.total != t:
         raise ValueError(f"the segments cover {segments.total} tokens but the sequence has {t}")
+    want_lse = want_lse and q.shape[-1] == e  # the fused kernels' private operators take one head size
     plan = segments.plan(q.device)
     if plan.uniform is not None:
         n = t // plan.uniform
-        folded = [x.reshape(n, plan.uniform, h, d).transpose(1, 2) for x in (q, k, v)]
+        folded = [x.reshape(n, plan.uniform, h, x.shape[-1]).transpose(1, 2) for x in (q, k, v)]
         out, lse = _attend(*folded, None, scale, eager, want_lse)
-        return out.transpose(1, 2).reshape(t, h, d), _token_rows(lse, t, h)
+        return out.transpose(1, 2).reshape(t, h, e), _token_rows(lse, t, h)
     if plan.padded is not None:
         n, width = plan.padded.shape
         rows = plan.padded.flatten()
-        folded = [x[rows].view(n, width, h, d).transpose(1, 2) for x in (q, k, v)]
+        folded = [x[rows].view(n, width, h, x.shape[-1]).transpose(1, 2) for x in (q, k, v)]
         attended, _ = _attend(*folded, plan.valid[:, None, None, :], scale, eager, False)
-        return attended.transpose(1, 2).reshape(n * width, h, d).index_select(0, plan.slots), None
-    out = torch.empty_like(q)
+        return attended.transpose(1, 2).reshape(n * width, h, e).index_select(0, plan.slots), None
+    out = v.new_empty(t, h, e)
     found = []
     for length, rows in plan.groups:
         n = rows.shape[0] // length
-        folded = [x[rows].view(n, length, h, d).transpose(1, 2) for x in (q, k, v)]
+        folded = [x[rows].view(n, length, h, x.shape[-1]).transpose(1, 2) for x in (q, k, v)]
         attended, lse = _attend(*folded, None, scale, eager, want_lse)
-        out[rows] = attended.transpose(1, 2).reshape(-1, h, d)
+        out[rows] = attended.transpose(1, 2).reshape(-1, h, e)
         found.append((rows, lse))
     if not want_lse or any(lse is None for _, lse in found):
         return out, None
