@@ -7,13 +7,16 @@ import torch
 
 from visprune.errors import InputError
 from visprune.methods.scope import scope
+from visprune.methods.similarity import pairwise_cosine
 
 
-def reference(features: torch.Tensor, saliency: torch.Tensor, k: int) -> list[int]:
-    """The procedure for one image with Python loops: coverage gains summed over every token."""
+def reference(features: torch.Tensor, saliency: torch.Tensor, k: int, sim: torch.Tensor | None = None) -> list[int]:
+    """The procedure for one image with Python loops: coverage gains summed over every token (`sim`: the
+    similarity to use, by default the cosine computed here)."""
     n = features.shape[0]
-    unit = features / features.norm(dim=-1, keepdim=True)
-    sim = unit @ unit.T
+    if sim is None:
+        unit = features / features.norm(dim=-1, keepdim=True)
+        sim = unit @ unit.T
     coverage = [0.0] * n
     chosen: list[int] = []
     for _ in range(k):
@@ -38,6 +41,27 @@ def test_selection_equals_the_plain_procedure(n, k, alpha):
     for i, r in enumerate(out):
         assert r.sources.tolist() == reference(features[i], attn[i] ** alpha, k)
         torch.testing.assert_close(r.features, features[i, r.sources].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_features_select_by_their_similarity_held_in_their_dtype(dtype, monkeypatch):
+    """Half-precision features: the similarity is rounded once to their dtype (as the official code holds
+    it; each step reads half the bytes), then the greedy procedure runs in float32 on those values."""
+    from visprune.methods import scope as module
+
+    read = []
+    step = module._coverage_step
+    monkeypatch.setattr(
+        module, "_coverage_step", lambda sim, sim_t, *a: read.append((sim.dtype, sim_t.dtype)) or step(sim, sim_t, *a)
+    )
+    g = torch.Generator().manual_seed(7)
+    features, attn = torch.randn(2, 20, 6, generator=g).to(dtype), torch.rand(2, 20, generator=g)
+    out = scope(features, cls_attn=attn, budget=6)
+    assert read == [(dtype, dtype)] * 6
+    for i, r in enumerate(out):
+        sim = pairwise_cosine(features[i : i + 1])[0].to(dtype).double()
+        assert r.sources.tolist() == reference(features[i], attn[i], 6, sim)
+        assert r.features.dtype == dtype
 
 
 def test_a_covered_region_is_not_taken_twice():
