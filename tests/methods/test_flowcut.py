@@ -24,6 +24,7 @@ from visprune.methods.flowcut import (
     relation_terms,
     top_mask,
     unit_sums,
+    unit_terms,
 )
 
 
@@ -256,6 +257,29 @@ def test_flow_terms_of_half_inputs_on_the_gpu_equal_float32(dtype, split):
     want_score, want_a = flow_terms(q.float(), k.float(), v.float(), valid, 0.125)
     torch.testing.assert_close(a.cpu(), want_a, rtol=1e-4, atol=1e-9)  # summation order: the products are exact
     torch.testing.assert_close(score.cpu(), want_score, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_unit_terms_trace_as_one_graph_and_are_the_unit_sums_of_the_relation_terms(monkeypatch, pruned):
+    """Qwen-VL's per-block terms (`unit_terms`, compiled whole on a GPU by the adapters; traced here with
+    aot_eager): the per-unit sums of `relation_terms` over the patch rows, pruned units taking no part."""
+    from visprune.methods import graphs
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(24, 2, 4, generator=g) for _ in range(3))
+    unit_image = torch.tensor([0, 0, 1, 0, 1, 1])
+    taking_part = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool) if pruned else None
+    rows = None if taking_part is None else taking_part.repeat_interleave(4)
+    score, a = relation_terms(q, k, v, unit_image.repeat_interleave(4), 2, 0.5, rows)
+    monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
+    monkeypatch.setattr(graphs, "_fusable", lambda args: True)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a graph break would warn and run unfused
+        fused = graphs.fused(unit_terms)(q, k, v, unit_image, 2, 0.5, taking_part)
+    torch._dynamo.reset()
+    torch.testing.assert_close(fused[0], unit_sums(score))
+    torch.testing.assert_close(fused[1], unit_sums(a))
 
 
 def test_flow_terms_trace_as_one_graph_and_compute_the_same(monkeypatch):

@@ -165,6 +165,19 @@ def relation_terms(
     return attention * v.mean(dim=1, dtype=torch.float32).abs().sum(dim=-1), attention
 
 
+def unit_terms(
+    q: Tensor, k: Tensor, v: Tensor, unit_image: Tensor, images: int, scale: float, taking_part: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """`relation_terms` summed per merge unit (`unit_sums`): FlowCut's (score, attention) [U] per unit of a
+    Qwen-VL block, q, k, v [4U, H, d] in units of 4 consecutive rows, `unit_image` and `taking_part` [U]
+    per unit. The Qwen-VL adapters run it compiled (`graphs.fused`): as written it is some thirty small
+    kernels per block, whose launches, not the GPU, set the pace of FlowCut's tower."""
+    image = unit_image.repeat_interleave(4)
+    rows = None if taking_part is None else taking_part.repeat_interleave(4)
+    score, attention = relation_terms(q, k, v, image, images, scale, rows)
+    return unit_sums(score), unit_sums(attention)
+
+
 def _against_every_image(k: Tensor, mean_q: Tensor) -> Tensor:
     """[T, H, images] float32: k [T, H, d] dotted with every image's float32 mean query [images, H, d].
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
 from visprune.host_reads import StagedRead
-from visprune.methods import flowcut
+from visprune.methods import flowcut, graphs
 from visprune.methods.base import Reduction, SignalRequest
 from visprune.methods.signals import mean_received_attention, patch_keys
 from visprune.models import qwen_tower
@@ -47,6 +47,7 @@ from visprune.models.vision import missing_cls
 
 MERGED = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
 PLANS = 4  # tower plans an adapter keeps (per grid list; ~30 MB each at 8 x 1008 px)
+_unit_terms = graphs.fused(flowcut.unit_terms)  # FlowCut's per-block terms, compiled on a GPU
 
 
 class Qwen2VLAdapter(Adapter):
@@ -288,11 +289,7 @@ class Qwen2VLAdapter(Adapter):
             t = seen.hidden.shape[0]
             q, k, v = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)
             q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
-        taking_part = None if view.attending is None else view.attending.repeat_interleave(MERGED)
-        score, attention = flowcut.relation_terms(
-            q, k, v, view.patch_image, view.valid.shape[0], attn.scaling, taking_part
-        )
-        return flowcut.unit_sums(score, MERGED), flowcut.unit_sums(attention, MERGED)
+        return _unit_terms(q, k, v, view.unit_image, view.valid.shape[0], attn.scaling, view.attending)
 
     def _reduce(
         self,
@@ -481,7 +478,7 @@ class _UnitView:
     slot: Tensor  # [U] long: the padded slot (image * W + rank in its image) of each unit, tower order
     natural: Tensor  # [images, W] long: the natural unit at each slot (padding: 0)
     running: Tensor  # [images, W] bool: the slots that hold a unit
-    patch_image: Tensor  # [4U] long: the image of each patch row, tower order
+    unit_image: Tensor  # [U] long: the image of each unit, tower order
     attending: Tensor | None = None  # [U] bool, tower order: the units still attended to (None: all)
     valid: Tensor = field(init=False)  # [images, W] bool: the running units still attended to
 
@@ -504,7 +501,7 @@ class _UnitView:
         slot = image * width + rank - first[image]
         natural = unit_natural.new_zeros(len(kept) * width).index_put_((slot,), unit_natural).view(len(kept), width)
         running = torch.arange(width, device=device) < host_to_device(torch.tensor(kept), device).unsqueeze(1)
-        return cls(slot, natural, running, image.repeat_interleave(MERGED))
+        return cls(slot, natural, running, image)
 
     def attending_to(self, attending: Tensor | None) -> _UnitView:
         """The same units, of which only `attending` [U] bool (tower order; None: all) are still attended to."""
