@@ -103,6 +103,12 @@ def test_relation_terms_count_only_the_tokens_taking_part():
     torch.testing.assert_close(a[taking_part], alone_a)
     torch.testing.assert_close(score[taking_part], alone_score)
     assert a[~taking_part].eq(0).all() and score[~taking_part].eq(0).all()
+    # q and k as a masked Qwen-VL block records them (widened by the key bias of the same mask): the same terms
+    from visprune.models.qwen_tower import KEY_BIAS, widen
+
+    wide_q, wide_k = widen(q, k, torch.where(taking_part, 0.0, KEY_BIAS))
+    for x, y in zip(relation_terms(wide_q, wide_k, v, image, 2, 0.7, taking_part), (score, a), strict=True):
+        torch.testing.assert_close(x, y)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

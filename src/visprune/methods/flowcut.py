@@ -142,7 +142,9 @@ def relation_terms(
     the image's queries; a_j = softmax over the image's tokens of q_mean . k_j * scale, averaged over the
     heads; S_j = a_j * |mean over heads of v_j|_1. One query row per image and head: no attention map.
     `taking_part` [T] bool: the tokens counted (default all); the others (pruned, still in the sequence)
-    are in no mean or softmax and score 0 (their values must be finite: they are multiplied by 0).
+    are in no mean or softmax and score 0 (their values must be finite: they are multiplied by 0). q and k
+    may be `qwen_tower.widen`ed (wider than v) by a key bias that is 0 for every token taking part: the
+    terms are then the same, read without a copy of the unwidened columns.
 
     The per-image sums are products with the [images, T] membership matrix (half-precision CUDA inputs on
     the tensor cores with float32 results, exact products), and every token's logit is taken against

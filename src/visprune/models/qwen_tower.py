@@ -95,7 +95,9 @@ class BlockInput:
     sin: Tensor
     segments: Segments
     # The block's q and k [T, heads, d] after RoPE (and k before it) and v, kept when the runner computed
-    # them (sdpa / eager), so a signal on this block does not compute them again.
+    # them (sdpa / eager), so a signal on this block does not compute them again. In a masked block
+    # (`TowerState.mask`: FlowCut's) q and k are `widen`ed: each q . k is the logit with the mask applied,
+    # and their head size is ALIGN more than v's.
     q: Tensor | None = None
     k: Tensor | None = None
     keys: Tensor | None = None  # the block's keys before RoPE
@@ -251,8 +253,7 @@ def run_block(
     else:
         out = segment_attention(q, k, v, segments, scale=attn.scaling, eager=impl == "eager")
     if record is not None:
-        width = keys.shape[-1]  # readers see the block's own q and k, without the bias column
-        record.q, record.k, record.keys, record.v = q[..., :width], k[..., :width], keys, v
+        record.q, record.k, record.keys, record.v = q, k, keys, v
     return steps.finish_block(block, hidden, out)
 
 
