@@ -277,32 +277,30 @@ def flowcut(
     removed until the last cut (the same result; module docstring). LLaVA-NeXT (FlowCut's per-crop
     variant with its own LLM stage) and CLIP-less LLaVA towers (SigLIP) are refused.
 
-    On a tower without CLS (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) it computes, at every vision block, the
-    relation attention a of the image's mean query over its tokens and the score a * |v|_1 (q, k after
-    the vision RoPE, heads averaged; module docstring), accumulates the flow over blocks, and after the
-    blocks with an even number r of blocks left (the last one included, r = 0) keeps the merge units of
-    highest flow, N - p of them (exactly `budget` at r = 0); the blocks after a pruning point run on the
-    kept units only, each still attending within its own image (or Qwen2.5-VL window, recomputed from
-    the kept units), with its own RoPE angle and dense M-RoPE position; Qwen3-VL's DeepStack levels are
-    those of the final kept units. Deviations from the official Qwen code (FlowCut_Qwen,
-    modeling_qwen2_vl_flowcut.py, Qwen2-VL only): it prunes single PATCHES down to 4 x the target and
-    lets the 2x2 merger merge whatever four survivors end up adjacent; here whole merge units are
-    pruned (a unit's attention and score: the sums over its 4 patches; the counts' N, T and entropy are
-    over units), so every LLM token is still merged from its own 2x2 patches, and each image ends with
-    exactly `budget` tokens in the tower (the official code prunes again inside the LLM at layer 1, to
-    the target, by its own LLM-side score: not done here; compose an LLM-side method for that); the
-    global query, softmax and entropy are per image (the official code runs batch 1 and takes them over
-    the whole packed sequence, and keeps stale cu_seqlens after pruning); the flow keeps updating
-    on every block while any image of the batch is above its target (the official code stops once
-    its one sequence reaches it; an image at its target keeps all its tokens either way, so results
-    are the same); Qwen2.5-VL (no official code) scores every block over the whole image, windowed
-    blocks included, and each kept unit keeps attending within its window; Qwen3-VL (no official code
-    either) forms each DeepStack level from its block's output on the units running there, taken at the
-    final kept units; the scores are computed in float32 (the official code: softmax in float32, then
-    the model's dtype) with ties to the lower unit index (torch.topk's order is unspecified); the
-    entropy's 1e-7 inside the log is dropped (0 ln 0 = 0). As every method on Qwen-VL, a budget above an image's merged
-    tokens keeps all of them (with a UserWarning); `tower_layer` is refused (flowcut chooses its own
-    pruning blocks).
+    On a tower without CLS (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) it computes, at every vision block, the relation
+    attention a of the image's mean query over its tokens and the score a * |v|_1 (q, k after the vision RoPE, heads
+    averaged; module docstring), accumulates the flow over blocks, and after the blocks with an even number r of
+    blocks left (the last one included, r = 0) keeps the merge units of highest flow, N - p of them (exactly
+    `budget` at r = 0); the blocks after a pruning point attend over the kept units only (the dropped ones are
+    masked out of their attention, and their rows are removed two blocks later, when the host has the kept set
+    without waiting for the device), each kept unit within its own image (or Qwen2.5-VL window), with its own RoPE
+    angle and dense M-RoPE position; Qwen3-VL's DeepStack levels are those of the final kept units. Deviations from
+    the official Qwen code (FlowCut_Qwen, modeling_qwen2_vl_flowcut.py, Qwen2-VL only): it prunes single PATCHES
+    down to 4 x the target and lets the 2x2 merger merge whatever four survivors end up adjacent; here whole merge
+    units are pruned (a unit's attention and score: the sums over its 4 patches; the counts' N, T and entropy are
+    over units), so every LLM token is still merged from its own 2x2 patches, and each image ends with exactly
+    `budget` tokens in the tower (the official code prunes again inside the LLM at layer 1, to the target, by its
+    own LLM-side score: not done here; compose an LLM-side method for that); the global query, softmax and entropy
+    are per image (the official code runs batch 1 and takes them over the whole packed sequence, and keeps stale
+    cu_seqlens after pruning); the flow keeps updating on every block while any image of the batch is above its
+    target (the official code stops once its one sequence reaches it; an image at its target keeps all its tokens
+    either way, so results are the same); Qwen2.5-VL (no official code) scores every block over the whole image,
+    windowed blocks included, and each kept unit keeps attending within its window; Qwen3-VL (no official code
+    either) forms each DeepStack level from its block's output on the units running there, taken at the final kept
+    units; the scores are computed in float32 (the official code: softmax in float32, then the model's dtype) with
+    ties to the lower unit index (torch.topk's order is unspecified); the entropy's 1e-7 inside the log is dropped
+    (0 ln 0 = 0). As every method on Qwen-VL, a budget above an image's merged tokens keeps all of them (with a
+    UserWarning); `tower_layer` is refused (flowcut chooses its own pruning blocks).
 
     Options:
         budget: tokens kept per image (default 64), 1 <= budget <= N (LLaVA: an error above N; Qwen-VL:
