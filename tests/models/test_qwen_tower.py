@@ -23,6 +23,14 @@ from visprune.models.segments import Segments, segment_attention, segment_attent
 GRIDS = [(1, 6, 10), (2, 4, 4), (1, 10, 6), (1, 8, 8)]
 
 
+# segment lengths that take each of segment_attention's plans: one length, a few, many (padded)
+EVERY_PLAN = pytest.mark.parametrize(
+    "lengths",
+    [(8, 8, 8), (3, 5, 3, 7, 5), (1, 2, 3, 4, 5, 6, 7)],
+    ids=["uniform", "grouped", "padded"],
+)
+
+
 def _one_call_per_segment(q, k, v, lengths, scale):
     outs = []
     for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True):
@@ -31,11 +39,7 @@ def _one_call_per_segment(q, k, v, lengths, scale):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize(
-    "lengths",
-    [(8, 8, 8), (3, 5, 3, 7, 5), (1, 2, 3, 4, 5, 6, 7)],
-    ids=["uniform", "grouped", "padded"],
-)
+@EVERY_PLAN
 @pytest.mark.parametrize("eager", [False, True])
 def test_segment_attention_equals_one_call_per_segment(lengths, eager):
     g = torch.Generator().manual_seed(0)
@@ -72,11 +76,7 @@ def test_segment_attention_has_no_log_normaliser_for_a_padded_layout():
     torch.testing.assert_close(out, segment_attention(q, q, q, Segments(lengths), scale=0.3))
 
 
-@pytest.mark.parametrize(
-    "lengths",
-    [(8, 8, 8), (3, 5, 3, 7, 5), (1, 2, 3, 4, 5, 6, 7)],
-    ids=["uniform", "grouped", "padded"],
-)
+@EVERY_PLAN
 @pytest.mark.parametrize("eager", [False, True])
 def test_masked_keys_take_no_part_in_the_attention(lengths, eager):
     """q and k widened by a key bias (`TowerState.mask`): every row attends over its segment's unmasked keys

@@ -13,8 +13,9 @@ over images, frames and windows instead of one call each), which also hands over
 inputs; the blocks past the last one a method needs still run (the merger reads the last). With
 `tower_layer=b` (apply) the method reduces at the input of block b, as if the tower ended there, and
 blocks b.. run on the kept tokens only: the reduction then saves tower time too. FlowCut ("flowcut"
-signal) prunes inside the tower progressively, after several blocks of its own schedule, by cutting
-the runner's state again at each pruning point (`_flowcut`). Images of one grid
+signal) prunes inside the tower progressively, after several blocks of its own schedule: each pruning
+point masks the units it drops out of the later blocks' attention, and their rows are removed from the
+runner's state two blocks later (`_flowcut`). Images of one grid
 shape are reduced together (budgets are per image); a fixed budget above an image's merged tokens
 keeps all of them, with a warning.
 Positions: every token keeps its dense M-RoPE position (text its place, a kept visual token the
@@ -214,12 +215,13 @@ class Qwen2VLAdapter(Adapter):
         Returns the reducer's Reductions of the kept units' features (`_parts`: DeepStack levels from the
         blocks that formed them, at the final kept units), their original indices under `name`.
 
-        The host never waits for the device between blocks: a pruning point only MASKS the units it drops
-        (`TowerState.mask`: the later blocks give them no attention, so the kept ones attend as if they were
-        gone) and starts a copy of which they are to the host. At the next pruning point, two blocks later,
-        the host reads that copy (the device is busy with the blocks queued since) and removes the dropped
-        rows (`qwen_tower.keep_units`), so the blocks after it run on fewer rows. Once every image is at its
-        target, the flow is no longer computed."""
+        The host never reads a result of the block it has just launched: a pruning point only MASKS the
+        units it drops (`TowerState.mask`: the later blocks give them no attention, so the kept ones attend
+        as if they were gone) and starts a copy of which they are to the host. At the next pruning point, two
+        blocks later, the host reads that copy (waiting, if at all, for work two blocks back, while the
+        device has the blocks queued since) and removes the dropped rows (`qwen_tower.keep_units`), so the
+        blocks after it run on fewer rows. Once every image is at its target, the flow is no longer
+        computed."""
         tower = self.vision_tower
         depth = len(tower.blocks)
         device = state.hidden.device
@@ -248,7 +250,7 @@ class Qwen2VLAdapter(Adapter):
             flow = flowcut.accumulate(flow, score)
             if schedule.get(i, 0) == 0:  # not a pruning point, or the last one (after the loop)
                 continue
-            if pending is not None:  # no pruning point masked units since: the running units it kept attend
+            if pending is not None:  # (no pruning point since that one: the units it kept are those attended)
                 reducer.before_host_read()  # (the call's pending host work runs first, once)
                 kept = pending.value().nonzero().squeeze(1)
                 if kept.shape[0] < len(state.units_host):
