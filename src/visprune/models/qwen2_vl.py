@@ -220,8 +220,8 @@ class Qwen2VLAdapter(Adapter):
         as if they were gone) and starts a copy of which they are to the host. At the next pruning point, two
         blocks later, the host reads that copy (waiting, if at all, for work two blocks back, while the
         device has the blocks queued since) and removes the dropped rows (`qwen_tower.keep_units`), so the
-        blocks after it run on fewer rows. Once every image is at its target, the flow is no longer
-        computed."""
+        blocks after it run on fewer rows. Where every image has its target from the start (budgets of
+        all their units), the flow is not computed at all."""
         tower = self.vision_tower
         depth = len(tower.blocks)
         device = state.hidden.device
@@ -233,7 +233,7 @@ class Qwen2VLAdapter(Adapter):
         parts = self._parts()
         saved: dict[str, tuple[Tensor, Tensor]] = {}  # part -> (its rows [U_b, 4C], their natural units)
         running = list(counts)  # the units each image still runs with (host)
-        scoring = running != targets
+        scoring = running != targets  # an image above its target reaches it at r <= 2 only: scored to the end
         view = _UnitView.of(state.unit_natural, starts, running)
         flow: Tensor | None = None  # per running unit, tower order
         pending: StagedRead | None = None  # the units the last pruning point kept, on their way to the host
@@ -261,9 +261,6 @@ class Qwen2VLAdapter(Adapter):
                     view = _UnitView.of(state.unit_natural, starts, running)
                 else:
                     view = view.attending_to(None)
-                if running == targets:  # every image at its target: all it runs is kept from here on
-                    scoring, state.key_bias = False, None
-                    continue
             new = flowcut.prune_counts(view.pad(attention), view.valid, target, schedule[i])
             attending = flowcut.top_mask(view.pad(flow), view.valid, new).flatten()[view.slot]
             state.mask(attending)
