@@ -15,6 +15,7 @@ import visprune
 from tests.models import tiny_qwen
 from tests.models.test_qwen import QWEN_OPTIONS
 from tests.models.tiny import tiny_llava
+from visprune import compat
 from visprune.methods import Placement, get_method
 from visprune.models import adapter_for, qwen_tower
 from visprune.models.segments import Segments, segment_attention, segment_attention_lse
@@ -211,6 +212,27 @@ def test_blocks_after_the_cut_run_on_the_kept_tokens_only(family_model):
     dense = 4 * sum(handle.stats.visual_tokens_in)
     assert handle.stats.visual_tokens_out == [5, 5, 5]
     assert [rows[i] for i in range(len(blocks))] == [dense] * CUT[family] + [4 * 15] * (len(blocks) - CUT[family])
+
+
+def test_a_masked_block_runs_torchs_attention_under_any_implementation(monkeypatch):
+    """FlashAttention's varlen path takes no key bias: a masked block (FlowCut's) runs the runner's own
+    attention whatever the model's implementation, with the same result as under sdpa."""
+    model = tiny_qwen.tiny_qwen("qwen2.5-vl")
+    inputs = tiny_qwen.make_inputs(model, [(1, 8, 8), (1, 6, 10)], [2, 3], seed=1)
+    grids = [tuple(row) for row in inputs["image_grid_thw"].tolist()]
+    state = adapter_for(model)._start(inputs["pixel_values"], grids)
+    state.mask(torch.rand(state.hidden.shape[0] // 4, generator=torch.Generator().manual_seed(0)) > 0.3)
+    block = model.model.visual.blocks[0]
+    args = (state.hidden, state.cos, state.sin, state.layout.segments(0), compat.vision_rope(block.attn))
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return qwen_tower.run_block(block, *args, qwen_tower.EAGER_STEPS, key_bias=state.key_bias)
+
+    sdpa = run()
+    monkeypatch.setattr(block.attn.config, "_attn_implementation", "flash_attention_2")
+    monkeypatch.setattr(block, "forward", lambda *a, **k: pytest.fail("the block's own attention path ran"))
+    assert torch.equal(run(), sdpa)
 
 
 def test_tower_layer_kept_tokens_attend_among_themselves():
