@@ -274,9 +274,10 @@ def widen(q: Tensor, k: Tensor, key_bias: Tensor) -> tuple[Tensor, Tensor]:
     """q and k [T, H, d] with ALIGN more columns, so that every q_i . k_j gains key_bias[j] ([T]): q's first
     new column is 1, k's the bias, the others 0 (the width stays a multiple of ALIGN, which the fused
     attention kernels need). A key of bias 0 scores exactly as before; one of KEY_BIAS gets weight 0 in
-    every softmax. This is a key mask that costs the kernels ~5% (an explicit mask costs them 50% at
-    Qwen2.5-VL's shapes, docs/bench), and it leaves every row some finite weights, where a mask that hid
-    a whole segment would give NaN."""
+    every softmax. This key mask costs cuDNN's attention 0-5% at Qwen2.5-VL's shapes, an explicit boolean
+    mask 50% (`scripts/time_key_mask.py`), and a row whose whole segment is masked still gets finite weights
+    (a boolean mask gives NaN there in some kernels): such rows are dropped units, whose outputs nobody
+    reads."""
     t, heads, _ = q.shape
     zeros = q.new_zeros(t, heads, ALIGN - 1)
     q = torch.cat([q, q.new_ones(t, heads, 1), zeros], dim=-1)
