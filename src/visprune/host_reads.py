@@ -1,4 +1,6 @@
-"""Reading a small device result on the host without waiting for the work launched after it."""
+"""Moving small tensors between host and device without waiting for the device's queue: a device result
+read on the host behind the work that computes it (`StagedRead`), a host tensor copied to the device
+(`host_to_device`)."""
 
 from __future__ import annotations
 
@@ -27,3 +29,11 @@ class StagedRead:
         if self._event is not None:
             self._event.synchronize()
         return self._host
+
+
+def host_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without waiting for the device's queue (a pinned, non-blocking copy on
+    CUDA: a copy from pageable memory may wait for the work queued before it)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from visprune.errors import UnsupportedModelError, VisPruneError
+from visprune.host_reads import host_to_device
 from visprune.methods.base import Reduction, SignalRequest
 from visprune.methods.padded import trim, trim_counts
-from visprune.models.splice import Spliced, host_to_device
+from visprune.models.splice import Spliced
 
 # A reducer: (features [n, N, C], grid, signals, budget=None) -> one Reduction per image or crop; it has
 # `requests` (the signals it needs) and `budget` (tokens per image, None when adaptive).

@@ -36,14 +36,14 @@ from torch import Tensor, nn
 
 from visprune import compat
 from visprune.errors import InputError, UnsupportedModelError
-from visprune.host_reads import StagedRead
+from visprune.host_reads import StagedRead, host_to_device
 from visprune.methods import flowcut, graphs
 from visprune.methods.base import Reduction, SignalRequest
 from visprune.methods.signals import mean_received_attention, patch_keys
 from visprune.models import qwen_tower
 from visprune.models.base import Adapter, Embedded, ImageTokens, Reducer
 from visprune.models.llava import dense_reduction
-from visprune.models.splice import Spliced, host_to_device
+from visprune.models.splice import Spliced
 from visprune.models.vision import missing_cls
 
 MERGED = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
@@ -254,8 +254,8 @@ class Qwen2VLAdapter(Adapter):
                 reducer.before_host_read()  # (the call's pending host work runs first, once)
                 kept = pending.value().nonzero().squeeze(1)
                 if kept.shape[0] < len(state.units_host):
-                    image = torch.bucketize(state.units_host[kept], starts_host[1:], right=True)
-                    running = torch.bincount(image, minlength=len(counts)).tolist()
+                    images = torch.bucketize(state.units_host[kept], starts_host[1:], right=True)
+                    running = torch.bincount(images, minlength=len(counts)).tolist()
                     on_device = qwen_tower.keep_units(state, kept)
                     flow, attention = flow[on_device], attention[on_device]
                     view = _UnitView.of(state.unit_natural, starts, running)
@@ -495,11 +495,11 @@ class _UnitView:
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.shape[0], device=device)
         image = torch.bucketize(unit_natural, starts[1:], right=True)
-        # (host lists copied without waiting for the device's queue: a blocking copy would wait for it)
-        first = host_to_device(torch.tensor([0, *kept[:-1]]).cumsum(0), device)  # rank of each image's first unit
+        counts = host_to_device(torch.tensor(kept), device)  # (a blocking copy would wait for the device's queue)
+        first = counts.cumsum(0) - counts  # rank of each image's first unit
         slot = image * width + rank - first[image]
         natural = unit_natural.new_zeros(len(kept) * width).index_put_((slot,), unit_natural).view(len(kept), width)
-        running = torch.arange(width, device=device) < host_to_device(torch.tensor(kept), device).unsqueeze(1)
+        running = torch.arange(width, device=device) < counts.unsqueeze(1)
         return cls(slot, natural, running, image)
 
     def attending_to(self, attending: Tensor | None) -> _UnitView:

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from visprune import compat
 from visprune.errors import UnsupportedModelError
+from visprune.host_reads import host_to_device
 from visprune.models.segments import Segments, segment_attention, segment_attention_lse
-from visprune.models.splice import host_to_device
 
 UNIT = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
 # Half-precision elements per 16 bytes: GPU matrix-product kernels for Hopper need leading dimensions

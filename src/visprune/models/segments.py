@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visprune.host_reads import host_to_device
 from visprune.methods.signals import attention_with_lse
-from visprune.models.splice import host_to_device
 
 # Above this many distinct segment lengths, pad every segment to the longest (one masked call).
 MAX_GROUPS = 4

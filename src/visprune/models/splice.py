@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from visprune.errors import InputError
+from visprune.host_reads import host_to_device
 from visprune.methods.base import TokenLayout
 
 IGNORE_INDEX = -100
@@ -173,14 +174,6 @@ def _lay_out(plan: list[tuple[Tensor, Tensor, Tensor]], b: int, s: int, width: i
         host[2, i, off:width] = start_of
         host[3, i, text[is_text]] = torch.arange(off, width)[is_text]
     return host
-
-
-def host_to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on `device` without waiting for the device's queue (a pinned, non-blocking copy on
-    CUDA: a copy from pageable memory may wait for the work queued before it)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def _row_starts(b: int, s: int, device: torch.device) -> Tensor:
