@@ -52,9 +52,10 @@ def test_relation_terms_and_unit_sums_are_the_formula_per_image():
     sizes, h, d, scale = [12, 8], 3, 4, 0.5
     q, k, v = (torch.randn(sum(sizes), h, d, generator=g) * 2 for _ in range(3))
     image = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
-    score, a = relation_terms(q.half(), k.half(), v.half(), image, 2, scale)  # float32 out from any dtype
+    counts = torch.tensor(sizes)
+    score, a = relation_terms(q.half(), k.half(), v.half(), image, counts, scale)  # float32 out from any dtype
     assert score.dtype == a.dtype == torch.float32
-    score, a = relation_terms(q, k, v, image, 2, scale)
+    score, a = relation_terms(q, k, v, image, counts, scale)
     start = 0
     for n in sizes:
         qi, ki, vi = (x[start : start + n].double() for x in (q, k, v))
@@ -79,11 +80,11 @@ def test_relation_terms_of_interleaved_images_and_an_image_without_tokens():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(10, 2, 4, generator=g) for _ in range(3))
     image = torch.tensor([0, 2, 0, 2, 2, 0, 0, 2, 0, 2])
-    score, a = relation_terms(q, k, v, image, 3, 0.7)
+    score, a = relation_terms(q, k, v, image, torch.tensor([5, 0, 5]), 0.7)
     for i in (0, 2):
         rows = image == i
         alone_score, alone_a = relation_terms(
-            q[rows], k[rows], v[rows], torch.zeros(int(rows.sum()), dtype=torch.long), 1, 0.7
+            q[rows], k[rows], v[rows], torch.zeros(int(rows.sum()), dtype=torch.long), torch.tensor([5]), 0.7
         )
         torch.testing.assert_close(a[rows], alone_a)
         torch.testing.assert_close(score[rows], alone_score)
@@ -98,8 +99,10 @@ def test_relation_terms_count_only_the_tokens_taking_part():
     image = torch.tensor([0] * 7 + [1] * 5)
     taking_part = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
     k[~taking_part] *= 1e4  # their logits would dominate every softmax (and overflow exp) if counted
-    score, a = relation_terms(q, k, v, image, 2, 0.7, taking_part)
-    alone_score, alone_a = relation_terms(q[taking_part], k[taking_part], v[taking_part], image[taking_part], 2, 0.7)
+    counts = torch.tensor([5, 4])
+    score, a = relation_terms(q, k, v, image, counts, 0.7, taking_part)
+    alone = (q[taking_part], k[taking_part], v[taking_part], image[taking_part])
+    alone_score, alone_a = relation_terms(*alone, counts, 0.7)
     torch.testing.assert_close(a[taking_part], alone_a)
     torch.testing.assert_close(score[taking_part], alone_score)
     assert a[~taking_part].eq(0).all() and score[~taking_part].eq(0).all()
@@ -107,20 +110,22 @@ def test_relation_terms_count_only_the_tokens_taking_part():
     from visprune.models.qwen_tower import KEY_BIAS, widen
 
     wide_q, wide_k = widen(q, k, torch.where(taking_part, 0.0, KEY_BIAS))
-    for x, y in zip(relation_terms(wide_q, wide_k, v, image, 2, 0.7, taking_part), (score, a), strict=True):
+    for x, y in zip(relation_terms(wide_q, wide_k, v, image, counts, 0.7, taking_part), (score, a), strict=True):
         torch.testing.assert_close(x, y)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_relation_terms_of_half_precision_cuda_inputs_match_their_float32_values(dtype):
-    """The tensor-core path (k read in its own dtype, the float32 mean queries split in three parts) against
-    the float32 computation of the same values."""
+    """The GPU path (the per-image sums and value norms products on the tensor cores, each key against its
+    mean query one Triton kernel) against the float32 computation of the same values."""
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(4096, 16, 80, generator=g).to(dtype).cuda() for _ in range(3))
+    # q, k, v as a block's projection gives them: strided views of one [T, 3, H, d] tensor
+    q, k, v = torch.randn(4096, 3, 16, 80, generator=g).to(dtype).cuda().unbind(1)
     image = torch.arange(4096, device="cuda") // 1024
-    score, a = relation_terms(q, k, v, image, 4, 80**-0.5)
-    want_score, want_a = relation_terms(q.cpu().float(), k.cpu().float(), v.cpu().float(), image.cpu(), 4, 80**-0.5)
+    counts = torch.full((4,), 1024, device="cuda")
+    score, a = relation_terms(q, k, v, image, counts, 80**-0.5)
+    want_score, want_a = relation_terms(*(x.cpu().float() for x in (q, k, v)), image.cpu(), counts.cpu(), 80**-0.5)
     torch.testing.assert_close(a.cpu(), want_a, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(score.cpu(), want_score, rtol=1e-5, atol=1e-9)
 
@@ -276,13 +281,14 @@ def test_unit_terms_trace_as_one_graph_and_are_the_unit_sums_of_the_relation_ter
     unit_image = torch.tensor([0, 0, 1, 0, 1, 1])
     taking_part = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool) if pruned else None
     rows = None if taking_part is None else taking_part.repeat_interleave(4)
-    score, a = relation_terms(q, k, v, unit_image.repeat_interleave(4), 2, 0.5, rows)
+    counts = torch.tensor([2, 1]) if pruned else torch.tensor([3, 3])  # units taking part per image
+    score, a = relation_terms(q, k, v, unit_image.repeat_interleave(4), counts * 4, 0.5, rows)
     monkeypatch.setattr(graphs, "FUSE_BACKEND", "aot_eager")
     monkeypatch.setattr(graphs, "_fusable", lambda args: True)
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a graph break would warn and run unfused
-        fused = graphs.fused(unit_terms)(q, k, v, unit_image, 2, 0.5, taking_part)
+        fused = graphs.fused(unit_terms)(q, k, v, unit_image, counts, 0.5, taking_part)
     torch._dynamo.reset()
     torch.testing.assert_close(fused[0], unit_sums(score))
     torch.testing.assert_close(fused[1], unit_sums(a))

@@ -288,7 +288,7 @@ class Qwen2VLAdapter(Adapter):
             t = seen.hidden.shape[0]
             q, k, v = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)
             q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
-        return _unit_terms(q, k, v, view.unit_image, view.valid.shape[0], attn.scaling, view.attending)
+        return _unit_terms(q, k, v, view.unit_image, view.counts, attn.scaling, view.attending)
 
     def _reduce(
         self,
@@ -480,10 +480,12 @@ class _UnitView:
     unit_image: Tensor  # [U] long: the image of each unit, tower order
     attending: Tensor | None = None  # [U] bool, tower order: the units still attended to (None: all)
     valid: Tensor = field(init=False)  # [images, W] bool: the running units still attended to
+    counts: Tensor = field(init=False)  # [images] long: the running units still attended to per image
 
     def __post_init__(self) -> None:
         valid = self.running if self.attending is None else self.running & self.pad(self.attending)
         object.__setattr__(self, "valid", valid)
+        object.__setattr__(self, "counts", valid.sum(dim=1))
 
     @classmethod
     def of(cls, unit_natural: Tensor, starts: Tensor, kept: list[int]) -> _UnitView:
