@@ -1,8 +1,7 @@
 """Time FlowCut's per-block terms on a Qwen-VL tower (`flowcut.unit_terms`, compiled as the adapters run it
 through `graphs.fused`) at Qwen2.5-VL-7B's shapes, batch 8 x 1008 px: 41,472 patch rows, 16 heads of 80,
 bfloat16, q and k widened by the key bias of a mask over 30% of the units. Prints the GPU time of each
-kernel per call (torch.profiler, 20 calls after warm-up) of the terms, of their one pass over the keys
-(`gathered_dots`) against the same expression compiled by inductor, and, for scale, of a compiled pass
+kernel per call (torch.profiler, 20 calls after warm-up) of the terms and, for scale, of a compiled pass
 that only reads the keys (their row sums).
 
     python scripts/time_flow_terms.py
@@ -16,7 +15,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from visprune.methods import flowcut, graphs
-from visprune.methods.gathered_dots import gathered_dots
 from visprune.models import qwen_tower
 
 ROWS, HEADS, WIDTH, IMAGES = 8 * 5184, 16, 80, 8
@@ -49,17 +47,12 @@ def main() -> None:
     counts = torch.zeros(IMAGES, dtype=torch.long, device=device).index_add_(0, unit_image, attending.long())
     wide_q, wide_k = qwen_tower.widen(q, k, torch.where(attending.repeat_interleave(4), 0.0, qwen_tower.KEY_BIAS))
     terms = graphs.fused(flowcut.unit_terms)
-    image = unit_image.repeat_interleave(4)
-    mean_q = torch.randn(IMAGES, HEADS, wide_k.shape[-1], device=device)
-    expression = torch.compile(lambda x, table, index: (x.float() * table[index]).sum(dim=-1))
     row_sums = torch.compile(lambda x: x.float().sum(dim=-1))
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; GPU us per call")
     cases = {
         "unit_terms (30% masked, widened q and k)": lambda: terms(
             wide_q, wide_k, v, unit_image, counts, WIDTH**-0.5, attending
         ),
-        "gathered_dots (each key against its image's mean query)": lambda: gathered_dots(wide_k, mean_q, image),
-        "the same expression compiled by inductor": lambda: expression(wide_k, mean_q, image),
         "for scale: the keys' row sums, compiled (one read of k)": lambda: row_sums(wide_k),
     }
     for name, fn in cases.items():

@@ -43,8 +43,8 @@ def saliency_coverage_selection(features: Tensor, saliency: Tensor, k: int) -> T
 
     coverage [B, N] starts at 0; a step scores every unselected token i by
     saliency_i * sum_j max(0, S_ji - coverage_j), takes the best (ties to the lowest index) and raises
-    coverage to max(coverage, S_i). Batched over images; one `_coverage_step` per selected token after the
-    first, O(N^2) each; no host synchronisation (`graphs.replayed` captures it).
+    coverage to max(coverage, S_i). Batched over images; one `_coverage_step` per selected token, O(N^2) each; no host
+    synchronisation (`graphs.replayed` captures it).
 
     For half-precision features S is held in their dtype, as the official code holds it (in the model's),
     so each step reads half the bytes (at Qwen2.5-VL's 1296 tokens per image, 27 instead of 54 MB per step
@@ -57,42 +57,22 @@ def saliency_coverage_selection(features: Tensor, saliency: Tensor, k: int) -> T
     similarity_t = similarity.transpose(1, 2).contiguous()
     coverage = torch.zeros_like(saliency, dtype=torch.float32)
     taken = torch.zeros_like(saliency, dtype=torch.bool)
-    chosen = [_first_pick(similarity_t, saliency)]
-    for _ in range(k - 1):
-        best, coverage, taken = _coverage_step(similarity, similarity_t, saliency, coverage, taken, chosen[-1])
+    chosen = []
+    for _ in range(k):
+        best, coverage, taken = _coverage_step(similarity, similarity_t, saliency, coverage, taken)
         chosen.append(best)
     return torch.stack(chosen, dim=1)
 
 
 @fused
-def _first_pick(similarity_t: Tensor, saliency: Tensor) -> Tensor:
-    """[B]: the first pick, with nothing covered or taken yet."""
-    return (similarity_t.float().clamp(min=0).sum(dim=2) * saliency).argmax(dim=1)
-
-
-@fused
 def _coverage_step(
-    similarity: Tensor, similarity_t: Tensor, saliency: Tensor, coverage: Tensor, taken: Tensor, last: Tensor
+    similarity: Tensor, similarity_t: Tensor, saliency: Tensor, coverage: Tensor, taken: Tensor
 ) -> tuple[Tensor, ...]:
-    """One greedy step after the pick `last` [B]: the next best token, with the coverage and taken mask that
-    `last` leaves. similarity_t [B, N, N] holds S_ji at [i, j].
-
-    A step takes the previous pick into its coverage and mask first, so that the update runs in the same
-    kernels as the gains and the pick (compiled, two kernels a step instead of three: at Qwen2.5-VL's 324
-    of 8 x 1296 tokens each kernel is a few microseconds, and a step's launches set its pace)."""
-    coverage = torch.maximum(coverage, row_at(similarity, last))
-    taken = taken.scatter(1, last.unsqueeze(1), True)
-    return _best(_gains(similarity_t, coverage), saliency, taken), coverage, taken
-
-
-def _gains(similarity_t: Tensor, coverage: Tensor) -> Tensor:
-    """[B, N] float32: each token i's coverage gain sum_j max(0, S_ji - coverage_j)."""
-    return (similarity_t - coverage.unsqueeze(1)).clamp(min=0).sum(dim=2)
-
-
-def _best(gain: Tensor, saliency: Tensor, taken: Tensor) -> Tensor:
-    """[B]: the untaken token of largest gain x saliency per image (ties to the lowest index)."""
-    return (gain * saliency).masked_fill(taken, float("-inf")).argmax(dim=1)
+    """One greedy step: the best unselected token, the coverage it leaves and the updated taken mask.
+    similarity_t [B, N, N] holds S_ji at [i, j]."""
+    gain = (similarity_t - coverage.unsqueeze(1)).clamp(min=0).sum(dim=2)  # [B, N]: token i's gain
+    best = (gain * saliency).masked_fill(taken, float("-inf")).argmax(dim=1)
+    return best, torch.maximum(coverage, row_at(similarity, best)), taken.scatter(1, best.unsqueeze(1), True)
 
 
 @register(
