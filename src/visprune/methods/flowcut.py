@@ -49,6 +49,8 @@ from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_count, check_features, check_on_device, check_tensor
 from visprune.methods.registry import register
 
+UNIT = 4  # patches per Qwen-VL merge unit (the 2x2 groups its merger turns into one LLM token)
+
 
 def check_options(*, budget: Any) -> None:
     """FlowCut's option: a budget >= 1 (the bound against N needs the data)."""
@@ -179,9 +181,9 @@ def unit_terms(
     per unit, `counts` [images] the units of each image taking part. The Qwen-VL adapters run it compiled
     (`graphs.fused`): as written it is some thirty small kernels per block, whose launches, not the GPU,
     set the pace of FlowCut's tower."""
-    image = unit_image.repeat_interleave(4)
-    rows = None if taking_part is None else taking_part.repeat_interleave(4)
-    score, attention = relation_terms(q, k, v, image, counts * 4, scale, rows)
+    image = unit_image.repeat_interleave(UNIT)
+    rows = None if taking_part is None else taking_part.repeat_interleave(UNIT)
+    score, attention = relation_terms(q, k, v, image, counts * UNIT, scale, rows)
     return unit_sums(score), unit_sums(attention)
 
 
@@ -231,7 +233,7 @@ def _member_sums(member: Tensor, x: Tensor) -> Tensor:
     return member.float() @ x.float()
 
 
-def unit_sums(x: Tensor, unit: int = 4) -> Tensor:
+def unit_sums(x: Tensor, unit: int = UNIT) -> Tensor:
     """[T / unit]: the sums of `x` [T] over consecutive groups of `unit` tokens (a Qwen-VL merge unit's 4
     patches, which the tower keeps consecutive)."""
     return x.view(-1, unit).sum(dim=1)

@@ -285,9 +285,8 @@ class Qwen2VLAdapter(Adapter):
         attn = block.attn
         q, k, v = seen.q, seen.k, seen.v
         if q is None or k is None or v is None:
-            t = seen.hidden.shape[0]
-            q, k, v = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)
-            q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
+            rope = compat.vision_rope(attn)
+            q, k, v, _ = qwen_tower.attention_inputs(block, seen.hidden, seen.cos, seen.sin, rope)
         return _unit_terms(q, k, v, view.unit_image, view.counts, attn.scaling, view.attending)
 
     def _reduce(
@@ -396,8 +395,8 @@ class Qwen2VLAdapter(Adapter):
             return patch_keys(pooled.unsqueeze(0), attn.num_heads, req.heads, has_cls=False)[0]
         lse = None
         if seen.q is None or seen.k is None:
-            q, k = attn.qkv(block.norm1(seen.hidden)).reshape(t, 3, attn.num_heads, -1).unbind(1)[:2]
-            q, k = compat.vision_rope(attn)(q, k, seen.cos, seen.sin)
+            rope = compat.vision_rope(attn)
+            q, k, _, _ = qwen_tower.attention_inputs(block, seen.hidden, seen.cos, seen.sin, rope)
         else:
             q, k = seen.q, seen.k  # the runner's own, kept when the block ran
             if req.heads != "single" and attn.scaling == q.shape[-1] ** -0.5:
