@@ -8,6 +8,8 @@ eager and M-RoPE positions on Qwen-VL: flowcut is in the parametrised suites of 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -17,7 +19,7 @@ from tests.methods.test_flowcut import reference_count
 from tests.models import tiny, tiny_qwen
 from tests.models.graph_standin import ReplayOnCPU
 from visprune.methods import SignalRequest, graphs
-from visprune.models import vision
+from visprune.models import qwen_tower, vision
 from visprune.reducer import Reducer
 
 TARGET = 6
@@ -340,6 +342,29 @@ def test_qwen_tower_equals_the_per_image_reference_on_the_kept_patches(family, d
     assert all(QWEN_TARGET < f < n for f, n in zip(firsts, [16, 15, 15], strict=True))  # pruned mid-tower
     if family != "qwen3-vl" and not deep:
         assert len(set(firsts)) > 1  # images kept different counts on the way (ragged)
+
+
+def test_qwen_blocks_that_keep_no_q_k_v_give_the_same_terms(monkeypatch):
+    """Where the runner keeps no q, k, v of a block (FlashAttention's unmasked blocks run the block's own
+    varlen call), FlowCut's terms compute them from the block's input: the same kept units and features as
+    with the runner's own (unwidened there, where the runner's are widened by the key mask)."""
+    model = sharp_qwen("qwen2.5-vl")
+    pixels, grid = qwen_pixels(model, QWEN_GRIDS)
+    want = qwen_tokens(model, pixels, grid, budget=QWEN_TARGET)
+    run_block = qwen_tower.run_block
+
+    def keeping_nothing(*args, **kwargs):
+        out = run_block(*args, **kwargs)
+        record = inspect.signature(run_block).bind(*args, **kwargs).arguments.get("record")
+        if record is not None:
+            record.q = record.k = record.keys = record.v = record.lse = None
+        return out
+
+    monkeypatch.setattr(qwen_tower, "run_block", keeping_nothing)
+    got = qwen_tokens(model, pixels, grid, budget=QWEN_TARGET)
+    for i in range(len(QWEN_GRIDS)):
+        assert got.reductions[i][0].sources.tolist() == want.reductions[i][0].sources.tolist(), i
+        torch.testing.assert_close(got.features[i], want.features[i])
 
 
 def test_qwen_pruned_units_are_masked_at_once_and_removed_after_a_read_two_blocks_later(monkeypatch):
