@@ -49,8 +49,6 @@ from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_count, check_features, check_on_device, check_tensor
 from visprune.methods.registry import register
 
-UNIT = 4  # patches per Qwen-VL merge unit (the 2x2 groups its merger turns into one LLM token)
-
 
 def check_options(*, budget: Any) -> None:
     """FlowCut's option: a budget >= 1 (the bound against N needs the data)."""
@@ -181,10 +179,11 @@ def unit_terms(
     per unit, `counts` [images] the units of each image taking part. The Qwen-VL adapters run it compiled
     (`graphs.fused`): as written it is some thirty small kernels per block, whose launches, not the GPU,
     set the pace of FlowCut's tower."""
-    image = unit_image.repeat_interleave(UNIT)
-    rows = None if taking_part is None else taking_part.repeat_interleave(UNIT)
-    score, attention = relation_terms(q, k, v, image, counts * UNIT, scale, rows)
-    return unit_sums(score), unit_sums(attention)
+    unit = q.shape[0] // unit_image.shape[0]  # patches per unit (4: Qwen-VL's 2x2 merge)
+    image = unit_image.repeat_interleave(unit)
+    rows = None if taking_part is None else taking_part.repeat_interleave(unit)
+    score, attention = relation_terms(q, k, v, image, counts * unit, scale, rows)
+    return unit_sums(score, unit), unit_sums(attention, unit)
 
 
 def _value_norms(v: Tensor) -> Tensor:
@@ -233,7 +232,7 @@ def _member_sums(member: Tensor, x: Tensor) -> Tensor:
     return member.float() @ x.float()
 
 
-def unit_sums(x: Tensor, unit: int = UNIT) -> Tensor:
+def unit_sums(x: Tensor, unit: int = 4) -> Tensor:
     """[T / unit]: the sums of `x` [T] over consecutive groups of `unit` tokens (a Qwen-VL merge unit's 4
     patches, which the tower keeps consecutive)."""
     return x.view(-1, unit).sum(dim=1)

@@ -46,7 +46,7 @@ from visprune.models.llava import dense_reduction
 from visprune.models.splice import Spliced
 from visprune.models.vision import missing_cls
 
-MERGED = 4  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
+MERGED = qwen_tower.UNIT  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
 PLANS = 4  # tower plans an adapter keeps (per grid list; ~30 MB each at 8 x 1008 px)
 _unit_terms = graphs.fused(flowcut.unit_terms)  # FlowCut's per-block terms, compiled on a GPU
 
