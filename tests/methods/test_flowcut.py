@@ -117,8 +117,8 @@ def test_relation_terms_count_only_the_tokens_taking_part():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_relation_terms_of_half_precision_cuda_inputs_match_their_float32_values(dtype):
-    """The tensor-core path (k read in its own dtype, the float32 mean queries split in three parts, the value
-    norms one product) against the float32 computation of the same values."""
+    """The GPU path (the mean queries on the tensor cores, the keys and values read in their own dtype by
+    `flowcut_keys`' kernel) against the float32 computation of the same values."""
     g = torch.Generator().manual_seed(3)
     # q, k, v as a block's projection gives them: strided views of one [T, 3, H, d] tensor
     q, k, v = torch.randn(4096, 3, 16, 80, generator=g).to(dtype).cuda().unbind(1)

@@ -47,6 +47,7 @@ from visprune.errors import InputError
 from visprune.methods.base import Placement, Reduction, SignalRequest
 from visprune.methods.budget_rules import TOKENS
 from visprune.methods.checks import check_count, check_features, check_on_device, check_tensor
+from visprune.methods.flowcut_keys import key_terms
 from visprune.methods.registry import register
 
 
@@ -149,26 +150,25 @@ def relation_terms(
     terms are then the same, read without a copy of the unwidened columns.
 
     The per-image sums are products with the [images, T] membership matrix (half-precision CUDA inputs on
-    the tensor cores with float32 results, exact products), and every token's logit is taken against
-    every image's mean query ([T, H, images]) and then its own: no scatter onto a few [images, H] rows,
-    whose atomic adds contend, and no host synchronisation. (Each key against its own image's mean query
-    in one Triton kernel, reading k once, was slower at Qwen2.5-VL's shapes: docs/bench/qwen2.5-vl-7b.)"""
+    the tensor cores with float32 results, exact products): no scatter onto a few [images, H] rows, whose
+    atomic adds contend, and no host synchronisation. Each key meets its own image's mean query, and the
+    value norms are taken, in one read of k and v (`flowcut_keys.key_terms`, a Triton kernel on a GPU)."""
     t, heads, width = q.shape
     images = counts.shape[0]
     member = image.unsqueeze(0) == torch.arange(images, device=image.device).unsqueeze(1)  # [images, T]
     if taking_part is not None:
         member &= taking_part.unsqueeze(0)
     rows = counts.clamp(min=1).float()
-    mean_q = _member_sums(member, q.reshape(t, heads * width)).view(images, heads, width) / rows[:, None, None]
-    logits = _against_every_image(k, mean_q).mul_(scale)  # [T, H, images]
-    own = image.view(t, 1, 1).expand(t, heads, 1)
-    peak = logits.masked_fill(~member.t().unsqueeze(1), float("-inf")).amax(dim=0)  # [H, images]
-    weights = (logits.gather(2, own).squeeze(2) - peak.t()[image]).exp_()  # [T, H]
+    sums = _member_sums(member, q.reshape(t, heads * width)).view(images, heads, width)[..., : v.shape[2]]
+    dots, value_norms = key_terms(k, v, sums / rows[:, None, None], image)
+    logits = dots * scale
+    peaks = logits.unsqueeze(2).masked_fill(~member.t().unsqueeze(1), float("-inf")).amax(dim=0)  # [H, images]
+    weights = (logits - peaks.t()[image]).exp_()  # [T, H]
     if taking_part is not None:
         weights.masked_fill_(~taking_part.unsqueeze(1), 0)  # (a pruned key's logit may exceed the peak)
     total = _member_sums(member, weights)  # [images, H]
     attention = (weights / total[image]).mean(dim=1)
-    return attention * _value_norms(v), attention
+    return attention * value_norms, attention
 
 
 def unit_terms(
@@ -184,45 +184,6 @@ def unit_terms(
     rows = None if taking_part is None else taking_part.repeat_interleave(unit)
     score, attention = relation_terms(q, k, v, image, counts * unit, scale, rows)
     return unit_sums(score, unit), unit_sums(attention, unit)
-
-
-def _value_norms(v: Tensor) -> Tensor:
-    """[T] float32: |mean over heads of v_j|_1 for v [T, H, d].
-
-    Half-precision CUDA values are summed over the heads by one product with the [H * d, d] stack of
-    identities on the tensor cores (exact products, float32 sums), which reads v at full speed whatever its
-    layout. The compiled head mean did so on a contiguous v (36 us a block at Qwen2.5-VL's batch 8 x 1008 px,
-    in the compiled tower's profile) but took 100 us on v as a view of the block's qkv projection, as the
-    eager runner and `_flow_terms` give it, where the product takes 33 (docs/bench/qwen2.5-vl-7b,
-    session 19)."""
-    t, heads, width = v.shape
-    if not (v.is_cuda and v.dtype in (torch.float16, torch.bfloat16)):
-        return v.mean(dim=1, dtype=torch.float32).abs().sum(dim=-1)
-    stack = torch.eye(width, dtype=v.dtype, device=v.device).repeat(heads, 1)
-    return torch.mm(v.reshape(t, heads * width), stack, out_dtype=torch.float32).div_(heads).abs().sum(dim=-1)
-
-
-def _against_every_image(k: Tensor, mean_q: Tensor) -> Tensor:
-    """[T, H, images] float32: k [T, H, d] dotted with every image's float32 mean query [images, H, d].
-
-    Half-precision CUDA keys are read as they are, on the tensor cores: the float32 queries are split into
-    three parts of k's dtype that sum to them (the top, the next and the last bits of the significand), so
-    each product with k is exact in float32 and the sum of the three results is the float32 product up to
-    summation order (and, for float16, the underflow of a part below its smallest normal). Otherwise the
-    keys are converted to float32 (a copy twice k's size, which cost 4 of FlowCut's 9 extra ms per Qwen-VL
-    tower at batch 8 x 1008 px)."""
-    t, heads, width = k.shape
-    images = mean_q.shape[0]
-    if not (k.is_cuda and k.dtype in (torch.float16, torch.bfloat16)):
-        return torch.einsum("thd,ihd->thi", k.float(), mean_q)
-    parts, rest = [], mean_q
-    for _ in range(3):
-        part = rest.to(k.dtype)
-        parts.append(part)
-        rest = rest - part.float()
-    by_head = torch.stack(parts).permute(2, 3, 0, 1).reshape(heads, width, 3 * images)  # [H, d, 3 x images]
-    out = torch.bmm(k.transpose(0, 1), by_head, out_dtype=torch.float32)  # [H, T, 3 x images]
-    return out.view(heads, t, 3, images).sum(dim=2).permute(1, 0, 2)
 
 
 def _member_sums(member: Tensor, x: Tensor) -> Tensor:
