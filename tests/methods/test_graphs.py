@@ -172,6 +172,8 @@ def test_a_step_past_its_compilation_limit_runs_unfused_after_one_warning(monkey
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert torch.equal(step(x, 5), x * 5)
+        # the caller's settings are back after every call, the failed one included
+        assert torch._dynamo.config.suppress_errors and not torch._dynamo.config.fail_on_recompile_limit_hit
     torch._dynamo.reset()
 
 

@@ -113,24 +113,27 @@ def _dots(x: Tensor, row: Tensor) -> Tensor:
     return torch.bmm(x.reshape(b * heads, t, width), columns, out_dtype=torch.float32).view(b, heads, t)
 
 
-def prune_counts(attention: Tensor, valid: Tensor, target: int | Tensor, remaining: int) -> Tensor:
+def prune_counts(attention: Tensor, valid: Tensor, target: int | Tensor, remaining: int | Tensor) -> Tensor:
     """[B] long: the tokens (patches, or Qwen-VL merge units) each image keeps after a pruning layer with
     `remaining` layers left (r); `target` T is one int or one per image ([B] long).
 
     N = the image's valid tokens; r = 0 keeps T; otherwise N - p with
     p = round((N - T) / sqrt(r) * (1 - rho^2)) (round half to even, as torch.round), rho = H / ln N and
     H the entropy of the attention normalised over the valid tokens (0 ln 0 = 0); never fewer than T.
+    `remaining` may also be a 0-d float32 tensor holding sqrt(r) for an r > 0: compiled code then takes one
+    version for every pruning layer instead of one per value of r.
     """
     n = valid.sum(dim=1)
     # an int target is filled in on the device (no copy from the host, so a CUDA graph can capture it)
     target = torch.full_like(n, target) if isinstance(target, int) else target.to(n.dtype).expand_as(n)
-    if remaining == 0:
+    if isinstance(remaining, int) and remaining == 0:
         return target.clone()
+    root = remaining if isinstance(remaining, Tensor) else math.sqrt(remaining)
     p = attention.float() * valid
     p = p / p.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(dim=1)
     rho = entropy / n.float().log().clamp(min=torch.finfo(torch.float32).tiny)
-    pruned = ((n - target).float() / math.sqrt(remaining) * (1 - rho.square())).round().long()
+    pruned = ((n - target).float() / root * (1 - rho.square())).round().long()
     return torch.maximum(n - pruned, target)
 
 

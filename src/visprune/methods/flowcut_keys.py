@@ -6,9 +6,10 @@ and v (every load 16-byte aligned: the head strides are compile-time constants) 
 the cache, and writes only the [T, H] dots and the [T] norms. With torch operations the same terms took a
 [T, H, 3 x images] float32 product against every image's mean query, two kernels re-reading it and a product
 for the norms: ~147 of FlowCut's ~210 us a block at Qwen2.5-VL's batch 8 x 1008 px. This kernel takes 75 of the
-terms' 158 us there (`scripts/time_flow_terms.py`; `scripts/probe_flow_key_kernels.py`, variant C). The softmax's per-image peaks are left to the caller: taken
-in the kernel (atomic max per image and head) they cost more than the whole read. Off the GPU, or without
-Triton (CPU builds of torch), it is the plain float32 expression.
+terms' 158 us there (`scripts/time_flow_terms.py`; `scripts/probe_flow_key_kernels.py`, variant C). The
+softmax's per-image peaks are left to the caller: taken in the kernel (atomic max per image and head) they cost
+more than the whole read. Off the GPU, or without Triton (CPU builds of torch), it is the plain float32
+expression.
 """
 
 from __future__ import annotations

@@ -25,11 +25,12 @@ last bits (a tie between two tokens can go the other way); off the GPU the step 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -182,11 +183,8 @@ class fused:
             return self._step(*args)
         if FUSE_BACKEND not in self._compiled:
             self._compiled[FUSE_BACKEND] = torch.compile(self._step, backend=FUSE_BACKEND, fullgraph=True)
-        # Past RECOMPILE_LIMIT versions torch.compile raises (caught below) instead of silently not compiling;
-        # some torch versions refuse that together with suppress_errors, which some libraries switch on.
-        limits = {"recompile_limit": RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True, "suppress_errors": False}
         try:
-            with torch._dynamo.config.patch(**limits):
+            with _compile_limits():
                 return self._compiled[FUSE_BACKEND](*args)
         except Exception as err:
             if not _is_compile_error(err):
@@ -200,6 +198,24 @@ class fused:
             )
             self._unfusable = True
             return self._step(*args)
+
+
+@contextlib.contextmanager
+def _compile_limits() -> Iterator[None]:
+    """torch.compile's settings for a `fused` call: past RECOMPILE_LIMIT versions it raises instead of silently
+    not compiling (some torch versions refuse that together with suppress_errors, which some libraries switch
+    on). Set and restored directly: `torch._dynamo.config.patch` costs ~70 us a call, where FlowCut's Qwen-VL
+    tower makes ~50 of these calls while its host work barely keeps ahead of the device."""
+    config = torch._dynamo.config
+    limits = {"recompile_limit": RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True, "suppress_errors": False}
+    before = {name: getattr(config, name) for name in limits}
+    try:
+        for name, value in limits.items():
+            setattr(config, name, value)
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(config, name, value)
 
 
 def _fusable(args: tuple[Any, ...]) -> bool:

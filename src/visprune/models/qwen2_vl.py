@@ -27,8 +27,9 @@ go to their placeholders before splicing, and they keep their dense positions.
 
 from __future__ import annotations
 
+import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,6 +50,25 @@ from visprune.models.vision import missing_cls
 MERGED = qwen_tower.UNIT  # patches per merged token (spatial_merge_size ** 2 with the released merge size 2)
 PLANS = 4  # tower plans an adapter keeps (per grid list; ~30 MB each at 8 x 1008 px)
 _unit_terms = graphs.fused(flowcut.unit_terms)  # FlowCut's per-block terms, compiled on a GPU
+
+
+@graphs.fused
+def _pruning_point(
+    attention: Tensor, flow: Tensor, slot: Tensor, running: Tensor, valid: Tensor, target: Tensor, root: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One FlowCut pruning point on a Qwen-VL tower, compiled on a GPU (as eager operations its host time was
+    ~1.1 ms a point, while the tower's host work barely keeps ahead of the device): (the units still attended
+    to [U] bool, tower order; their [images, W] layout `valid`; their count per image). attention, flow [U]:
+    this block's relation attention and the flow per unit; slot, running, valid: the `_UnitView`'s; target
+    [images] the final counts; root: sqrt of the blocks left after this one (`flowcut.prune_counts`)."""
+
+    def pad(per_unit: Tensor) -> Tensor:
+        return per_unit.new_zeros(running.numel()).index_put_((slot,), per_unit).view(running.shape)
+
+    counts = flowcut.prune_counts(pad(attention), valid, target, root)
+    attending = flowcut.top_mask(pad(flow), valid, counts).flatten()[slot]
+    kept = running & pad(attending)
+    return attending, kept, kept.sum(dim=1)
 
 
 class Qwen2VLAdapter(Adapter):
@@ -230,6 +250,8 @@ class Qwen2VLAdapter(Adapter):
         target = host_to_device(torch.tensor(targets), device)
         starts_host = torch.tensor([0, *counts]).cumsum(0)  # each image's first natural unit
         starts = host_to_device(starts_host, device)
+        left = sorted(set(schedule.values()))  # sqrt of each pruning point's blocks left, as prune_counts takes it
+        roots = dict(zip(left, host_to_device(torch.tensor([math.sqrt(r) for r in left]), device), strict=True))
         parts = self._parts()
         saved: dict[str, tuple[Tensor, Tensor]] = {}  # part -> (its rows [U_b, 4C], their natural units)
         running = list(counts)  # the units each image still runs with (host)
@@ -261,10 +283,11 @@ class Qwen2VLAdapter(Adapter):
                     view = _UnitView.of(state.unit_natural, starts, running)
                 else:
                     view = view.attending_to(None)
-            new = flowcut.prune_counts(view.pad(attention), view.valid, target, schedule[i])
-            attending = flowcut.top_mask(view.pad(flow), view.valid, new).flatten()[view.slot]
+            attending, valid, attended = _pruning_point(
+                attention, flow, view.slot, view.running, view.valid, target, roots[schedule[i]]
+            )
             state.mask(attending)
-            view = view.attending_to(attending)
+            view = view.attending_to(attending, valid, attended)
             pending = StagedRead(attending)
         if flow is None:  # every image had its target from the start: all kept
             flow = torch.zeros(len(state.units_host), device=device)
@@ -477,14 +500,10 @@ class _UnitView:
     natural: Tensor  # [images, W] long: the natural unit at each slot (padding: 0)
     running: Tensor  # [images, W] bool: the slots that hold a unit
     unit_image: Tensor  # [U] long: the image of each unit, tower order
+    running_counts: Tensor  # [images] long: the running units per image
+    valid: Tensor  # [images, W] bool: the running units still attended to
+    counts: Tensor  # [images] long: the running units still attended to per image
     attending: Tensor | None = None  # [U] bool, tower order: the units still attended to (None: all)
-    valid: Tensor = field(init=False)  # [images, W] bool: the running units still attended to
-    counts: Tensor = field(init=False)  # [images] long: the running units still attended to per image
-
-    def __post_init__(self) -> None:
-        valid = self.running if self.attending is None else self.running & self.pad(self.attending)
-        object.__setattr__(self, "valid", valid)
-        object.__setattr__(self, "counts", valid.sum(dim=1))
 
     @classmethod
     def of(cls, unit_natural: Tensor, starts: Tensor, kept: list[int]) -> _UnitView:
@@ -501,11 +520,19 @@ class _UnitView:
         slot = image * width + rank - first[image]
         natural = unit_natural.new_zeros(len(kept) * width).index_put_((slot,), unit_natural).view(len(kept), width)
         running = torch.arange(width, device=device) < counts.unsqueeze(1)
-        return cls(slot, natural, running, image)
+        return cls(slot, natural, running, image, counts, running, counts)
 
-    def attending_to(self, attending: Tensor | None) -> _UnitView:
-        """The same units, of which only `attending` [U] bool (tower order; None: all) are still attended to."""
-        return replace(self, attending=attending)
+    def attending_to(
+        self, attending: Tensor | None, valid: Tensor | None = None, counts: Tensor | None = None
+    ) -> _UnitView:
+        """The same units, of which only `attending` [U] bool (tower order; None: all) are still attended to;
+        `valid` and `counts`, their layout and count per image, are worked out unless given."""
+        if attending is None:
+            return replace(self, attending=None, valid=self.running, counts=self.running_counts)
+        if valid is None or counts is None:
+            valid = self.running & self.pad(attending)
+            counts = valid.sum(dim=1)
+        return replace(self, attending=attending, valid=valid, counts=counts)
 
     def pad(self, per_unit: Tensor) -> Tensor:
         """[images, W]: per-unit values [U] (tower order) in this layout (padding: 0)."""
