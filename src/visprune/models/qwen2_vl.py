@@ -61,14 +61,15 @@ def _pruning_point(
     to [U] bool, tower order; their [images, W] layout `valid`; their count per image). attention, flow [U]:
     this block's relation attention and the flow per unit; slot, running, valid: the `_UnitView`'s; target
     [images] the final counts; root: sqrt of the blocks left after this one (`flowcut.prune_counts`)."""
-
-    def pad(per_unit: Tensor) -> Tensor:
-        return per_unit.new_zeros(running.numel()).index_put_((slot,), per_unit).view(running.shape)
-
-    counts = flowcut.prune_counts(pad(attention), valid, target, root)
-    attending = flowcut.top_mask(pad(flow), valid, counts).flatten()[slot]
-    kept = running & pad(attending)
+    counts = flowcut.prune_counts(_padded(attention, slot, running), valid, target, root)
+    attending = flowcut.top_mask(_padded(flow, slot, running), valid, counts).flatten()[slot]
+    kept = running & _padded(attending, slot, running)
     return attending, kept, kept.sum(dim=1)
+
+
+def _padded(per_unit: Tensor, slot: Tensor, running: Tensor) -> Tensor:
+    """[images, W]: per-unit values [U] (tower order) at their `slot`s of the layout `running` (padding: 0)."""
+    return per_unit.new_zeros(running.numel()).index_put_((slot,), per_unit).view(running.shape)
 
 
 class Qwen2VLAdapter(Adapter):
@@ -282,7 +283,7 @@ class Qwen2VLAdapter(Adapter):
                     flow, attention = flow[on_device], attention[on_device]
                     view = _UnitView.of(state.unit_natural, starts, running)
                 else:
-                    view = view.attending_to(None)
+                    view = view.attending_to_all()
             attending, valid, attended = _pruning_point(
                 attention, flow, view.slot, view.running, view.valid, target, roots[schedule[i]]
             )
@@ -522,22 +523,18 @@ class _UnitView:
         running = torch.arange(width, device=device) < counts.unsqueeze(1)
         return cls(slot, natural, running, image, counts, running, counts)
 
-    def attending_to(
-        self, attending: Tensor | None, valid: Tensor | None = None, counts: Tensor | None = None
-    ) -> _UnitView:
-        """The same units, of which only `attending` [U] bool (tower order; None: all) are still attended to;
-        `valid` and `counts`, their layout and count per image, are worked out unless given."""
-        if attending is None:
-            return replace(self, attending=None, valid=self.running, counts=self.running_counts)
-        if valid is None or counts is None:
-            valid = self.running & self.pad(attending)
-            counts = valid.sum(dim=1)
+    def attending_to(self, attending: Tensor, valid: Tensor, counts: Tensor) -> _UnitView:
+        """The same units, of which only `attending` [U] bool (tower order) are still attended to: `valid`
+        [images, W] in this layout, `counts` [images] per image (`_pruning_point` gives all three)."""
         return replace(self, attending=attending, valid=valid, counts=counts)
+
+    def attending_to_all(self) -> _UnitView:
+        """The same units, every one attended to."""
+        return replace(self, attending=None, valid=self.running, counts=self.running_counts)
 
     def pad(self, per_unit: Tensor) -> Tensor:
         """[images, W]: per-unit values [U] (tower order) in this layout (padding: 0)."""
-        flat = per_unit.new_zeros(self.running.numel()).index_put_((self.slot,), per_unit)
-        return flat.view(self.running.shape)
+        return _padded(per_unit, self.slot, self.running)
 
 
 def _grids(grid_thw: Any, patches: int) -> list[tuple[int, int, int]]:
