@@ -162,6 +162,9 @@ def test_prune_counts_match_the_formula_per_image(remaining):
         want = reference_count(attention[b][valid[b]].tolist(), int(targets[b]), remaining)
         assert int(got[b]) == want, (b, remaining)
     assert got[2:].tolist() == [40, 30]
+    if remaining:  # sqrt(r) as a 0-d tensor, as the Qwen-VL tower's compiled pruning points pass it
+        root = torch.tensor(math.sqrt(remaining))
+        assert torch.equal(prune_counts(attention, valid, targets, root), got)
 
 
 def test_keep_top_keeps_the_highest_flow_in_position_order_with_padding():
